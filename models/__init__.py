@@ -1,0 +1,17 @@
+"""Embedding models, selected by `train.model` in pipeline.yaml: hmlstm (ours), vse and dvsa (baselines)."""
+from __future__ import annotations
+
+from pipeline.registry import Registry
+
+MODELS: Registry = Registry("model")
+
+from models import baselines, hmlstm  # noqa: E402,F401  (register the models)
+
+
+def build_model(name: str, train_cfg, **dims):
+    return MODELS.get(name).from_config(train_cfg, **dims)
+
+
+def rebuild(name: str, hparams: dict):
+    """A model from a checkpoint's (name, hparams); weights are loaded by the caller."""
+    return MODELS.get(name)(**hparams)

@@ -1,0 +1,1 @@
+"""DenseVSE orchestration: config, CLI, preprocessing runs, training and evaluation."""

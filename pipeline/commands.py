@@ -1,0 +1,107 @@
+"""The core subcommands: run, preprocess, train, evaluate, inspect, config."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from pipeline.cli import common_args
+from pipeline.config import dump_config, load_config
+
+
+def _cfg(args):
+    return load_config(args.config, args.overrides)
+
+
+def _print_summary(title: str, summary: dict) -> None:
+    print(f"\n== {title} ==")
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def cmd_preprocess(args) -> int:
+    from pipeline.preprocess import preprocess
+
+    summary = preprocess(_cfg(args), progress=not args.quiet)
+    _print_summary("preprocess", summary)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from pipeline.train import train
+
+    _print_summary("train", train(_cfg(args), resume=args.resume))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from pipeline.evaluate import evaluate
+
+    _print_summary("evaluate", evaluate(_cfg(args), checkpoint=args.checkpoint))
+    return 0
+
+
+def cmd_run(args) -> int:
+    """Everything, in order, on one config: preprocess -> train -> evaluate."""
+    from pipeline.preprocess import preprocess
+
+    cfg = _cfg(args)
+    summary = {"preprocess": preprocess(cfg, progress=not args.quiet)}
+    try:
+        from pipeline.train import train
+        from pipeline.evaluate import evaluate
+    except ImportError as e:  # training lands in its own module; preprocessing stands alone without it
+        print(f"densevse: training unavailable ({e})", file=sys.stderr)
+        _print_summary("run", summary)
+        return 1
+    summary["train"] = train(cfg)
+    summary["evaluate"] = evaluate(cfg)
+    _print_summary("run", summary)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from pathlib import Path
+
+    from pipeline import shards
+
+    shard_dir = Path(args.shards) if args.shards else _cfg(args).shard_dir
+    if not shard_dir.is_dir():
+        print(f"densevse: no shard directory {shard_dir}", file=sys.stderr)
+        return 2
+    summary = shards.summarize_shards(shard_dir)
+    if args.rejects:
+        import pyarrow.parquet as pq
+
+        t = pq.read_table(shard_dir / shards.MANIFEST).to_pylist()
+        summary["rejected"] = [{"key": r["key"], "reason": r["reason"]} for r in t if r["status"] == "rejected"]
+    _print_summary(f"inspect {shard_dir}", summary)
+    return 0
+
+
+def cmd_config(args) -> int:
+    print(dump_config(_cfg(args)), end="")
+    return 0
+
+
+def register(sub) -> None:
+    for name, fn, help_ in [
+        ("run", cmd_run, "preprocess, train and evaluate"),
+        ("preprocess", cmd_preprocess, "dataset -> WebDataset shards on Ray"),
+        ("train", cmd_train, "train on the shards with Ray Train"),
+        ("evaluate", cmd_evaluate, "retrieval R@K and phrase grounding on a split"),
+        ("inspect", cmd_inspect, "summarise a shard set: counts, stats, rejects"),
+        ("config", cmd_config, "print the validated config with overrides applied"),
+    ]:
+        p = sub.add_parser(name, help=help_, description=fn.__doc__ or help_)
+        common_args(p)
+        p.set_defaults(func=fn)
+        if name in ("run", "preprocess"):
+            p.add_argument("--quiet", action="store_true", help="no progress bars")
+        if name == "train":
+            p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
+        if name == "evaluate":
+            p.add_argument("--checkpoint", default=None, help="checkpoint dir (default: the run's best)")
+        if name == "inspect":
+            p.add_argument("--shards", default=None, help="shard dir (default: from the config)")
+            p.add_argument("--rejects", action="store_true", help="list every rejected sample and its reason")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,207 @@
+"""pipeline.yaml, typed. Everything is validated before any work starts; errors name the bad key.
+
+    cfg = load_config("pipeline.yaml", overrides=["train.epochs=3", "dataset.kind=flickr8k"])
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """pipeline.yaml (or an override) is invalid; the message names each bad key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Strict):
+    name: str = "default"
+    output_dir: Path = Path("runs/default")
+    seed: int = 0
+
+
+class SyntheticConfig(Strict):
+    num_images: int = Field(3000, ge=1)
+    image_size: int = Field(224, ge=64, le=1024)
+    min_objects: int = Field(2, ge=2)
+    max_objects: int = Field(4, ge=2)
+    captions_per_image: int = Field(5, ge=1)
+    val_fraction: float = Field(0.1, ge=0, lt=1)
+    test_images: int = Field(1000, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _objects(self):
+        if self.max_objects < self.min_objects:
+            raise ValueError("max_objects must be >= min_objects")
+        if self.test_images >= self.num_images:
+            raise ValueError("test_images must be smaller than num_images")
+        return self
+
+
+class DatasetConfig(Strict):
+    kind: Literal["synthetic", "flickr8k", "coco", "karpathy", "flickr30k_entities"] = "synthetic"
+    root: Path | None = None  # the dataset folder; for synthetic, where the generated set is written
+    splits: list[str] = ["train", "val", "test"]
+    limit: int | None = Field(None, ge=1)  # at most this many images per split (quick runs)
+    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+
+    @model_validator(mode="after")
+    def _root(self):
+        if self.kind != "synthetic" and self.root is None:
+            raise ValueError(f"dataset.root is required for dataset.kind={self.kind!r}")
+        return self
+
+
+class StageConfig(Strict):
+    """One preprocessing stage: which implementation, its parameters, and its Ray resources."""
+    impl: str
+    params: dict[str, Any] = {}
+    num_cpus: float = Field(1, gt=0)
+    num_gpus: float = Field(0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    concurrency: int | None = Field(None, ge=1)  # actors (model stages; null: as many as fit) or max parallel tasks (null: no cap)
+
+
+class StagesConfig(Strict):
+    ingest: StageConfig = StageConfig(impl="image_caption")
+    regions: StageConfig = StageConfig(impl="gold_boxes")
+    features: StageConfig = StageConfig(impl="efficientnet_lite0")
+    parse: StageConfig = StageConfig(impl="gold_trees")
+
+    @model_validator(mode="after")
+    def _impls(self):
+        from stages import STAGES  # importing registers every stage; heavy libraries load lazily
+
+        for field in type(self).model_fields:
+            sc: StageConfig = getattr(self, field)
+            if sc.impl not in STAGES:
+                raise ValueError(f"{field}.impl: unknown stage {sc.impl!r}; known: {STAGES.names()}")
+            try:
+                STAGES.get(sc.impl).Params.model_validate(sc.params)
+            except ValidationError as e:
+                raise ValueError(f"{field}.params: " + _describe(e)) from None
+        return self
+
+
+class ShardConfig(Strict):
+    samples_per_shard: int = Field(256, ge=1)
+    dir: Path | None = None  # default: <run.output_dir>/shards
+
+
+class RayConfig(Strict):
+    address: str | None = None  # None: start a local Ray; "auto" or ray://...: join a cluster
+    num_cpus: int | None = Field(None, ge=1)
+
+
+class MlflowConfig(Strict):
+    tracking_uri: str | None = None  # None: no tracking; e.g. http://127.0.0.1:5000 or sqlite:///mlflow.db
+    experiment: str = "densevse"
+    registered_model: str = "densevse-hmlstm"
+
+
+class TrainConfig(Strict):
+    model: Literal["hmlstm", "vse", "dvsa"] = "hmlstm"
+    vse_text: Literal["gru", "mean"] = "gru"  # the vse baseline's sentence encoder
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    embed_dim: int = Field(256, ge=8)
+    hidden_dim: int = Field(256, ge=8)
+    margin: float = Field(0.2, ge=0)
+    hardest_negative: bool = False
+    phrase_loss_weight: float = Field(1.0, ge=0)
+    grad_clip: float = Field(2.0, gt=0)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    max_failures: int = Field(2, ge=0)
+    word_vectors: Literal["glove-6b-50d", "random"] = "glove-6b-50d"
+    max_tokens: int = Field(40, ge=4)
+    seed: int = 0
+    fail_at_epoch: int | None = Field(None, ge=1)  # fault injection: rank 0 crashes once at this epoch's start
+
+
+class EvalConfig(Strict):
+    split: str = "test"
+    ks: list[int] = [1, 5, 10]
+    captions_per_image: int = Field(5, ge=1)
+
+
+class PipelineConfig(Strict):
+    run: RunConfig = Field(default_factory=RunConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    stages: StagesConfig = Field(default_factory=StagesConfig)
+    shards: ShardConfig = Field(default_factory=ShardConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("run")
+    @classmethod
+    def _name(cls, v: RunConfig):
+        if not v.name or "/" in v.name:
+            raise ValueError("run.name must be a non-empty name without '/'")
+        return v
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.shards.dir or self.run.output_dir / "shards"
+
+    @property
+    def dataset_root(self) -> Path:
+        return self.dataset.root or self.run.output_dir / "dataset"
+
+
+def _describe(e: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors())
+
+
+def apply_override(data: dict, override: str) -> None:
+    """`a.b.c=value`; the value is parsed as YAML, so numbers, booleans, lists and null work."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} is not of the form key.sub=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r} has an empty key part")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {override!r}: {p!r} is not a section")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping at the top level")
+    for o in overrides or []:
+        apply_override(data, o)
+    return parse_config(data, source=str(path or "<defaults>"))
+
+
+def parse_config(data: dict, source: str = "<dict>") -> PipelineConfig:
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(f"invalid config {source}: {_describe(e)}") from None
+
+
+def dump_config(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

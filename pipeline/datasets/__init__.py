@@ -1,0 +1,52 @@
+"""Dataset readers: each turns a dataset on disk into sample specs, the input of a preprocessing run.
+
+A sample spec is a dict::
+
+    {"key": "flickr8k_1000268201_693b08cb0e",   # stable, unique, no dots (it is the WebDataset key)
+     "split": "train", "source": "/path/to/image.jpg",
+     "captions": ["A child in a pink dress ...", ...],
+     "gold": {} | {"boxes": [[x0, y0, x1, y1], ...], "labels": [...],
+                   "trees": {"0": "(S ...)"},                 # gold PTB trees by caption index, if known
+                   "links": {"0": [[start, end, box], ...]}}} # gold phrase token span -> box, if known
+
+Readers check the annotation files and raise DatasetError naming file and line for malformed ones; a missing
+or corrupt image is not their business: ingest records it as a rejection.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, Iterator
+
+from pipeline.registry import Registry
+
+READERS: Registry[Callable[..., Iterator[dict]]] = Registry("dataset reader")
+
+
+class DatasetError(ValueError):
+    """A dataset's annotation files are missing or malformed."""
+
+
+def make_key(prefix: str, name: str) -> str:
+    stem = Path(name).stem if "." in Path(name).name else name
+    return f"{prefix}_{re.sub(r'[^A-Za-z0-9_-]', '_', stem)}"
+
+
+def require(path: Path) -> Path:
+    if not path.exists():
+        raise DatasetError(f"missing dataset file {path}")
+    return path
+
+
+def read_dataset(cfg, root: Path) -> Iterator[dict]:
+    """Sample specs of the configured dataset, restricted to cfg.splits and cfg.limit per split."""
+    counts: dict[str, int] = {}
+    for spec in READERS.get(cfg.kind)(Path(root), cfg):
+        if spec["split"] not in cfg.splits:
+            continue
+        counts[spec["split"]] = counts.get(spec["split"], 0) + 1
+        if cfg.limit is None or counts[spec["split"]] <= cfg.limit:
+            yield spec
+
+
+from pipeline.datasets import coco, flickr8k, flickr30k_entities, karpathy, synthetic_reader  # noqa: E402,F401

@@ -1,0 +1,46 @@
+"""MS-COCO: `annotations/captions_{split}2017.json` (+ `instances_{split}2017.json` for gold boxes)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pipeline.datasets import READERS, DatasetError, make_key, require
+
+SPLITS = {"train": "train2017", "val": "val2017"}
+
+
+def load_json(path: Path) -> dict:
+    try:
+        data = json.loads(require(path).read_text())
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
+        raise DatasetError(f"{path}: a COCO file needs 'images' and 'annotations'")
+    return data
+
+
+@READERS.register("coco")
+def read_coco(root: Path, cfg=None):
+    for split, coco_split in SPLITS.items():
+        cap_path = root / "annotations" / f"captions_{coco_split}.json"
+        if not cap_path.exists():
+            continue
+        caps = load_json(cap_path)
+        by_image: dict[int, list[str]] = {}
+        for a in caps["annotations"]:
+            by_image.setdefault(a["image_id"], []).append(a["caption"])
+        boxes: dict[int, list] = {}
+        inst_path = root / "annotations" / f"instances_{coco_split}.json"
+        if inst_path.exists():
+            inst = load_json(inst_path)
+            names = {c["id"]: c["name"] for c in inst.get("categories", [])}
+            for a in inst["annotations"]:
+                x, y, w, h = a["bbox"]
+                boxes.setdefault(a["image_id"], []).append(([x, y, x + w, y + h], names.get(a["category_id"], "?")))
+        for img in sorted(caps["images"], key=lambda i: i["id"]):
+            gold = {}
+            if img["id"] in boxes:
+                gold = {"boxes": [b for b, _ in boxes[img["id"]]], "labels": [n for _, n in boxes[img["id"]]]}
+            yield {"key": make_key("coco", img["file_name"]), "split": split,
+                   "source": str(root / "images" / coco_split / img["file_name"]),
+                   "captions": by_image.get(img["id"], []), "gold": gold}

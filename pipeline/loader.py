@@ -1,0 +1,226 @@
+"""Shards -> training/eval batches. Reads the WebDataset tars written by the preprocessing pipeline
+(see pipeline/shards.py) and turns (image, captions) into the flat, level-batchable tensors the models take.
+
+A batch holds B distinct images and T captions (caption_image[t] says which image). Trees of all captions are
+concatenated into one node list (global indices), so the tree-LSTM can process equal-height nodes of every
+tree in one step.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import torch
+
+from models.vocab import Vocab, normalize
+from pipeline import trees
+from pipeline.shards import shard_paths  # noqa: F401  (re-exported: the finished tars of a split)
+
+
+def rank_shards(paths: list[Path], rank: int, world: int) -> list[Path]:
+    """Rank-disjoint shard lists covering every shard: rank r reads shards r, r+world, ..."""
+    return list(paths)[rank::world]
+
+
+def iter_samples(paths: Iterable[Path], with_image: bool = False) -> Iterator[dict]:
+    """Decoded samples of the given tars, in order. JPEGs are only kept when asked for (figures)."""
+    import webdataset as wds
+
+    paths = [str(p) for p in paths]
+    if not paths:
+        return
+    same = lambda x: x  # noqa: E731  (the rank split is ours; no node/worker splitting by webdataset)
+    ds = wds.WebDataset(paths, shardshuffle=False, nodesplitter=same, workersplitter=same, empty_check=False)
+    for s in ds:
+        out = {"key": s["__key__"], "meta": json.loads(s["json"]),
+               "boxes": np.load(io.BytesIO(s["boxes.npy"])).astype(np.float32),
+               "feats": np.load(io.BytesIO(s["feats.npy"])).astype(np.float32)}
+        if with_image:
+            out["jpg"] = s["jpg"]
+        yield out
+
+
+def caption_tokens(caption: dict) -> list[str]:
+    return [normalize(t) for t in caption["tree"]["tokens"]]
+
+
+def iter_pairs(paths: list[Path], epoch: int, seed: int, max_tokens: int, buffer: int = 2000) -> Iterator[tuple]:
+    """(sample, caption) pairs in a per-epoch shuffled order: every caption of every sample once per epoch
+    (captions longer than max_tokens are dropped), shard order shuffled, then a shuffle buffer."""
+    rng = random.Random(seed * 100003 + epoch)
+    paths = list(paths)
+    rng.shuffle(paths)
+    buf: list = []
+    for s in iter_samples(paths):
+        for c in s["meta"]["captions"]:
+            if len(c["tree"]["tokens"]) > max_tokens:
+                continue
+            buf.append((s, c))
+            if len(buf) >= buffer:
+                yield buf.pop(rng.randrange(len(buf)))
+    rng.shuffle(buf)
+    yield from buf
+
+
+def batched_pairs(pairs: Iterable[tuple], batch_size: int) -> Iterator[list[tuple[dict, list[dict]]]]:
+    """Group `batch_size` pairs into items (sample, [its captions in this batch]), images deduplicated."""
+    chunk: list = []
+    for p in pairs:
+        chunk.append(p)
+        if len(chunk) == batch_size:
+            yield _group(chunk)
+            chunk = []
+    if chunk:
+        yield _group(chunk)
+
+
+def _group(pairs):
+    items: dict[str, tuple[dict, list]] = {}
+    for s, c in pairs:
+        items.setdefault(s["key"], (s, []))[1].append(c)
+    return list(items.values())
+
+
+def build_vocabs(paths: list[Path]) -> tuple[Vocab, Vocab]:
+    """Word vocabulary and node-label vocabulary of the given (train) shards."""
+    words, labels = [], set()
+    for s in iter_samples(paths):
+        for c in s["meta"]["captions"]:
+            words += caption_tokens(c)
+            labels.update(c["tree"]["labels"])
+    return Vocab.build(words), Vocab(sorted(labels))
+
+
+@dataclass
+class Batch:
+    keys: list[str]
+    feats: torch.Tensor        # (B, R, D) region features, row 0 = whole image
+    boxes: torch.Tensor        # (B, R, 4) xyxy pixels
+    valid: torch.Tensor        # (B, R) real rows (regions are padded to the batch max)
+    cand: torch.Tensor         # (B, R) rows a phrase may ground to: the regions, or row 0 if there are none
+    caption_image: torch.Tensor  # (T,) image of each caption
+    caption_index: list[int]
+    tokens: torch.Tensor       # (T, L) word ids, 0 = pad
+    lengths: torch.Tensor      # (T,)
+    node_word: torch.Tensor    # (N,) word id of word nodes, 0 for phrase nodes
+    node_label: torch.Tensor   # (N,) label id (POS tag or phrase label)
+    parent: torch.Tensor       # (N,) global parent index, -1 for roots
+    height: torch.Tensor       # (N,) 0 for words
+    root: torch.Tensor         # (T,) global index of each caption's root
+    word_node: torch.Tensor    # (T, L) global node index of each token, -1 = pad
+    phrase_node: torch.Tensor  # (P,) global node index of each phrase
+    phrase_caption: torch.Tensor  # (P,)
+    phrase_tokens: torch.Tensor   # (P, Lp) word ids of each phrase's span
+    phrase_lengths: torch.Tensor  # (P,)
+    phrase_span: torch.Tensor     # (P, 2) token span [start, end) in its caption
+    phrase_text: list[str] = field(default_factory=list)
+    gold: list[tuple[int, list[float]]] = field(default_factory=list)  # (phrase p, gold box of p's image)
+
+    def to(self, device) -> "Batch":
+        for k, v in vars(self).items():
+            if isinstance(v, torch.Tensor):
+                setattr(self, k, v.to(device, non_blocking=True))
+        return self
+
+
+def _gold_nodes(caption: dict, gold: dict) -> list[tuple[int, int]]:
+    """Gold links of a caption as (node, box). Links are [node, box] or [start, end, box] (token span)."""
+    links = (gold or {}).get("links", {}).get(str(caption["index"]), [])
+    tree = caption["tree"]
+    n = len(tree["tokens"])
+    out = []
+    for link in links:
+        if len(link) == 2:
+            out.append((int(link[0]), int(link[1])))
+        else:
+            s, e, box = link
+            nodes = [i for i in range(n, len(tree["labels"])) if tree["spans"][i] == [s, e]]
+            nodes = nodes or [i for i in range(len(tree["labels"])) if tree["spans"][i] == [s, e]]
+            if nodes:
+                out.append((nodes[0], int(box)))
+    return out
+
+
+def collate(items: list[tuple[dict, list[dict]]], vocab: Vocab, labels: Vocab) -> Batch:
+    B = len(items)
+    R = max(s["feats"].shape[0] for s, _ in items)
+    D = items[0][0]["feats"].shape[1]
+    feats = torch.zeros(B, R, D)
+    boxes = torch.zeros(B, R, 4)
+    valid = torch.zeros(B, R, dtype=torch.bool)
+    for b, (s, _) in enumerate(items):
+        r = s["feats"].shape[0]
+        feats[b, :r] = torch.from_numpy(s["feats"])
+        boxes[b, :r] = torch.from_numpy(s["boxes"])
+        valid[b, :r] = True
+    cand = valid.clone()
+    cand[:, 0] = valid.sum(1) == 1
+
+    cap_img, cap_idx, toks, node_word, node_label, parent, height, root = [], [], [], [], [], [], [], []
+    ph_node, ph_cap, ph_toks, ph_text, gold, starts, ph_span = [], [], [], [], [], [], []
+    offset = 0
+    for b, (s, caps) in enumerate(items):
+        for c in caps:
+            t = len(cap_img)
+            tree = c["tree"]
+            n, m = len(tree["tokens"]), len(tree["labels"])
+            ids = [vocab(normalize(w)) for w in tree["tokens"]]
+            cap_img.append(b)
+            cap_idx.append(int(c["index"]))
+            toks.append(ids)
+            node_word += ids + [0] * (m - n)
+            node_label += [labels(lab) for lab in tree["labels"]]
+            parent += [p + offset if p >= 0 else -1 for p in tree["parents"]]
+            height += trees.heights(tree)
+            root.append(offset + m - 1)
+            starts.append(offset)
+            links = _gold_nodes(c, s["meta"].get("gold"))
+            nodes = [p["node"] for p in c.get("phrases") or trees.phrases(tree)]
+            nodes += [nd for nd, _ in links if nd not in nodes]
+            where = {}
+            for nd in nodes:
+                where[nd] = len(ph_node)
+                st, en = tree["spans"][nd]
+                ph_node.append(offset + nd)
+                ph_cap.append(t)
+                ph_toks.append(ids[st:en])
+                ph_span.append([st, en])
+                ph_text.append(" ".join(tree["tokens"][st:en]))
+            gboxes = s["meta"]["gold"].get("boxes", []) if s["meta"].get("gold") else []
+            gold += [(where[nd], gboxes[bx]) for nd, bx in links if bx < len(gboxes)]
+            offset += m
+    L = max((len(x) for x in toks), default=1)
+    tokens = torch.zeros(len(toks), L, dtype=torch.long)
+    word_node = torch.full((len(toks), L), -1, dtype=torch.long)
+    for t, ids in enumerate(toks):
+        tokens[t, :len(ids)] = torch.tensor(ids)
+        word_node[t, :len(ids)] = torch.arange(len(ids)) + starts[t]  # words are a tree's first nodes
+    Lp = max([len(x) for x in ph_toks], default=1)
+    phrase_tokens = torch.zeros(len(ph_toks), Lp, dtype=torch.long)
+    for p, ids in enumerate(ph_toks):
+        phrase_tokens[p, :len(ids)] = torch.tensor(ids)
+    long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
+    return Batch(keys=[s["key"] for s, _ in items], feats=feats, boxes=boxes, valid=valid, cand=cand,
+                 caption_image=long(cap_img), caption_index=cap_idx, tokens=tokens,
+                 lengths=long([len(x) for x in toks]), node_word=long(node_word), node_label=long(node_label),
+                 parent=long(parent), height=long(height), root=long(root), word_node=word_node,
+                 phrase_node=long(ph_node), phrase_caption=long(ph_cap), phrase_tokens=phrase_tokens,
+                 phrase_lengths=long([len(x) for x in ph_toks]), phrase_span=long(ph_span).view(-1, 2), phrase_text=ph_text, gold=gold)
+
+
+def eval_items(paths: list[Path], captions_per_image: int, batch_images: int,
+               with_image: bool = False) -> Iterator[list[tuple[dict, list[dict]]]]:
+    """Evaluation batches: each image with (at most) its first `captions_per_image` captions."""
+    chunk = []
+    for s in iter_samples(paths, with_image=with_image):
+        chunk.append((s, s["meta"]["captions"][:captions_per_image]))
+        if len(chunk) == batch_images:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,165 @@
+"""Preprocessing on Ray Data: plan -> ingest -> regions -> features -> parse -> shards.
+
+The plan (which sample goes to which shard) is fixed up front from the dataset, sorted by key, so a re-run
+finds the same shards, skips the finished ones and redoes the rest whole: no sample is lost or written twice.
+The unit of work is a shard (as in img2dataset): each Ray Data row carries one shard's samples, every stage
+maps shard -> shard (model stages as actor pools, the others as tasks) and the last step writes the tar inside
+the cluster. No shuffle is needed, and a failed task redoes exactly one shard.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import time
+from collections import Counter
+from pathlib import Path
+
+from pipeline import shards
+from pipeline.config import PipelineConfig, StageConfig
+from pipeline.datasets import DatasetError, read_dataset
+from stages.base import STAGES, empty_row
+
+log = logging.getLogger("densevse.preprocess")
+STAGE_ORDER = ("ingest", "regions", "features", "parse")
+
+
+def plan(cfg: PipelineConfig) -> list[dict]:
+    """Rows (stages/base.py columns) for every sample of the run, each assigned to its shard."""
+    specs = list(read_dataset(cfg.dataset, cfg.dataset_root))
+    keys = Counter(s["key"] for s in specs)
+    dup = [k for k, n in keys.items() if n > 1]
+    if dup:
+        raise DatasetError(f"dataset has {len(dup)} duplicate sample keys, e.g. {dup[:3]}")
+    rows: list[dict] = []
+    per_split: dict[str, list[dict]] = {}
+    for s in specs:
+        per_split.setdefault(s["split"], []).append(s)
+    n = cfg.shards.samples_per_shard
+    for split in sorted(per_split):
+        for i, s in enumerate(sorted(per_split[split], key=lambda s: s["key"])):
+            rows.append(empty_row(key=s["key"], split=split, shard=shards.shard_name(split, i // n),
+                                  source=s["source"], captions=json.dumps(s["captions"]),
+                                  gold=json.dumps(s.get("gold") or {})))
+    return rows
+
+
+def _run_stage(stage, payload: bytes, batch_size: int) -> bytes:
+    """Apply a stage to one shard's rows, `batch_size` rows per `process` call (one batched forward pass)."""
+    rows = pickle.loads(payload)
+    out: list[dict] = []
+    for i in range(0, len(rows), batch_size):
+        out.extend(stage.process(rows[i:i + batch_size]))
+    if len(out) != len(rows) or [r["key"] for r in out] != [r["key"] for r in rows]:
+        raise RuntimeError(f"stage {stage.name} changed the rows of shard {rows[0]['shard']}")
+    return pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+class _TaskStage:
+    """A model-free stage as a Ray task: built per call from plain (picklable) params."""
+
+    def __init__(self, impl: str, params: dict, batch_size: int):
+        self.impl, self.params, self.batch_size = impl, params, batch_size
+
+    def __call__(self, batch):
+        stage = STAGES.get(self.impl)(self.params)
+        return {"shard": batch["shard"], "rows": [_run_stage(stage, p, self.batch_size) for p in batch["rows"]]}
+
+
+class _ActorStage(_TaskStage):
+    """A model stage as a Ray actor: the model loads once, in the constructor, and serves many shards."""
+
+    def __init__(self, impl: str, params: dict, batch_size: int):
+        super().__init__(impl, params, batch_size)
+        self.stage = STAGES.get(impl)(params)
+
+    def __call__(self, batch):
+        return {"shard": batch["shard"], "rows": [_run_stage(self.stage, p, self.batch_size) for p in batch["rows"]]}
+
+
+def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], total_cpus: float) -> dict[str, int]:
+    """Actors per model stage, capped so the pools leave CPUs for the task stages.
+
+    Actors hold their CPUs for the whole run; if they took every CPU the task stages could never be scheduled
+    and the run would hang (seen on a 2-CPU machine with 2 feature actors). Caps are logged, not silent.
+    """
+    model = {n: sc for n, sc in stage_cfgs.items() if STAGES.get(sc.impl).uses_model}
+    task_cpus = max([sc.num_cpus for n, sc in stage_cfgs.items() if n not in model] + [0.0])
+    free = total_cpus - task_cpus
+    sizes = {}
+    for n, sc in model.items():
+        fit = int(free / (len(model) * sc.num_cpus)) if sc.num_cpus else (sc.concurrency or 1)
+        want = sc.concurrency or max(fit, 1)
+        if fit < 1:
+            raise ValueError(f"stages.{n}: an actor needs {sc.num_cpus} CPU and the task stages {task_cpus}, "
+                             f"but the cluster has {total_cpus} CPUs; lower stages.*.num_cpus")
+        sizes[n] = min(want, fit)
+        if sizes[n] < want:
+            log.warning("stages.%s.concurrency=%d capped to %d actors to leave %.1f CPU for task stages "
+                        "(cluster has %.1f CPUs)", n, want, sizes[n], task_cpus, total_cpus)
+    return sizes
+
+
+def _add_stage(ds, sc: StageConfig, actors: int | None):
+    args = dict(impl=sc.impl, params=sc.params, batch_size=sc.batch_size)
+    common = dict(batch_size=1, num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None, batch_format="numpy")
+    if actors:
+        return ds.map_batches(_ActorStage, fn_constructor_kwargs=args, concurrency=actors, **common)
+    return ds.map_batches(_TaskStage(**args), concurrency=sc.concurrency, **common)
+
+
+def _write(batch, shard_dir: str):
+    stats = [shards.write_shard(pickle.loads(p), Path(shard_dir), s) for s, p in zip(batch["shard"], batch["rows"])]
+    return {"shard": [st["shard"] for st in stats], "n_ok": [st["n_ok"] for st in stats],
+            "n_rejected": [st["n_rejected"] for st in stats]}
+
+
+def init_ray(cfg: PipelineConfig):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
+                 include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
+    return ray
+
+
+def preprocess(cfg: PipelineConfig, progress: bool = True) -> dict:
+    """Run (or resume) preprocessing; returns the run summary (also written to <shard_dir>/summary.json)."""
+    t0 = time.time()
+    rows = plan(cfg)
+    shard_dir = cfg.shard_dir
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    planned: dict[str, list[str]] = {}
+    for r in rows:
+        planned.setdefault(r["shard"], []).append(r["key"])
+    done = shards.finished_shards(shard_dir, planned)
+    pending = [r for r in rows if r["shard"] not in done]
+    log.info("plan: %d samples in %d shards; %d shards already finished", len(rows), len(planned), len(done))
+    if pending:
+        ray = init_ray(cfg)
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = progress
+        by_shard: dict[str, list[dict]] = {}
+        for r in pending:
+            by_shard.setdefault(r["shard"], []).append(r)
+        items = [{"shard": s, "rows": pickle.dumps(rs, protocol=pickle.HIGHEST_PROTOCOL)} for s, rs in by_shard.items()]
+        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        stage_cfgs = {name: getattr(cfg.stages, name) for name in STAGE_ORDER}
+        actors = actor_pool_sizes(stage_cfgs, ray.cluster_resources().get("CPU", 1.0))
+        for name, sc in stage_cfgs.items():
+            ds = _add_stage(ds, sc, actors.get(name))
+        written = ds.map_batches(_write, fn_kwargs={"shard_dir": str(shard_dir)}, batch_size=1,
+                                 batch_format="numpy").take_all()
+        missing = set(planned) - done - {w["shard"] for w in written}
+        if missing:
+            raise RuntimeError(f"shards not written: {sorted(missing)[:5]}")
+    stale = sorted(p.stem for p in shard_dir.glob("*.tar") if p.stem not in planned)
+    if stale:
+        log.warning("%d shard(s) in %s are not in this run's plan and are left out of the manifest: %s",
+                    len(stale), shard_dir, stale[:5])
+    manifest = shards.write_manifest(shard_dir, sorted(planned))
+    summary = {"samples": len(rows), "shards": len(planned), "shards_skipped": len(done),
+               "shards_written": len(planned) - len(done), "seconds": round(time.time() - t0, 1),
+               "manifest": str(manifest), "splits": shards.summarize_shards(shard_dir, sorted(planned))}
+    (shard_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    return summary

@@ -1,0 +1,251 @@
+"""MLflow: the tracking server, run logging, figures, and the registered embedding model.
+
+    densevse mlflow --port 5000 --dir mlflow     # sqlite backend, artifacts under mlflow/artifacts, 127.0.0.1
+
+A training run logs: every config value as a param, the resolved pipeline.yaml, the sha256 of the shard
+manifest (which data it saw), per-epoch metrics (losses, val R@K), loss and R@K curves, an alignment figure
+(an image, its regions, and the caption phrases each region won), and the best epoch as an mlflow.pyfunc model
+registered as cfg.mlflow.registered_model.
+
+The pyfunc model (pipeline/pyfunc_model.py) embeds region features and trees into the shared space.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# ---------------------------------------------------------------- server
+
+
+def server_command(root: Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+    root = Path(root).resolve()
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+            "--host", host, "--port", str(port), "--workers", "1"]
+
+
+def server_env() -> dict:
+    """The server's environment: MLflow 3's background job runner (unused here) is off, it slows startup."""
+    import os
+
+    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(root: Path, port: int | None = None, host: str = "127.0.0.1", timeout: float = 120,
+                 wait: bool = True):
+    """Start `mlflow server` in the background; returns (process, tracking uri), by default once /health
+    answers (wait=False: at once, call wait_server before use, so other setup overlaps its slow start)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    log = open(root / "server.log", "ab")
+    # Own session: stop_server ends the server and every process it spawned (uvicorn) as one group.
+    proc = subprocess.Popen(server_command(root, host, port), stdout=log, stderr=subprocess.STDOUT,
+                            env=server_env(), start_new_session=True)
+    uri = f"http://{host}:{port}"
+    if wait:
+        wait_server(proc, uri, timeout)
+    return proc, uri
+
+
+def wait_server(proc: subprocess.Popen, uri: str, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {proc.returncode}; see its server.log")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    stop_server(proc)
+    raise TimeoutError(f"mlflow server did not answer on {uri} within {timeout}s")
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 20) -> None:
+    """Terminate a server from start_server, with its children (its own process group)."""
+    import os
+    import signal
+
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("mlflow", help="run an MLflow tracking server (sqlite backend, local artifacts)")
+    p.add_argument("--port", type=int, default=5000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--dir", type=Path, default=Path("mlflow"), help="holds mlflow.db and artifacts/")
+    p.set_defaults(func=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    args.dir.mkdir(parents=True, exist_ok=True)
+    print(f"MLflow at http://{args.host}:{args.port} (set mlflow.tracking_uri to it); data in {args.dir}")
+    return subprocess.call(server_command(args.dir, args.host, args.port), env=server_env())
+
+
+# ---------------------------------------------------------------- run logging
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def manifest_sha256(shard_dir: Path) -> str | None:
+    p = Path(shard_dir) / "manifest.parquet"
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
+
+
+def start_run(cfg) -> str:
+    """Create the MLflow run of a training job: params, config file, dataset manifest hash. Returns run id."""
+    import mlflow
+    from mlflow.entities import Param
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.config import dump_config
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    exp = mlflow.set_experiment(cfg.mlflow.experiment)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    digest = manifest_sha256(cfg.shard_dir)
+    run = client.create_run(exp.experiment_id, run_name=f"{cfg.run.name}-{cfg.train.model}",
+                            tags={"model": cfg.train.model, "dataset": cfg.dataset.kind,
+                                  "manifest_sha256": digest or "none"})
+    params = {k: str(v)[:6000] for k, v in _flatten(cfg.model_dump(mode="json")).items()}
+    params["dataset.manifest_sha256"] = digest or "none"
+    items = [Param(k, v) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i:i + 100])
+    client.log_text(run.info.run_id, dump_config(cfg), "config/pipeline.yaml")
+    return run.info.run_id
+
+
+def log_epoch(uri: str, run_id: str, metrics: dict, step: int) -> None:
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    ts = int(time.time() * 1000)
+    ms = [Metric(k, float(v), ts, step) for k, v in metrics.items()
+          if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(float(v))]
+    MlflowClient(uri).log_batch(run_id, metrics=ms)
+
+
+def finish_run(cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
+    """Curves, alignment figure, and the best model logged + registered; returns the registered version."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    for name, fig in curves(history).items():
+        client.log_figure(run_id, fig, f"plots/{name}.png")
+    try:
+        fig = alignment_figure(best_path, cfg.shard_dir)
+        if fig is not None:
+            client.log_figure(run_id, fig, "plots/alignment.png")
+    except Exception as e:  # noqa: BLE001 - a figure must not lose the trained model
+        client.set_tag(run_id, "alignment_figure_error", repr(e)[:500])
+    from pipeline.pyfunc_model import EmbeddingPyfunc, signature
+
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=EmbeddingPyfunc(), artifacts={"checkpoint": str(best_path)},
+            signature=signature(), registered_model_name=cfg.mlflow.registered_model,
+            code_paths=[str(REPO / "models"), str(REPO / "pipeline")],
+            pip_requirements=["torch", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml", "mlflow"])
+        mlflow.set_tag("best_model", str(best_path))
+    return info.registered_model_version
+
+
+def curves(history: list[dict]) -> dict:
+    import matplotlib.pyplot as plt
+
+    ep = [h["epoch"] for h in history]
+    figs = {}
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for k in ("train_loss", "train_loss_sentence", "train_loss_phrase"):
+        if any(h.get(k) for h in history):
+            ax.plot(ep, [h.get(k, float("nan")) for h in history], marker="o", label=k)
+    ax.set_xlabel("epoch"), ax.set_ylabel("loss"), ax.legend(), ax.set_title("training loss")
+    figs["loss_curves"] = fig
+    keys = [k for k in history[0] if k.startswith("val_") and "_r" in k and not k.endswith(("medr", "meanr"))
+            and k != "val_rsum"]
+    if keys:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for k in keys:
+            ax.plot(ep, [h.get(k, float("nan")) for h in history], marker="o", label=k[4:])
+        ax.set_xlabel("epoch"), ax.set_ylabel("recall (%)"), ax.legend(fontsize=7), ax.set_title("validation R@K")
+        figs["recall_curves"] = fig
+    return figs
+
+
+def alignment_figure(best_path: Path, shard_dir: Path, split: str = "val"):
+    """The first image of `split` with its regions, each labelled with the phrases that score highest on it."""
+    import io
+
+    import matplotlib.pyplot as plt
+    import torch
+    from PIL import Image
+
+    from pipeline.evaluate import load_model
+    from pipeline.loader import collate, eval_items, shard_paths
+
+    paths = shard_paths(shard_dir, split) or shard_paths(shard_dir, "test") or shard_paths(shard_dir, "train")
+    items = next(eval_items(paths[:1], 1, 1, with_image=True), None)
+    if not items:
+        return None
+    model, vocab, labels, _ = load_model(best_path)
+    b = collate(items, vocab, labels)
+    with torch.no_grad():
+        img, txt = model(b)
+        best = model.phrase_scores(img, txt)[:, 0].argmax(-1)  # (P,) best candidate region per phrase
+    fig, ax = plt.subplots(figsize=(6, 6.6))
+    ax.imshow(Image.open(io.BytesIO(items[0][0]["jpg"])).convert("RGB"))
+    colors = plt.cm.tab10.colors
+    won: dict[int, list[str]] = {}
+    for p, r in enumerate(best.tolist()):
+        won.setdefault(r, []).append(b.phrase_text[p])
+    for r in range(b.valid[0].sum().item()):
+        x0, y0, x1, y1 = b.boxes[0, r].tolist()
+        c = colors[r % 10]
+        ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, color=c, lw=2, ls="-" if r else "--"))
+        if r in won:
+            ax.text(x0, y0, "\n".join(sorted(set(won[r]), key=len)[:4]), color="white", fontsize=7, va="bottom",
+                    bbox={"facecolor": c, "alpha": 0.8, "pad": 1})
+    ax.set_title(items[0][1][0]["text"], fontsize=9)
+    ax.axis("off")
+    return fig

@@ -1,0 +1,130 @@
+"""The one interface every preprocessing stage implements.
+
+A stage maps a batch of rows to the same rows, enriched. Rows are plain dicts whose values are
+Arrow-friendly scalars (str, bytes, int), so they flow through Ray Data unchanged:
+
+    key       stable sample id (no dots: it is the WebDataset key)
+    split     train / val / test / ...
+    shard     the shard this sample is written to, e.g. "train-000003" (fixed when the run is planned)
+    source    where the image came from (path)
+    image     JPEG bytes, RGB (filled by ingest)
+    width, height
+    captions  JSON list of {"index", "text"[, "tree", "phrases"]}: the accepted captions
+    caption_rejects  JSON list of {"index", "text", "reason"}
+    gold      JSON dict of gold annotations, {} when the dataset has none
+              ({"boxes": [[x0,y0,x1,y1], ...], "labels": [...], "trees": {index: tree}, "links": {index: [[node, box], ...]}})
+    boxes     .npy bytes, float32 (R, 4) xyxy pixels; row 0 is the whole image (filled by regions)
+    feats     .npy bytes, float16 (R, D), one row per box (filled by features)
+    reject    "" while the sample is fine; else "<stage>: <reason>", and later stages leave it alone
+
+`Stage.process` is a pure function of its rows (plus the stage's loaded model), so stages test without Ray;
+`Stage.__call__` is the Ray Data `map_batches` adapter.
+"""
+from __future__ import annotations
+
+import io
+import json
+import traceback
+from typing import Any, ClassVar
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from pipeline.registry import Registry
+
+STAGES: Registry[type["Stage"]] = Registry("stage")
+
+COLUMNS = ("key", "split", "shard", "source", "image", "width", "height", "captions", "caption_rejects",
+           "gold", "boxes", "feats", "reject")
+
+
+class Params(BaseModel):
+    """Base for a stage's own parameters (the `params:` block of the stage in pipeline.yaml)."""
+    model_config = ConfigDict(extra="forbid")
+
+
+class Reject(Exception):
+    """Raised by a stage for bad input: the sample is recorded as rejected with this reason."""
+
+
+def empty_row(**fields: Any) -> dict:
+    row = {"key": "", "split": "", "shard": "", "source": "", "image": b"", "width": 0, "height": 0,
+           "captions": "[]", "caption_rejects": "[]", "gold": "{}", "boxes": b"", "feats": b"", "reject": ""}
+    unknown = set(fields) - set(row)
+    if unknown:
+        raise KeyError(f"unknown row fields {sorted(unknown)}")
+    row.update(fields)
+    return row
+
+
+def npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a, allow_pickle=False)
+    return buf.getvalue()
+
+
+def npy_load(b: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(b), allow_pickle=False)
+
+
+class Stage:
+    """Subclass, register with `@STAGES.register("name")`, set `Params`, implement `process_row` or `process`.
+
+    `uses_model = True` makes the orchestrator run the stage as a pool of Ray actors, so the model is loaded
+    once per actor (in `__init__`) rather than once per batch.
+    """
+
+    name: ClassVar[str] = "stage"
+    Params: ClassVar[type[BaseModel]] = Params
+    uses_model: ClassVar[bool] = False
+
+    def __init__(self, params: BaseModel | dict | None = None):
+        self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
+
+    def process_row(self, row: dict) -> None:
+        """Enrich one accepted row in place; raise Reject(reason) for bad input."""
+        raise NotImplementedError
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        """Default: row by row. Model stages override this to run one batched forward pass."""
+        for row in rows:
+            if not row["reject"]:
+                guarded(self.name, row, self.process_row)
+        return rows
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = batch_to_rows(batch)
+        return rows_to_batch(self.process(rows))
+
+
+def guarded(stage: str, row: dict, fn) -> None:
+    """Run fn(row); a Reject or an unexpected error becomes the row's recorded rejection, never a crashed run."""
+    try:
+        fn(row)
+    except Reject as e:
+        row["reject"] = f"{stage}: {e}"
+    except Exception as e:  # noqa: BLE001 - recorded with its traceback's last line, and counted in the run summary
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        row["reject"] = f"{stage}: error {type(e).__name__}: {e} ({where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
+
+
+def batch_to_rows(batch: dict[str, np.ndarray]) -> list[dict]:
+    n = len(next(iter(batch.values())))
+    return [{k: _scalar(v[i]) for k, v in batch.items()} for i in range(n)]
+
+
+def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
+    out = {}
+    for k in rows[0]:
+        col = np.empty(len(rows), dtype=object)
+        col[:] = [r[k] for r in rows]
+        out[k] = col
+    return out
+
+
+def _scalar(v):
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def loads(row: dict, field: str):
+    return json.loads(row[field])

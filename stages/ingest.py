@@ -1,0 +1,72 @@
+"""Ingest: read the image and captions of each planned sample, normalise them, reject what is unusable.
+
+The image becomes an RGB JPEG no larger than `max_side` (gold boxes are scaled with it). Each caption is
+cleaned by `check_caption`, a pure function; rejected captions are kept in `caption_rejects` with a reason,
+and a sample with no usable caption, or no readable image, is rejected as a whole.
+"""
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+
+from pydantic import Field
+
+from stages.base import STAGES, Params, Reject, Stage
+from stages.images import decode_rgb, read_bytes, to_jpeg
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def check_caption(text, max_words: int) -> tuple[str, str | None]:
+    """(cleaned text, None) for a usable caption, else (text, reason)."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError:
+            return text.decode("utf-8", "replace"), "caption is not valid UTF-8"
+    if not isinstance(text, str):
+        return str(text), f"caption is a {type(text).__name__}, not text"
+    if "\ufffd" in text:
+        return text, "caption is not valid UTF-8"
+    clean = " ".join(_CONTROL.sub(" ", unicodedata.normalize("NFC", text)).split())
+    if not clean:
+        return clean, "empty caption"
+    if not any(ch.isalpha() for ch in clean):
+        return clean, "caption has no words (punctuation or digits only)"
+    n = len(clean.split())
+    if n > max_words:
+        return clean, f"caption has {n} words, over the limit of {max_words}"
+    return clean, None
+
+
+class IngestParams(Params):
+    max_side: int = Field(640, ge=32)  # longer image side after ingest; larger images are downscaled
+    max_caption_words: int = Field(60, ge=1)
+    jpeg_quality: int = Field(92, ge=50, le=100)
+
+
+@STAGES.register("image_caption")
+class Ingest(Stage):
+    name = "ingest"
+    Params = IngestParams
+
+    def process_row(self, row: dict) -> None:
+        accepted, rejects = [], json.loads(row["caption_rejects"])
+        for i, raw in enumerate(json.loads(row["captions"])):
+            text, reason = check_caption(raw, self.params.max_caption_words)
+            if reason:
+                rejects.append({"index": i, "text": text, "reason": reason})
+            else:
+                accepted.append({"index": i, "text": text})
+        row["captions"], row["caption_rejects"] = json.dumps(accepted), json.dumps(rejects)
+        img, scale = decode_rgb(read_bytes(row["source"]), self.params.max_side)
+        row["image"] = to_jpeg(img, self.params.jpeg_quality)
+        row["width"], row["height"] = img.width, img.height
+        if scale != 1.0:
+            gold = json.loads(row["gold"])
+            if gold.get("boxes"):
+                gold["boxes"] = [[round(v * scale, 2) for v in b] for b in gold["boxes"]]
+                row["gold"] = json.dumps(gold)
+        if not accepted:
+            raise Reject("no usable caption" + (f" ({rejects[0]['reason']})" if rejects else ""))

@@ -1,0 +1,178 @@
+"""Models, losses, metrics and the shard loader, without Ray."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from models import MODELS, build_model
+from models.hmlstm import ChildSumTreeLSTM
+from models.losses import embedding_loss, hinge_ranking
+from pipeline import trees
+from pipeline.config import TrainConfig
+from pipeline.evaluate import box_iou, grounding_accuracy, ranks, recall_at_k
+from pipeline.loader import (batched_pairs, build_vocabs, collate, eval_items, iter_pairs, iter_samples,
+                             rank_shards, shard_paths)
+from shard_fixture import random_tree, write_fixture_shards
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return write_fixture_shards(tmp_path_factory.mktemp("shards"), n_train=30, n_val=10, n_test=10, per_shard=7)
+
+
+@pytest.fixture(scope="module")
+def batch(shards):
+    vocab, labels = build_vocabs(shard_paths(shards, "train"))
+    items = next(eval_items(shard_paths(shards, "val"), 5, 6))
+    return collate(items, vocab, labels), vocab, labels
+
+
+def _flat(tree_list):
+    parent, height, off = [], [], 0
+    for t in tree_list:
+        parent += [p + off if p >= 0 else -1 for p in t["parents"]]
+        height += trees.heights(t)
+        off += len(t["parents"])
+    return torch.tensor(parent), torch.tensor(height)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_level_batched_tree_lstm_equals_recursive_reference(seed):
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tl = [random_tree(rng, rng.randint(1, 12)) for _ in range(7)]
+    for t in tl:
+        trees.validate(t)
+    parent, height = _flat(tl)
+    cell = ChildSumTreeLSTM(6, 5).double()
+    x = torch.randn(len(parent), 6, dtype=torch.double, requires_grad=True)
+    w = torch.randn(len(parent), 5, dtype=torch.double)
+
+    def run(fn):
+        cell.zero_grad()
+        x.grad = None
+        h, c = fn(x, parent, height)
+        ((h * w).sum() + (c * w).sum() ** 2).backward()
+        return h.detach(), c.detach(), x.grad.clone(), [p.grad.clone() for p in cell.parameters()]
+
+    hb, cb, gxb, gpb = run(cell.forward)
+    hn, cn, gxn, gpn = run(cell.forward_naive)
+    torch.testing.assert_close(hb, hn)
+    torch.testing.assert_close(cb, cn)
+    torch.testing.assert_close(gxb, gxn)
+    for a, b in zip(gpb, gpn):
+        torch.testing.assert_close(a, b)
+    assert gxb.abs().sum() > 0
+
+
+def test_hmlstm_batched_equals_naive_on_real_batch(batch):
+    b, vocab, labels = batch
+    torch.manual_seed(0)
+    m = build_model("hmlstm", TrainConfig(hidden_dim=16, embed_dim=8), vocab_size=len(vocab), n_labels=len(labels),
+                    feat_dim=b.feats.shape[2]).double()
+    b.feats = b.feats.double()
+    outs = []
+    for naive in (False, True):
+        m.naive = naive
+        m.zero_grad()
+        img, txt = m(b)
+        (m.scores(img, txt).sum() + txt["phrases"].sum()).backward()
+        outs.append((txt["sentence"].detach(), img["regions"].detach(), m.words.weight.grad.clone(),
+                     m.image_tree.W.weight.grad.clone()))
+    b.feats = b.feats.float()
+    for a, c in zip(*outs):
+        torch.testing.assert_close(a, c)
+
+
+def test_recall_hand_computed():
+    # 3 images, captions 0,1 -> image 0; 2,3 -> image 1; 4 -> image 2
+    s = np.array([[0.9, 0.2, 0.95, 0.1, 0.0],    # image 0: caption 2 (wrong) first, then caption 0 -> rank 2
+                  [0.5, 0.4, 0.3, 0.8, 0.1],     # image 1: caption 3 first -> rank 1
+                  [0.6, 0.7, 0.1, 0.2, 0.3]])    # image 2: caption 4 is 3rd -> rank 3
+    ci = np.array([0, 0, 1, 1, 2])
+    i2t, t2i = ranks(s, ci)
+    assert i2t.tolist() == [2, 1, 3]
+    # caption 0: image 0 best (0.9) -> 1; caption 1: image 2 (0.7), 1 (0.4), 0 (0.2) -> 3;
+    # caption 2: image 0 (0.95) first -> 2; caption 3: image 1 -> 1; caption 4: image 2 (0.3) first -> 1
+    assert t2i.tolist() == [1, 3, 2, 1, 1]
+    r = recall_at_k(s, ci, ks=(1, 2))
+    assert r["i2t_r1"] == pytest.approx(100 / 3) and r["i2t_r2"] == pytest.approx(200 / 3)
+    assert r["t2i_r1"] == 60.0 and r["t2i_r2"] == 80.0
+    assert r["i2t_medr"] == 2 and r["t2i_medr"] == 1 and r["t2i_meanr"] == pytest.approx(1.6)
+    assert r["rsum"] == pytest.approx(100 / 3 + 200 / 3 + 60 + 80)
+
+
+def test_iou_and_grounding():
+    assert box_iou([[0, 0, 10, 10]], [[5, 0, 15, 10]])[0] == pytest.approx(50 / 150)
+    assert grounding_accuracy([[0, 0, 10, 10], [0, 0, 10, 10]], [[0, 0, 10, 9], [20, 20, 30, 30]]) == 50.0
+
+
+def test_hinge_ranking_hand_computed():
+    s = torch.tensor([[0.5, 0.4], [0.1, 0.6]])
+    pos = torch.eye(2, dtype=torch.bool)
+    # pair (0,0): row neg 0.4 -> 0.2-0.5+0.4=0.1; col neg 0.1 -> 0. pair (1,1): row 0.1 -> 0; col 0.4 -> 0.
+    assert hinge_ranking(s, pos, 0.2).item() == pytest.approx(0.05)
+    assert hinge_ranking(s, pos, 0.2, hardest=True).item() == pytest.approx(0.05)
+    s2 = torch.tensor([[0.5, 0.45, 0.4]])
+    assert hinge_ranking(s2, torch.tensor([[True, False, False]]), 0.2).item() == pytest.approx(0.15 + 0.1)
+    assert hinge_ranking(s2, torch.tensor([[True, False, False]]), 0.2, hardest=True).item() == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("name", ["hmlstm", "vse", "dvsa"])
+def test_models_train_step(name, batch):
+    b, vocab, labels = batch
+    torch.manual_seed(0)
+    m = build_model(name, TrainConfig(hidden_dim=16, embed_dim=8), vocab_size=len(vocab), n_labels=len(labels),
+                    feat_dim=b.feats.shape[2])
+    img, txt = m(b)
+    B, T, P = len(b.keys), len(b.caption_image), len(b.phrase_node)
+    assert m.scores(img, txt).shape == (B, T)
+    assert m.phrase_scores(img, txt).shape == (P, B, b.feats.shape[1])
+    loss, parts = embedding_loss(m, img, txt, b, 0.2, False, 1.0)
+    assert ("loss_phrase" in parts) == (name == "hmlstm")
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in m.parameters() if p.requires_grad)
+    assert name in MODELS
+
+
+def test_dvsa_score_is_mean_over_words_of_best_region(batch):
+    b, vocab, labels = batch
+    m = build_model("dvsa", TrainConfig(hidden_dim=16, embed_dim=8), vocab_size=len(vocab), n_labels=len(labels),
+                    feat_dim=b.feats.shape[2])
+    with torch.no_grad():
+        img, txt = m(b)
+        s = m.scores(img, txt)
+        i, t = 1, 3
+        n, L = int(b.valid[i].sum()), int(b.lengths[t])
+        ref = (txt["words"][t, :L] @ img["regions"][i, :n].T).amax(1).mean()
+    assert s[i, t].item() == pytest.approx(ref.item(), abs=1e-6)
+
+
+def test_glove_init_and_collate(batch):
+    from models.vocab import glove_init
+
+    b, vocab, labels = batch
+    emb, found = glove_init(vocab)
+    assert found >= len(vocab) - 3 and emb.shape == (len(vocab), 50)
+    red = emb[vocab("red")]
+    assert np.abs(red).sum() > 1 and not np.allclose(red, emb[vocab("blue")])
+    # word_node points at word nodes holding the token ids; phrase spans match their token ids
+    ok = b.word_node >= 0
+    assert torch.equal(b.node_word[b.word_node[ok]], b.tokens[ok])
+    assert b.gold and all(0 <= p < len(b.phrase_node) for p, _ in b.gold)
+
+
+def test_rank_shards_disjoint_and_complete(shards):
+    paths = shard_paths(shards, "train")
+    every = sorted((s["key"], c["index"]) for s in iter_samples(paths) for c in s["meta"]["captions"])
+    seen = []
+    for rank in range(2):
+        mine = [(s["key"], c["index"]) for items in batched_pairs(iter_pairs(rank_shards(paths, rank, 2), 0, 0, 40), 8)
+                for s, caps in items for c in caps]
+        assert len(set(mine)) == len(mine)
+        seen.append(set(mine))
+    assert not seen[0] & seen[1]
+    assert sorted(seen[0] | seen[1]) == every

@@ -1,0 +1,230 @@
+"""Detectron2 regions: installer, stage (incl. bad images), recall, extra feature extractors, training.
+
+Real Detectron2 on CPU, small inputs, no mocks. The detector used by the stage tests is the project's config
+with a randomly initialised head (built in seconds); the training test (slow) runs Detectron2's trainer.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "cluster"))
+
+import install_detectron2 as inst  # noqa: E402
+from stages.base import empty_row, npy_load  # noqa: E402
+from stages.regions import Detectron2Regions, RegionParams, proposal_recall  # noqa: E402
+
+
+def _jpeg(img: Image.Image, fmt="JPEG") -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _synthetic(i: int, seed: int = 77):
+    from pipeline.datasets.synthetic import make_image
+
+    img, ann = make_image(seed, i, 224, n_captions=1)
+    return img, np.asarray(ann["boxes"], np.float32)
+
+
+@pytest.fixture(scope="module")
+def detector_dir(tmp_path_factory):
+    """config.yaml + model_final.pth of the project's detector, heads untrained (fast to build)."""
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from pipeline.detector_train import DetectorSpec, build_cfg
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("det")
+    cfg = build_cfg(DetectorSpec(), out)
+    model = build_model(cfg)
+    DetectionCheckpointer(model, save_dir=str(out)).save("model_final")
+    cfg.MODEL.EFFICIENTNET.PRETRAINED = ""
+    (out / "config.yaml").write_text(cfg.dump())
+    return out
+
+
+# ---------------------------------------------------------------- installer
+
+def test_installer_is_idempotent_and_detectron2_works():
+    r = subprocess.run([sys.executable, str(ROOT / "cluster" / "install_detectron2.py")], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "already installed" in r.stdout
+    import torch
+    import torchvision
+    import detectron2  # noqa: F401
+
+    keep = torchvision.ops.nms(torch.tensor([[0., 0, 10, 10], [1, 1, 10, 10]]), torch.tensor([0.9, 0.8]), 0.5)
+    assert keep.tolist() == [0]
+
+
+def test_derived_wheel_is_pure_python_with_valid_record(tmp_path):
+    src = Path.home() / ".cache" / "densevse" / "detectron2" / inst.SOURCE_WHEEL
+    if not src.is_file() or inst.sha256(src) != inst.SOURCE_SHA256:
+        pytest.skip("pinned upstream wheel not cached here")
+    whl = inst.derive(src, tmp_path)
+    with zipfile.ZipFile(whl) as z:
+        names = z.namelist()
+        info = f"sal_detectron2-{inst.LOCAL_VERSION}.dist-info/"
+        assert not [n for n in names if n.startswith("detectron2/_C") or n.startswith("tools/")]
+        assert "Tag: py3-none-any" in z.read(info + "WHEEL").decode()
+        assert "Root-Is-Purelib: true" in z.read(info + "WHEEL").decode()
+        meta = z.read(info + "METADATA").decode()
+        assert "numpy<2" not in meta and "Requires-Dist: fvcore" in meta
+        for line in z.read(info + "RECORD").decode().splitlines():
+            name, digest, size = line.rsplit(",", 2)
+            if name == info + "RECORD":
+                continue
+            data = z.read(name)
+            assert int(size) == len(data)
+            assert digest == "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        assert len(z.read(info + "RECORD").decode().splitlines()) == len(names)
+
+
+# ---------------------------------------------------------------- recall
+
+def test_proposal_recall():
+    gold = np.array([[0, 0, 10, 10], [20, 20, 40, 40]], np.float32)
+    assert proposal_recall(gold, [[0, 0, 10, 11], [100, 100, 110, 110]]) == 0.5
+    assert proposal_recall(gold, [[100, 100, 110, 110], [0, 0, 10, 10], [20, 20, 40, 40]], top_k=2) == 0.5
+    assert proposal_recall(gold, np.zeros((0, 4))) == 0.0
+    # many images, micro-averaged over gold boxes
+    assert proposal_recall([gold, gold[:1]], [gold, np.zeros((0, 4))]) == pytest.approx(2 / 3)
+    assert proposal_recall(gold, [[0, 0, 10, 20]], iou=0.5) == 0.5 and proposal_recall(gold, [[0, 0, 10, 20]], iou=0.6) == 0
+    assert np.isnan(proposal_recall(np.zeros((0, 4)), gold))
+
+
+# ---------------------------------------------------------------- params
+
+def test_missing_weights_names_the_path(tmp_path, detector_dir):
+    missing = tmp_path / "nope" / "model.pth"
+    with pytest.raises(ValidationError, match=str(missing)):
+        RegionParams(config=str(detector_dir), weights=str(missing))
+    empty = tmp_path / "empty_dir"
+    (empty).mkdir()
+    (empty / "config.yaml").write_text((detector_dir / "config.yaml").read_text())
+    with pytest.raises(ValidationError, match=str(empty / "model_final.pth")):
+        RegionParams(config=str(empty))
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        Detectron2Regions(RegionParams.model_construct(config=str(detector_dir), weights=str(missing)))
+
+
+def test_pipeline_config_validates_region_params(tmp_path):
+    from pipeline.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="regions.params"):
+        parse_config({"stages": {"regions": {"impl": "detectron2", "params": {"config": str(tmp_path)}}}})
+
+
+# ---------------------------------------------------------------- stage
+
+def test_stage_boxes_and_bad_inputs(detector_dir):
+    stage = Detectron2Regions({"config": str(detector_dir), "top_k": 5, "score_thresh": 0.0, "max_input_size": 512,
+                               "threads": 1})
+    img, _ = _synthetic(0)
+    rgba = Image.new("RGBA", (120, 90), (10, 200, 30, 128))
+    cmyk = img.convert("CMYK")
+    huge = Image.new("RGB", (3000, 1000), (90, 90, 90))
+    rows = [
+        empty_row(key="ok", image=_jpeg(img), width=224, height=224),
+        empty_row(key="gray", image=_jpeg(img.convert("L")), width=224, height=224),
+        empty_row(key="cmyk", image=_jpeg(cmyk), width=224, height=224),
+        empty_row(key="rgba", image=_jpeg(rgba, "PNG"), width=120, height=90),
+        empty_row(key="huge", image=_jpeg(huge), width=3000, height=1000),
+        empty_row(key="corrupt", image=_jpeg(img)[:300], width=224, height=224),
+        empty_row(key="zero", image=b"", width=0, height=0),
+        empty_row(key="garbage", image=b"not an image at all", width=1, height=1),
+        empty_row(key="tiny", image=_jpeg(Image.new("RGB", (1, 1))), width=1, height=1),
+        empty_row(key="skipped", image=b"", reject="ingest: earlier"),
+    ]
+    out = {r["key"]: r for r in stage.process(rows)}
+    for key, (w, h) in {"ok": (224, 224), "gray": (224, 224), "cmyk": (224, 224), "rgba": (120, 90),
+                        "huge": (3000, 1000)}.items():
+        r = out[key]
+        assert r["reject"] == "", (key, r["reject"])
+        b = npy_load(r["boxes"])
+        assert b.dtype == np.float32 and b.ndim == 2 and b.shape[1] == 4 and 1 <= len(b) <= 6, (key, b.shape)
+        np.testing.assert_allclose(b[0], [0, 0, w, h], atol=1e-3)
+        assert (b[:, 0] >= 0).all() and (b[:, 2] <= w + 1e-3).all() and (b[:, 3] <= h + 1e-3).all()
+    assert len(npy_load(out["ok"]["boxes"])) == 6  # whole image + top_k with score_thresh 0
+    for key in ("corrupt", "zero", "garbage", "tiny"):
+        assert out[key]["reject"].startswith("regions: "), key
+        assert out[key]["boxes"] == b""
+    assert out["skipped"]["reject"] == "ingest: earlier"
+    # a batch of only bad rows does not crash either
+    assert stage.process([empty_row(key="z", image=b"")])[0]["reject"]
+
+
+def test_stage_registered_and_via_ray_adapter(detector_dir):
+    from stages import STAGES
+    from stages.base import rows_to_batch
+
+    assert STAGES.get("detectron2") is Detectron2Regions
+    stage = STAGES.get("detectron2")({"config": str(detector_dir), "top_k": 3, "threads": 1})
+    img, _ = _synthetic(1)
+    batch = stage(rows_to_batch([empty_row(key="a", image=_jpeg(img), width=224, height=224)] * 2))
+    assert all(r == "" for r in batch["reject"])
+    assert all(len(npy_load(b)) >= 1 for b in batch["boxes"])
+
+
+# ---------------------------------------------------------------- extra feature extractors
+
+def test_crop_and_boxhead_features(detector_dir):
+    from stages import STAGES
+    from stages.base import npy_bytes
+
+    img, gold = _synthetic(2)
+    boxes = np.concatenate([[[0, 0, 224, 224]], gold, [[5, 5, 5, 9]]]).astype(np.float32)  # + a degenerate box
+    rows = [empty_row(key="a", image=_jpeg(img), width=224, height=224, boxes=npy_bytes(boxes)),
+            empty_row(key="bad", image=_jpeg(img), width=224, height=224, boxes=npy_bytes(np.zeros((0, 4), np.float32)))]
+    crops = STAGES.get("efficientnet_lite0_crops")({"crop_size": 64, "threads": 1})
+    out = crops.process([dict(r) for r in rows])
+    f = npy_load(out[0]["feats"])
+    assert f.shape == (len(boxes), 1280) and f.dtype == np.float16 and np.isfinite(f).all()
+    assert out[1]["reject"].startswith("features: ")
+    head = STAGES.get("detectron2_boxhead")({"config": str(detector_dir), "threads": 1})
+    out = head.process([dict(r) for r in rows])
+    f = npy_load(out[0]["feats"])
+    assert f.shape == (len(boxes), head.dim) and f.dtype == np.float16 and np.isfinite(f).all()
+    assert out[1]["reject"].startswith("features: ")
+
+
+# ---------------------------------------------------------------- training (Detectron2's DefaultTrainer)
+
+def test_cli_registers_regions_train():
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["regions", "train", "--iters", "2", "--out", "x"])
+    assert args.iters == 2 and args.func.__name__ == "_cmd_train"
+
+
+@pytest.mark.slow
+def test_tiny_training_run_writes_a_usable_cached_dir(tmp_path):
+    from pipeline.detector_train import DetectorSpec, train
+    from stages.regions import evaluate_recall
+
+    spec = DetectorSpec(iters=4, num_images=16, eval_images=4, ims_per_batch=2, threads=1)
+    r = train(tmp_path / "det", spec, quiet=True)
+    assert not r["cached"] and 0 <= r["recall@0.5_top19"] <= 1
+    for f in ("config.yaml", "model_final.pth", "spec.json", "eval.json", "metrics.json"):
+        assert (tmp_path / "det" / f).is_file(), f
+    assert json.loads((tmp_path / "det" / "metrics.json").read_text().splitlines()[-1])["iteration"] >= 3
+    assert train(tmp_path / "det", spec)["cached"]
+    imgs, gold = zip(*(_synthetic(i) for i in range(2)))
+    assert 0 <= evaluate_recall(tmp_path / "det", list(imgs), list(gold)) <= 1
