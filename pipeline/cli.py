@@ -11,6 +11,7 @@ COMMAND_MODULES = [
     "pipeline.parser_train",
     "pipeline.tracking",
     "pipeline.detector_train",
+    "cluster.jobs",
 ]
 
 

@@ -53,7 +53,8 @@ def cmd_run(args) -> int:
         print(f"densevse: training unavailable ({e})", file=sys.stderr)
         _print_summary("run", summary)
         return 1
-    summary["train"] = train(cfg)
+    # Short: the per-epoch history is in <output_dir>/train-<model>.json (and MLflow).
+    summary["train"] = {k: v for k, v in train(cfg).items() if k != "history"}
     summary["evaluate"] = evaluate(cfg)
     _print_summary("run", summary)
     return 0

@@ -85,7 +85,7 @@ class StagesConfig(Strict):
             try:
                 STAGES.get(sc.impl).Params.model_validate(sc.params)
             except ValidationError as e:
-                raise ValueError(f"{field}.params: " + _describe(e)) from None
+                raise ValueError("; ".join(f"{field}.params.{m}" for m in _describe(e).split("; "))) from None
         return self
 
 
@@ -159,7 +159,18 @@ class PipelineConfig(Strict):
 
 
 def _describe(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in e.errors())
+    """`dataset.synthetic.num_imgs: Extra inputs are not permitted`. Our own validators raise messages that
+    start with the sub-key ("features.params.foo: ..."), so they are joined onto the location with a dot."""
+    out = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"]
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+            out.append(f"{loc}.{msg}" if loc and ": " in msg else f"{loc or '<root>'}: {msg}")
+        else:
+            out.append(f"{loc or '<root>'}: {msg}")
+    return "; ".join(out)
 
 
 def apply_override(data: dict, override: str) -> None:

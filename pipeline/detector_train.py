@@ -14,6 +14,8 @@ key), metrics.json (Detectron2's training log), eval.json (held-out proposal rec
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -180,16 +182,38 @@ def held_out(spec: DetectorSpec, n: int | None = None) -> tuple[list, list]:
     return images, gold
 
 
-def _key(spec: DetectorSpec) -> dict:
-    return spec.model_dump(exclude={"threads"})  # threads change speed, not the model
+def spec_hash(spec: DetectorSpec) -> str:
+    """The cache key: sha256 of the spec without `threads` (threads change speed, not the model)."""
+    key = json.dumps(spec.model_dump(exclude={"threads"}), sort_keys=True)
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def is_trained(out: Path, spec: DetectorSpec) -> bool:
     try:
         return (out / WEIGHTS_FILE).is_file() and (out / CONFIG_FILE).is_file() and \
-            json.loads((out / "spec.json").read_text()) == _key(spec)
-    except (OSError, json.JSONDecodeError):
+            json.loads((out / "spec.json").read_text()).get("hash") == spec_hash(spec)
+    except (OSError, json.JSONDecodeError, AttributeError):
         return False
+
+
+@contextlib.contextmanager
+def _quiet_logs():
+    """Silence Detectron2's INFO log (model dump, per-iteration lines) even under a root handler, while keeping
+    INFO enabled on its logger: DefaultTrainer would otherwise install a handler of its own."""
+    d2, fv = logging.getLogger("detectron2"), logging.getLogger("fvcore")
+    saved = d2.level, d2.propagate, fv.level
+    null = logging.NullHandler()
+    d2.setLevel(logging.INFO)
+    d2.propagate = False
+    d2.addHandler(null)
+    fv.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        d2.removeHandler(null)
+        d2.setLevel(saved[0])
+        d2.propagate = saved[1]
+        fv.setLevel(saved[2])
 
 
 def train(out: str | Path = DEFAULT_DIR, spec: DetectorSpec | None = None, force: bool = False,
@@ -208,10 +232,19 @@ def train(out: str | Path = DEFAULT_DIR, spec: DetectorSpec | None = None, force
         for name in (WEIGHTS_FILE, CONFIG_FILE, "spec.json", "eval.json", "metrics.json", "last_checkpoint"):
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    if quiet:  # INFO enabled but no handler: DefaultTrainer then adds none, and only warnings reach stderr
-        logging.getLogger("detectron2").setLevel(logging.INFO)
-    else:
+    if not quiet:
         setup_logger(output=None, name="detectron2")
+    with _quiet_logs() if quiet else contextlib.nullcontext():
+        ev = _train(out, spec)
+    (out / "eval.json").write_text(json.dumps(ev, indent=1))
+    (out / "spec.json").write_text(json.dumps({"hash": spec_hash(spec), "spec": spec.model_dump(exclude={"threads"})}))
+    return {**ev, "cached": False, "out": str(out)}  # spec.json written last: it marks the dir complete
+
+
+def _train(out: Path, spec: DetectorSpec) -> dict:
+    """Train with DefaultTrainer, save weights-only model_final.pth + config.yaml, measure held-out recall."""
+    import torch
+
     torch.manual_seed(spec.seed)
     cfg = build_cfg(spec, out)
     _register(spec)
@@ -239,10 +272,8 @@ def train(out: str | Path = DEFAULT_DIR, spec: DetectorSpec | None = None, force
         ev["recall@0.7_top19"] = round(proposal_recall(gold, preds, iou=0.7, top_k=19), 4)
         ev["eval_images"] = len(images)
         ev["eval_s"] = round(time.time() - t1, 1)
-    (out / "eval.json").write_text(json.dumps(ev, indent=1))
     (out / CONFIG_FILE).write_text(cfg.dump())
-    (out / "spec.json").write_text(json.dumps(_key(spec)))  # last: marks the dir complete
-    return {**ev, "cached": False, "out": str(out)}
+    return ev
 
 
 # ---------------------------------------------------------------- CLI

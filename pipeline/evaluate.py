@@ -143,4 +143,7 @@ def evaluate(cfg, checkpoint: str | Path | None = None, split: str | None = None
         raise FileNotFoundError(f"no finished {split} shards in {cfg.shard_dir}")
     out = evaluate_model(model, vocab, labels, paths, cfg.eval.ks, cfg.eval.captions_per_image, device=device)
     out.update(split=split, model=ck["model_name"], epoch=ck.get("epoch"))
+    from stages.regions import shard_recall  # proposal_recall_at_0.5 (top 19) where the shards hold gold boxes
+
+    out.update(shard_recall(paths))
     return out

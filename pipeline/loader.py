@@ -22,36 +22,46 @@ from pipeline import trees
 from pipeline.shards import shard_paths  # noqa: F401  (re-exported: the finished tars of a split)
 
 
-def rank_shards(paths: list[Path], rank: int, world: int) -> list[Path]:
-    """Rank-disjoint shard lists covering every shard: rank r reads shards r, r+world, ..."""
-    return list(paths)[rank::world]
+def rank_shards(paths: list[Path], rank: int, world: int) -> list[tuple[Path, int, int]]:
+    """This rank's share of the train data, as reads (tar, k, n): keep the samples j of the tar with j % n == k.
+
+    With at least `world` shards, rank r reads whole shards r, r+world, ... (k=0, n=1). With fewer shards that
+    would leave ranks without data, so every rank reads every shard and keeps every world-th sample (offset by
+    the shard's position, so remainders spread over the ranks). Disjoint and complete either way."""
+    paths = list(paths)
+    if len(paths) >= world:
+        return [(p, 0, 1) for p in paths[rank::world]]
+    return [(p, (rank + i) % world, world) for i, p in enumerate(paths)]
 
 
-def iter_samples(paths: Iterable[Path], with_image: bool = False) -> Iterator[dict]:
-    """Decoded samples of the given tars, in order. JPEGs are only kept when asked for (figures)."""
+def iter_samples(paths: Iterable, with_image: bool = False) -> Iterator[dict]:
+    """Decoded samples of the given tars (or (tar, k, n) reads from rank_shards), in order. JPEGs are only kept
+    when asked for (figures)."""
     import webdataset as wds
 
-    paths = [str(p) for p in paths]
-    if not paths:
-        return
     same = lambda x: x  # noqa: E731  (the rank split is ours; no node/worker splitting by webdataset)
-    ds = wds.WebDataset(paths, shardshuffle=False, nodesplitter=same, workersplitter=same, empty_check=False)
-    for s in ds:
-        out = {"key": s["__key__"], "meta": json.loads(s["json"]),
-               "boxes": np.load(io.BytesIO(s["boxes.npy"])).astype(np.float32),
-               "feats": np.load(io.BytesIO(s["feats.npy"])).astype(np.float32)}
-        if with_image:
-            out["jpg"] = s["jpg"]
-        yield out
+    for read in paths:
+        path, k, n = read if isinstance(read, tuple) else (read, 0, 1)
+        ds = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=same, workersplitter=same, empty_check=False)
+        for j, s in enumerate(ds):
+            if j % n != k:
+                continue
+            out = {"key": s["__key__"], "meta": json.loads(s["json"]),
+                   "boxes": np.load(io.BytesIO(s["boxes.npy"])).astype(np.float32),
+                   "feats": np.load(io.BytesIO(s["feats.npy"])).astype(np.float32)}
+            if with_image:
+                out["jpg"] = s["jpg"]
+            yield out
 
 
 def caption_tokens(caption: dict) -> list[str]:
     return [normalize(t) for t in caption["tree"]["tokens"]]
 
 
-def iter_pairs(paths: list[Path], epoch: int, seed: int, max_tokens: int, buffer: int = 2000) -> Iterator[tuple]:
+def iter_pairs(paths: list, epoch: int, seed: int, max_tokens: int, buffer: int = 2000) -> Iterator[tuple]:
     """(sample, caption) pairs in a per-epoch shuffled order: every caption of every sample once per epoch
-    (captions longer than max_tokens are dropped), shard order shuffled, then a shuffle buffer."""
+    (captions longer than max_tokens are dropped), shard order shuffled, then a shuffle buffer.
+    `paths`: tars or rank_shards reads."""
     rng = random.Random(seed * 100003 + epoch)
     paths = list(paths)
     rng.shuffle(paths)

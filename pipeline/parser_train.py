@@ -37,6 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MANIFEST = "models.json"
 DEFAULT_DIR = Path(".cache/parser/stanza-synthetic")  # .cache/ is git-ignored
+PROCESSORS = "tokenize,pos,constituency"  # what the parse stage runs
 
 # PTB tag -> UD UPOS, for the tagger's CoNLL-U training data (Stanza's tagger predicts both columns).
 PTB_TO_UPOS = {
@@ -264,6 +265,19 @@ def load_manifest(model_dir: str | Path) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
+def cached_manifest(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None,
+                    splits: dict[str, list[str]] | None = None) -> dict | None:
+    """The manifest of out_dir if it holds finished models trained from exactly these inputs, else None."""
+    spec = spec or TrainSpec()
+    out = Path(out_dir)
+    old = load_manifest(out)
+    if not old or old.get("inputs_hash") != _inputs_hash(spec, splits or make_treebank(spec)):
+        return None
+    if not all((out / old[k]).is_file() for k in ("pos_model_path", "constituency_model_path", "pretrain_path")):
+        return None
+    return {**old, "cached": True}
+
+
 def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, force: bool = False,
           quiet: bool = True) -> dict:
     """Train (or reuse, when models.json records the same inputs) the tagger + parser; returns the manifest."""
@@ -273,10 +287,8 @@ def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, forc
     out = Path(out_dir)
     splits = make_treebank(spec)
     key = _inputs_hash(spec, splits)
-    old = load_manifest(out)
-    if (not force and old and old.get("inputs_hash") == key
-            and all((out / old[k]).is_file() for k in ("pos_model_path", "constituency_model_path", "pretrain_path"))):
-        old["cached"] = True
+    old = None if force else cached_manifest(out, spec, splits)
+    if old:
         return old
 
     out.mkdir(parents=True, exist_ok=True)
@@ -304,8 +316,6 @@ def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, forc
         junk.unlink()
     (out / "resources.json").write_text("{}")  # lets stanza.Pipeline(dir=out) start without a download
     n_vocab = times.pop("n_vocab")
-
-
     manifest = {
         "lang": "en", "tokenize_pretokenized": True,
         "pos_model_path": "tagger.pt", "constituency_model_path": "parser.pt", "pretrain_path": "pretrain.pt",
@@ -375,13 +385,48 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_download(args) -> int:
+    """stanza.download of the real English models, for users online; offline it fails with a clear message."""
+    import stanza
+    from stanza.resources.common import DEFAULT_MODEL_DIR, DEFAULT_RESOURCES_URL
+
+    target = args.dir
+    if target is None:
+        from pipeline.config import load_config
+
+        sc = load_config(args.config, args.overrides).stages.parse
+        configured = sc.params.get("model_dir") if sc.impl == "stanza" else None
+        own = configured is None or Path(configured).resolve() == DEFAULT_DIR.resolve()
+        target = Path(DEFAULT_MODEL_DIR) if own else Path(configured).expanduser()
+    try:
+        stanza.download(args.lang, model_dir=str(target), processors=PROCESSORS, logging_level="WARN")
+    except Exception as e:  # noqa: BLE001 - offline / proxy / disk: one clear line, no traceback
+        print(f"densevse: could not download Stanza {args.lang!r} models ({PROCESSORS}) from {DEFAULT_RESOURCES_URL} "
+              f"into {target}: {type(e).__name__}: {str(e)[:300]}\n"
+              f"Offline? `densevse parser train` makes small models here instead (the default).", file=sys.stderr)
+        return 1
+    print(f"Stanza {args.lang!r} models in {target}; use them: -s stages.parse.params.model_dir={target}")
+    return 0
+
+
 def register(subparsers) -> None:
+    from pipeline.cli import common_args
+
+    m = subparsers.add_parser("models", help="download Stanza's real models (online)")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    d = msub.add_parser("download", help=f"stanza.download({PROCESSORS}) into the configured stages.parse "
+                                         "model_dir (Stanza's default dir when that is the project's own)")
+    common_args(d)
+    d.add_argument("--dir", type=Path, default=None, help="download here instead")
+    d.add_argument("--lang", default="en")
+    d.set_defaults(func=_cmd_download)
+
     p = subparsers.add_parser("parser", help="Stanza parser models")
     sub = p.add_subparsers(dest="parser_command", required=True)
     t = sub.add_parser("train", help="train a small Stanza POS tagger + constituency parser on synthetic captions "
                                      "(offline; skipped when the model dir already holds models for the same inputs)")
     t.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"model dir (default {DEFAULT_DIR})")
-    t.add_argument("--n-trees", dest="n_trees", type=int, default=None, help="synthetic trees generated (default 3000)")
+    t.add_argument("--n-trees", dest="n_trees", type=int, default=None, help=f"synthetic trees generated (default {TrainSpec().n_trees})")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--parser-epochs", dest="parser_epochs", type=int, default=None)
     t.add_argument("--tagger-steps", dest="tagger_steps", type=int, default=None)

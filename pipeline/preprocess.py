@@ -136,6 +136,9 @@ def preprocess(cfg: PipelineConfig, progress: bool = True) -> dict:
     pending = [r for r in rows if r["shard"] not in done]
     log.info("plan: %d samples in %d shards; %d shards already finished", len(rows), len(planned), len(done))
     if pending:
+        for name in STAGE_ORDER:
+            sc = getattr(cfg.stages, name)
+            STAGES.get(sc.impl).prepare(sc.params)
         ray = init_ray(cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress

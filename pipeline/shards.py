@@ -100,17 +100,20 @@ def caption_reject_reasons_short(c: Counter) -> Counter:
 
 
 def finished_shards(shard_dir: Path, planned: dict[str, list[str]]) -> set[str]:
-    """Shards whose stats file exists and lists exactly the planned keys (a changed plan redoes a shard)."""
+    """Shards whose tar and stats exist, agree on the tar's size, and list exactly the planned keys.
+
+    Anything else (no stats, truncated tar, a changed plan) is redone whole on the next run."""
     done = set()
     for shard, keys in planned.items():
-        sp = stats_path(shard_dir, shard)
-        if not sp.exists() or not (Path(shard_dir) / f"{shard}.tar").exists():
+        sp, tar = stats_path(shard_dir, shard), Path(shard_dir) / f"{shard}.tar"
+        if not sp.exists() or not tar.exists():
             continue
         try:
-            listed = sorted(s["key"] for s in json.loads(sp.read_text())["samples"])
+            st = json.loads(sp.read_text())
+            listed = sorted(s["key"] for s in st["samples"])
         except (json.JSONDecodeError, KeyError):
             continue
-        if listed == sorted(keys):
+        if listed == sorted(keys) and st.get("tar_bytes") == tar.stat().st_size:
             done.add(shard)
     return done
 

@@ -5,8 +5,10 @@
 
 The driver builds the vocabularies (GloVe-initialised word vectors) from the train shards once, then a
 TorchTrainer runs `train_loop` on cfg.train.num_workers workers (DDP over gloo on CPU, NCCL on GPU; bf16
-autocast on GPU only). Each rank reads its own shards (rank r: shards r, r+W, ...), so every training pair is
-seen exactly once per epoch and no rank reads another's data; uneven shard sizes are handled by DDP's join().
+autocast on GPU only). Each rank reads its own shards (rank r: shards r, r+W, ...; with fewer shards than ranks,
+every W-th sample of each), so every training pair is seen exactly once per epoch by exactly one rank; uneven
+shares are handled by DDP's join(). Workers get absolute paths (they run in Ray's own working directory), and an
+epoch with no training pairs is an error, not a zero loss.
 `train.batch_size` is per worker: it is also the pool of in-batch negatives of the ranking loss.
 
 Every epoch rank 0 evaluates retrieval on the val split, logs to MLflow and reports a checkpoint (model,
@@ -60,6 +62,7 @@ def train(cfg, resume: bool = False) -> dict:
     from models.vocab import glove_init
     from pipeline import tracking
     from pipeline.loader import build_vocabs, iter_samples, shard_paths
+    from pipeline.shards import load_stats
 
     t0 = time.time()
     # Workers run in another directory: hand them absolute paths.
@@ -69,6 +72,11 @@ def train(cfg, resume: bool = False) -> dict:
     paths = shard_paths(cfg.shard_dir, "train")
     if not paths:
         raise FileNotFoundError(f"no finished train shards in {cfg.shard_dir}; run `densevse preprocess` first")
+    stats = load_stats(cfg.shard_dir, [p.stem for p in paths])
+    n_samples, n_captions = sum(st["n_ok"] for st in stats), sum(st["n_captions"] for st in stats)
+    if n_captions == 0 or n_samples < cfg.train.num_workers:
+        raise ValueError(f"the {len(paths)} train shards in {cfg.shard_dir} hold {n_samples} samples and {n_captions} "
+                         f"captions: too little for {cfg.train.num_workers} worker(s) to train on")
     resume_from = latest_checkpoint(cfg) if resume else None
     if resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint of {cfg.train.model} under {_storage(cfg)}")
@@ -199,6 +207,9 @@ def train_loop(config: dict) -> None:
         seconds = time.time() - t_epoch
         if world > 1:
             dist.all_reduce(sums)
+        if sums[3] == 0:  # never report an epoch that trained on nothing as a success
+            raise RuntimeError(f"epoch {epoch}: 0 training pairs on {world} worker(s) from {len(all_train)} train "
+                               f"shards in {cfg.shard_dir} (every caption longer than train.max_tokens?)")
         metrics = {"epoch": epoch, "train_loss": float(sums[0] / sums[3].clamp(min=1)),
                    "train_loss_sentence": float(sums[1] / sums[3].clamp(min=1)),
                    "train_loss_phrase": float(sums[2] / sums[3].clamp(min=1)),

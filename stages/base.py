@@ -81,6 +81,11 @@ class Stage:
     def __init__(self, params: BaseModel | dict | None = None):
         self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
 
+    @classmethod
+    def prepare(cls, params: BaseModel | dict | None = None) -> None:
+        """Called once on the driver before a run: make sure the stage's model files exist (e.g. train and cache
+        the project's default model when the configured path is the default and missing). Default: nothing."""
+
     def process_row(self, row: dict) -> None:
         """Enrich one accepted row in place; raise Reject(reason) for bad input."""
         raise NotImplementedError

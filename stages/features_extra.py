@@ -19,7 +19,7 @@ from pydantic import Field, field_validator
 from stages.base import STAGES, Params, Stage, guarded, npy_bytes, npy_load
 from stages.features import IMAGENET_MEAN, IMAGENET_STD, load_efficientnet_lite0
 from stages.images import to_array
-from stages.regions import default_detector_dir, resolve
+from stages.regions import default_detector_dir, ensure_detector, is_default_dir, resolve
 
 
 def _boxes(row: dict) -> np.ndarray:
@@ -121,7 +121,7 @@ class BoxHeadParams(Params):
     @field_validator("config")
     @classmethod
     def _config(cls, v):
-        if Path(v).is_dir():
+        if Path(v).is_dir() and not is_default_dir(v):  # the default is trained on demand by `prepare`
             try:
                 resolve(v, None)
             except FileNotFoundError as e:
@@ -136,6 +136,11 @@ class Detectron2BoxHeadFeatures(Stage):
     name = "features"
     Params = BoxHeadParams
     uses_model = True
+
+    @classmethod
+    def prepare(cls, params=None) -> None:
+        p = params if isinstance(params, BoxHeadParams) else cls.Params.model_validate(params or {})
+        ensure_detector(p.config, p.weights)
 
     def __init__(self, params=None):
         super().__init__(params)

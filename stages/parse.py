@@ -4,9 +4,10 @@
 parses ALL captions of a batch in one bulk call (Stanza batches them internally by length), rather than one
 call per caption: per-call overhead dominates for short captions (see bench/bench_parse.py).
 
-Models: either Stanza's real English models (run `stanza.download("en", processors="tokenize,pos,constituency")`
-once, online; then `model_dir: ~/stanza_resources` or leave it unset), or the offline models made by
-`densevse parser train` (`model_dir: .cache/parser/stanza-synthetic`; its models.json fills the paths below).
+Models: by default the offline models made by `densevse parser train` (`model_dir: .cache/parser/stanza-synthetic`,
+its models.json fills the paths below; `prepare` trains them once on the driver when missing). Or Stanza's real
+English models: `densevse models download` once, online, then `model_dir:` the directory it prints (null: Stanza's
+default directory). A user-given directory or path that does not exist fails up front, naming it.
 
 Tokenization: by default our deterministic PTB-style `tokenize` + `tokenize_pretokenized=True` (one caption is
 one sentence, and tokens are stable across runs and Stanza versions). Set `tokenize_pretokenized: false` to
@@ -19,6 +20,7 @@ undecodable bytes, no words, not English, Stanza failure); over-long captions ar
 from __future__ import annotations
 
 import json
+import logging
 import re
 import unicodedata
 from pathlib import Path
@@ -26,9 +28,13 @@ from pathlib import Path
 from pydantic import Field
 
 from pipeline import trees as T
+from pipeline.config import ConfigError
+from pipeline.parser_train import DEFAULT_DIR
 from stages.base import STAGES, Params as StageParams, Stage
+from stages.gold import attach_tree
 
 MANIFEST = "models.json"  # written by pipeline.parser_train
+log = logging.getLogger("densevse.parse")
 
 # ---------------------------------------------------------------- tokenizer
 
@@ -140,6 +146,37 @@ def build_pipeline(lang: str = "en", model_dir: str | Path | None = None, proces
     return stanza.Pipeline(**kw)
 
 
+def _same_path(a, b) -> bool:
+    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+
+
+def _explicit_paths(p) -> dict:
+    return {k: v for k in ("tokenize_model_path", "pos_model_path", "constituency_model_path", "pretrain_path")
+            if (v := getattr(p, k))}
+
+
+def missing_models(p) -> str | None:
+    """Why the configured models cannot load (naming the path), or None. Checked before a run starts."""
+    for key, path in _explicit_paths(p).items():
+        if not Path(path).expanduser().is_file():
+            return f"{key}: no such file {path}"
+    if _explicit_paths(p):
+        return None
+    if p.model_dir is None:
+        from stanza.resources.common import DEFAULT_MODEL_DIR as d
+    else:
+        d = Path(p.model_dir).expanduser()
+    hint = "run `densevse models download` (online) or `densevse parser train` (offline)"
+    if not Path(d).is_dir():
+        return f"model_dir: no such directory {d}; {hint}"
+    if (Path(d) / MANIFEST).is_file():
+        gone = [v for k, v in resolve_paths(d).items() if not Path(v).is_file()]
+        return f"model_dir: {d} lists missing model files {gone}" if gone else None
+    if not (Path(d) / "resources.json").is_file() or not (Path(d) / p.lang).is_dir():
+        return f"model_dir: {d} holds no Stanza models for {p.lang!r} (no resources.json or {p.lang}/); {hint}"
+    return None
+
+
 @STAGES.register("stanza")
 class StanzaParse(Stage):
     """Constituency trees + phrases for every caption, one bulk Stanza call per batch."""
@@ -149,7 +186,8 @@ class StanzaParse(Stage):
 
     class Params(StageParams):
         lang: str = "en"
-        model_dir: str | None = None  # Stanza resources dir, or a `densevse parser train` dir (has models.json)
+        # A `densevse parser train` dir (has models.json), or a Stanza resources dir (null: Stanza's default dir)
+        model_dir: str | None = str(DEFAULT_DIR)
         tokenize_model_path: str | None = None
         pos_model_path: str | None = None
         constituency_model_path: str | None = None
@@ -161,6 +199,25 @@ class StanzaParse(Stage):
         english_check: bool = True  # reject long captions without any English function word
         device: str = "cpu"
         num_threads: int | None = Field(1, ge=1)  # torch intra-op threads per actor; None leaves torch's default
+
+    @classmethod
+    def prepare(cls, params=None) -> None:
+        """Once, on the driver: train the project's default models if absent or stale (a no-op when cached), or
+        check that user-given models exist, so a run fails before any work rather than in every actor."""
+        p = params if isinstance(params, StageParams) else cls.Params.model_validate(params or {})
+        if p.model_dir is not None and _same_path(p.model_dir, DEFAULT_DIR) and not _explicit_paths(p):
+            from pipeline import parser_train
+
+            if parser_train.cached_manifest(p.model_dir) is None:
+                log.info("parse: training the default Stanza parser into %s (once, ~3 min on 2 CPUs; cached "
+                            "afterwards; `densevse parser train` does the same)", p.model_dir)
+                m = parser_train.train(p.model_dir)
+                log.info("parse: parser trained in %ss, held-out bracket F1 %.4f",
+                            m["train_seconds"]["total_s"], m["bracket_f1"])
+            return
+        missing = missing_models(p)
+        if missing:
+            raise ConfigError(f"stages.parse.params: {missing}")
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -176,7 +233,7 @@ class StanzaParse(Stage):
             pos_batch_size=p.pos_batch_size, constituency_batch_size=p.constituency_batch_size)
 
     # ---- core: texts -> trees
-    def prepare(self, text) -> tuple[list[str] | str | None, int, str | None]:
+    def _prepare_text(self, text) -> tuple[list[str] | str | None, int, str | None]:
         """(input for Stanza, original token count, None) or (None, 0, reason)."""
         clean, reason = check_text(text)
         if reason:
@@ -223,7 +280,7 @@ class StanzaParse(Stage):
         """Parse many captions at once: (tree or None, rejection reason or None) per text.
 
         A failing bulk call is retried caption by caption, so one pathological caption costs only itself."""
-        prepared = [self.prepare(t) for t in texts]
+        prepared = [self._prepare_text(t) for t in texts]
         trees: list[dict | None] = [None] * len(texts)
         reasons: list[str | None] = [r for _, _, r in prepared]
         todo = [i for i, (inp, _, r) in enumerate(prepared) if r is None]
@@ -276,8 +333,7 @@ class StanzaParse(Stage):
             n_orig = len(tokenize(check_text(cap["text"])[0])) if self.params.tokenize_pretokenized else 0
             if n_orig > len(tree["tokens"]):
                 cap["truncated_from"] = n_orig
-            cap["tree"] = tree
-            cap["phrases"] = T.phrases(tree)
+            rows[r]["_caps"][c] = attach_tree(cap, tree)
         for row in rows:
             if "_caps" not in row:
                 continue
@@ -297,3 +353,24 @@ class StanzaParse(Stage):
                 row["reject"] = f"{self.name}: no caption survived parsing" + (
                     f" ({rejects[-1]['reason']})" if rejects else " (no captions)")
         return rows
+
+
+def caption_stats(rows: list[dict]) -> dict:
+    """Parsed / rejected caption counts (by reason) and phrases per parsed caption, over processed rows.
+    Reasons are grouped by their text before the first ':' or '(' so counts stay readable."""
+    from collections import Counter
+
+    n_phrases, reasons, labels, truncated = [], Counter(), Counter(), 0
+    for row in rows:
+        for c in json.loads(row["captions"]):
+            if "tree" in c:  # rows rejected by an earlier stage carry unparsed captions
+                n_phrases.append(len(c["phrases"]))
+                labels.update(p["label"] for p in c["phrases"])
+                truncated += "truncated_from" in c
+        for r in json.loads(row["caption_rejects"]):
+            reasons[re.split(r"[:(]", r["reason"])[0].strip()] += 1
+    n = len(n_phrases)
+    return {"parsed": n, "rejected": sum(reasons.values()), "reject_reasons": dict(reasons.most_common()),
+            "truncated": truncated, "phrases_per_caption": round(sum(n_phrases) / max(1, n), 2),
+            "phrases_hist": dict(sorted(Counter(min(k, 10) for k in n_phrases).items())),
+            "phrase_labels": dict(labels.most_common())}

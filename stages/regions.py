@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from stages.base import STAGES, Params, Reject, Stage, guarded, npy_bytes
 from stages.images import decode_rgb
@@ -186,8 +186,34 @@ def register_backbone() -> None:
 
 
 def default_detector_dir() -> Path:
-    """Where `densevse regions train` writes by default (and so where the stage looks by default)."""
-    return Path("models/detector-synthetic")
+    """Where `densevse regions train` writes by default, and so where the stage looks by default. Under the
+    git-ignored .cache/: trained weights do not belong in the source tree (`prepare` trains them on demand)."""
+    return Path(".cache/detector-synthetic")
+
+
+def is_default_dir(config: str | Path) -> bool:
+    return Path(config).resolve() == default_detector_dir().resolve()
+
+
+def ensure_detector(config: str, weights: str | None, spec=None) -> None:
+    """Driver-side check before a run (`Stage.prepare`): the default detector dir is trained once and cached
+    (keyed by its spec hash; `spec` defaults to DetectorSpec()); anything the user named must exist, else this
+    fails naming the path."""
+    if weights is None and is_default_dir(config):
+        from pipeline.detector_train import DetectorSpec, is_trained, train
+
+        spec = spec or DetectorSpec()
+        if is_trained(Path(config), spec):
+            return
+        log.warning("regions: default detector %s not trained yet (or its spec changed): training it now with "
+                    "Detectron2 (once; cached, about 4 min on 2 CPUs)", config)
+        r = train(config, spec, quiet=True)
+        log.warning("regions: detector trained in %.0f s; held-out proposal recall@0.5 (top 19) = %s",
+                    r["train_s"], r.get("recall@0.5_top19"))
+        return
+    resolve(config, weights)
+    if not Path(config).is_dir():
+        load_cfg(config)  # a bad file or unknown model-zoo name fails here, not in every actor
 
 
 # ---------------------------------------------------------------- the stage
@@ -215,6 +241,8 @@ class RegionParams(Params):
 
     @model_validator(mode="after")
     def _files(self):
+        if self.weights is None and is_default_dir(self.config):
+            return self  # trained on demand by `prepare`
         p = Path(self.config)
         looks_local = p.suffix in (".yaml", ".yml", ".py") and (p.is_absolute() or str(p).startswith("."))
         if p.is_dir() or self.weights is not None or looks_local:
@@ -232,6 +260,11 @@ class Detectron2Regions(Stage):
     name = "regions"
     Params = RegionParams
     uses_model = True
+
+    @classmethod
+    def prepare(cls, params=None) -> None:
+        p = params if isinstance(params, BaseModel) else cls.Params.model_validate(params or {})
+        ensure_detector(p.config, p.weights)
 
     def __init__(self, params=None):
         super().__init__(params)
@@ -353,6 +386,32 @@ def proposal_recall(gold_boxes, pred_boxes, iou: float = 0.5, top_k: int = 19) -
         if len(g) and len(p):
             hit += int((box_iou(g, p).max(axis=1) >= iou).sum())
     return hit / total if total else float("nan")
+
+
+def shard_recall(shard_paths: Sequence[str | Path], iou: float = 0.5, top_k: int = 19) -> dict:
+    """Proposal recall of the regions stored in shards against the gold boxes in each sample's json (both in
+    the shard image's pixels), for `densevse evaluate`. Flat floats, so MLflow logs them as metrics; {} when
+    the shards carry no gold boxes (e.g. Flickr8k)."""
+    import tarfile
+
+    gold, pred = [], []
+    for path in shard_paths:
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(path) as tar:
+            for m in tar:
+                key, _, ext = m.name.partition(".")
+                if ext in ("json", "boxes.npy"):
+                    members.setdefault(key, {})[ext] = tar.extractfile(m).read()
+        for parts in members.values():
+            boxes = json.loads(parts["json"]).get("gold", {}).get("boxes") if "json" in parts else None
+            if boxes and "boxes.npy" in parts:
+                gold.append(np.asarray(boxes, np.float32).reshape(-1, 4))
+                pred.append(np.load(io.BytesIO(parts["boxes.npy"]), allow_pickle=False)[1:])  # row 0: whole image
+    if not gold:
+        return {}
+    tag = f"{iou:g}"
+    return {f"proposal_recall_at_{tag}": proposal_recall(gold, pred, iou=iou, top_k=top_k),
+            "proposal_recall_images": float(len(gold)), "proposal_recall_gold_boxes": float(sum(map(len, gold)))}
 
 
 def predict_boxes(weights_dir: str | Path, images: Sequence, top_k: int = 19, **params) -> list[np.ndarray]:

@@ -165,14 +165,16 @@ def test_glove_init_and_collate(batch):
     assert b.gold and all(0 <= p < len(b.phrase_node) for p, _ in b.gold)
 
 
-def test_rank_shards_disjoint_and_complete(shards):
+@pytest.mark.parametrize("world", [2, 7])  # 5 train shards: whole shards per rank / samples split within shards
+def test_rank_shards_disjoint_and_complete(shards, world):
     paths = shard_paths(shards, "train")
+    assert len(paths) == 5
     every = sorted((s["key"], c["index"]) for s in iter_samples(paths) for c in s["meta"]["captions"])
     seen = []
-    for rank in range(2):
-        mine = [(s["key"], c["index"]) for items in batched_pairs(iter_pairs(rank_shards(paths, rank, 2), 0, 0, 40), 8)
+    for rank in range(world):
+        mine = [(s["key"], c["index"]) for items in batched_pairs(iter_pairs(rank_shards(paths, rank, world), 0, 0, 40), 8)
                 for s, caps in items for c in caps]
-        assert len(set(mine)) == len(mine)
+        assert len(set(mine)) == len(mine) and mine  # no pair twice, no rank without data
         seen.append(set(mine))
-    assert not seen[0] & seen[1]
-    assert sorted(seen[0] | seen[1]) == every
+    assert sum(len(x) for x in seen) == len(every)  # disjoint
+    assert sorted(set().union(*seen)) == every       # complete

@@ -110,6 +110,27 @@ def test_proposal_recall():
     assert np.isnan(proposal_recall(np.zeros((0, 4)), gold))
 
 
+def test_shard_recall_reads_boxes_and_gold_from_shards(tmp_path):
+    from pipeline import shards
+    from stages.base import npy_bytes
+    from stages.regions import shard_recall
+
+    gold = [[10, 10, 50, 50], [100, 100, 150, 140]]
+    pred = np.array([[0, 0, 224, 224], [11, 10, 50, 52], [0, 0, 5, 5]], np.float32)  # row 0 never counts
+    rows = [empty_row(key=f"k{i}", split="test", shard="test-000000", image=b"x", boxes=npy_bytes(pred),
+                      feats=npy_bytes(np.zeros((3, 2), np.float16)), gold=json.dumps({"boxes": gold}))
+            for i in range(3)]
+    rows.append(empty_row(key="bad", split="test", reject="ingest: corrupt"))
+    shards.write_shard(rows, tmp_path, "test-000000")
+    r = shard_recall([tmp_path / "test-000000.tar"])
+    assert r == {"proposal_recall_at_0.5": 0.5, "proposal_recall_images": 3.0, "proposal_recall_gold_boxes": 6.0}
+    assert all(isinstance(v, float) for v in r.values())  # flat floats: MLflow metrics as they are
+    assert shard_recall([tmp_path / "test-000000.tar"], top_k=1)["proposal_recall_at_0.5"] == 0.5
+    nogold = [dict(r, gold="{}") for r in rows]
+    shards.write_shard(nogold, tmp_path, "test-000001")
+    assert shard_recall([tmp_path / "test-000001.tar"]) == {}
+
+
 # ---------------------------------------------------------------- params
 
 def test_missing_weights_names_the_path(tmp_path, detector_dir):
@@ -123,6 +144,18 @@ def test_missing_weights_names_the_path(tmp_path, detector_dir):
         RegionParams(config=str(empty))
     with pytest.raises(FileNotFoundError, match=str(missing)):
         Detectron2Regions(RegionParams.model_construct(config=str(detector_dir), weights=str(missing)))
+    with pytest.raises(FileNotFoundError, match=str(missing)):  # prepare: on the driver, before any Ray work
+        Detectron2Regions.prepare(RegionParams.model_construct(config=str(detector_dir), weights=str(missing)))
+    Detectron2Regions.prepare({"config": str(detector_dir)})  # a trained dir passes
+
+
+def test_default_dir_is_trained_on_demand_not_validated(tmp_path, monkeypatch):
+    from stages.regions import default_detector_dir, is_default_dir
+
+    monkeypatch.chdir(tmp_path)  # the default dir is relative: nothing trained here
+    assert is_default_dir(RegionParams().config) and not default_detector_dir().exists()
+    (tmp_path / default_detector_dir()).mkdir(parents=True)  # half-written (e.g. interrupted training)
+    assert RegionParams().config == str(default_detector_dir())  # valid: `prepare` will (re)train it
 
 
 def test_pipeline_config_validates_region_params(tmp_path):
@@ -215,16 +248,23 @@ def test_cli_registers_regions_train():
 
 
 @pytest.mark.slow
-def test_tiny_training_run_writes_a_usable_cached_dir(tmp_path):
-    from pipeline.detector_train import DetectorSpec, train
-    from stages.regions import evaluate_recall
+def test_prepare_trains_the_default_dir_once_then_caches(tmp_path, monkeypatch):
+    from pipeline.detector_train import DetectorSpec, is_trained, train
+    from stages.regions import default_detector_dir, ensure_detector, evaluate_recall
 
+    monkeypatch.chdir(tmp_path)
+    det = default_detector_dir()
     spec = DetectorSpec(iters=4, num_images=16, eval_images=4, ims_per_batch=2, threads=1)
-    r = train(tmp_path / "det", spec, quiet=True)
-    assert not r["cached"] and 0 <= r["recall@0.5_top19"] <= 1
+    ensure_detector(str(det), None, spec)  # what Detectron2Regions.prepare does, with a tiny spec
+    assert is_trained(det, spec)
     for f in ("config.yaml", "model_final.pth", "spec.json", "eval.json", "metrics.json"):
-        assert (tmp_path / "det" / f).is_file(), f
-    assert json.loads((tmp_path / "det" / "metrics.json").read_text().splitlines()[-1])["iteration"] >= 3
-    assert train(tmp_path / "det", spec)["cached"]
+        assert (det / f).is_file(), f
+    ev = json.loads((det / "eval.json").read_text())
+    assert 0 <= ev["recall@0.5_top19"] <= 1 and ev["iters"] == 4
+    assert json.loads((det / "metrics.json").read_text().splitlines()[-1])["iteration"] >= 3
+    stamp = (det / "model_final.pth").stat().st_mtime_ns
+    ensure_detector(str(det), None, spec)  # cached: same spec hash
+    assert train(det, spec)["cached"] and (det / "model_final.pth").stat().st_mtime_ns == stamp
+    assert not is_trained(det, spec.model_copy(update={"iters": 5}))  # another spec: would retrain
     imgs, gold = zip(*(_synthetic(i) for i in range(2)))
-    assert 0 <= evaluate_recall(tmp_path / "det", list(imgs), list(gold)) <= 1
+    assert 0 <= evaluate_recall(det, list(imgs), list(gold)) <= 1

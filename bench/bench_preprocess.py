@@ -1,0 +1,60 @@
+"""Preprocessing throughput (samples/s) on the synthetic set with Ray limited to 1 vs 2 CPUs.
+
+    .venv/bin/python bench/bench_preprocess.py [--images 400] [--out /tmp/bench_pre]
+
+Each run is a fresh `densevse preprocess` process (own local Ray, cold shard dir, the synthetic set generated
+once beforehand and shared). Every stage asks for 0.5 CPU so both runs use the same config apart from
+`ray.num_cpus` and the feature actor count (one per CPU). Reported: wall seconds of the run (Ray start and
+model loading included), samples/s, and the 2-vs-1 ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(out: Path, images: int, cpus: int, extra: list[str]) -> dict:
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    sets = [f"run.output_dir={out}", f"dataset.synthetic.num_images={images}",
+            f"dataset.synthetic.test_images={images // 4}", "shards.samples_per_shard=50", f"ray.num_cpus={cpus}",
+            f"stages.features.concurrency={cpus}", *extra,
+            *[f"stages.{s}.num_cpus=0.5" for s in ("ingest", "regions", "features", "parse")]]
+    cmd = [sys.executable, "-m", "pipeline.cli", "preprocess", str(ROOT / "pipeline.yaml"), "--quiet"]
+    for s in sets:
+        cmd += ["-s", s]
+    t0 = time.time()
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wall = time.time() - t0
+    summary = json.loads((out / "shards" / "summary.json").read_text())
+    return {"cpus": cpus, "samples": summary["samples"], "wall_s": round(wall, 1),
+            "samples_per_s": round(summary["samples"] / wall, 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=400)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_preprocess"))
+    ap.add_argument("-s", "--set", dest="extra", action="append", default=[], help="extra config override")
+    args = ap.parse_args()
+    from pipeline.config import SyntheticConfig
+    from pipeline.datasets.synthetic import generate
+
+    t0 = time.time()
+    generate(args.out / "dataset", SyntheticConfig(num_images=args.images, test_images=args.images // 4))
+    print(f"synthetic set: {args.images} images generated in {time.time() - t0:.1f}s")
+    one = run(args.out, args.images, 1, args.extra)
+    print(json.dumps(one))
+    two = run(args.out, args.images, 2, args.extra)
+    print(json.dumps(two))
+    print(f"throughput 2 CPUs / 1 CPU = {two['samples_per_s'] / one['samples_per_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Pipeline runs as Ray Jobs: submit to a cluster's head, then follow, read and stop them.
+
+    densevse submit pipeline.yaml --address http://HEAD:8265 [-s key=value ...] [--command run] [--wait]
+    densevse status [JOB] --address http://HEAD:8265      # one job's state, or every job's
+    densevse logs JOB [--follow] --address ...
+    densevse stop JOB --address ...
+    densevse submit pipeline.yaml --address local          # the same run, in this process
+
+What is shipped: the config is loaded and validated here, overrides applied, before anything is sent; the
+project (without .venv, runs, caches, data) plus that resolved config (as densevse-job.yaml) are copied to a
+staging directory that becomes the job's runtime_env working_dir. Ray uploads it, every node unpacks it, and
+the job runs `python -m pipeline.cli <command> densevse-job.yaml` in it. The working_dir comes first on
+sys.path (and PYTHONPATH for the job's workers), so the job runs the code as it is here now, not whatever copy
+or editable install a node has. The nodes' Python environment is the cluster image's (setup.sh, see
+cluster/aws.yaml); `--pip` adds packages for one job.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+JOB_CONFIG = "densevse-job.yaml"
+# Never shipped: environments, outputs, caches, datasets, VCS metadata (the runtime_env repeats them as excludes).
+EXCLUDES = [".venv", "runs", ".cache", "data", "mlruns", "mlflow", "mlflow.db", ".git", "__pycache__", "*.pyc",
+            "*.egg-info", ".pytest_cache", "build", "dist", ".whl", ".gl"]
+COMMANDS = ("run", "preprocess", "train", "evaluate")
+DONE = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def default_address() -> str:
+    """The dashboard URL: RAY_API_SERVER_ADDRESS / RAY_ADDRESS when they are http URLs, else the local head."""
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):
+        if os.environ.get(var, "").startswith("http"):
+            return os.environ[var]
+    return "http://127.0.0.1:8265"
+
+
+def job_config(config: str | Path | None, overrides: list[str]):
+    """The validated config the job runs: overrides applied; ray.address=auto (join the cluster it runs on)."""
+    from pipeline.config import load_config
+
+    cfg = load_config(config, overrides)
+    cfg.ray.address = "auto"
+    return cfg
+
+
+def stage(cfg, dest: Path) -> Path:
+    """Copy the project and the resolved config into `dest` (the job's working_dir)."""
+    from pipeline.config import dump_config
+
+    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(*EXCLUDES), dirs_exist_ok=True)
+    (dest / JOB_CONFIG).write_text(dump_config(cfg))
+    return dest
+
+
+def entrypoint(command: str, python: str = "python") -> str:
+    quiet = " --quiet" if command in ("run", "preprocess") else ""  # no progress bars in job logs
+    return f"{python} -m pipeline.cli {command} {JOB_CONFIG}{quiet}"
+
+
+def runtime_env(working_dir: Path, pip: list[str] | None = None) -> dict:
+    env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+    if pip:
+        env["pip"] = list(pip)
+    return env
+
+
+def client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+def submit(config: str | Path | None, overrides: list[str] | None = None, address: str | None = None,
+           command: str = "run", pip: list[str] | None = None, python: str = "python",
+           submission_id: str | None = None) -> str:
+    """Submit one pipeline command as a Ray job; returns its submission id."""
+    if command not in COMMANDS:
+        raise ValueError(f"command must be one of {COMMANDS}, not {command!r}")
+    cfg = job_config(config, overrides or [])
+    if not Path(cfg.run.output_dir).is_absolute():
+        print(f"densevse: warning: run.output_dir={cfg.run.output_dir} is relative, so outputs land in the job's "
+              "temporary working dir on the head node; use a path on shared storage", file=sys.stderr)
+    submission_id = submission_id or f"densevse-{command}-{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-" \
+                                     f"{uuid.uuid4().hex[:6]}"
+    with tempfile.TemporaryDirectory(prefix="densevse-job-") as tmp:
+        staged = stage(cfg, Path(tmp) / "project")
+        return client(address or default_address()).submit_job(
+            entrypoint=entrypoint(command, python), runtime_env=runtime_env(staged, pip),
+            submission_id=submission_id, metadata={"densevse_command": command, "run": cfg.run.name})
+
+
+def follow(address: str, job_id: str, timeout: float | None = None, out=sys.stdout, poll: float = 2.0) -> str:
+    """Print the job's logs as they grow until it ends (or `timeout` s pass); returns its last status."""
+    c = client(address)
+    shown, deadline = 0, None if timeout is None else time.time() + timeout
+    while True:
+        status = str(c.get_job_status(job_id).value)
+        logs = c.get_job_logs(job_id)
+        if out is not None and len(logs) > shown:
+            out.write(logs[shown:])
+            out.flush()
+        shown = len(logs)
+        if status in DONE or (deadline is not None and time.time() > deadline):
+            return status
+        time.sleep(poll)
+
+
+def _info(details) -> dict:
+    keys = ("submission_id", "status", "message", "entrypoint", "start_time", "end_time", "metadata")
+    return {k: getattr(details, k, None) for k in keys}
+
+
+def cmd_submit(args) -> int:
+    """Submit a run to a Ray cluster (--address http://HEAD:8265), or run it here (--address local)."""
+    if args.address == "local":
+        from pipeline.cli import main
+
+        return main([args.command, args.config, *(a for o in args.overrides for a in ("-s", o))])
+    job_id = submit(args.config, args.overrides, args.address, args.command, args.pip, args.python,
+                    args.submission_id)
+    print(f"submitted {job_id} to {args.address}\n  densevse status {job_id} --address {args.address}\n"
+          f"  densevse logs {job_id} --follow --address {args.address}")
+    if not args.wait:
+        return 0
+    status = follow(args.address, job_id)
+    print(f"\n{job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_status(args) -> int:
+    c = client(args.address)
+    if args.job:
+        print(json.dumps(_info(c.get_job_info(args.job)), indent=1, default=str))
+    else:
+        for j in sorted(c.list_jobs(), key=lambda j: j.start_time or 0):
+            print(f"{j.submission_id or j.job_id}\t{j.status}\t{j.entrypoint}")
+    return 0
+
+
+def cmd_logs(args) -> int:
+    if args.follow:
+        return 0 if follow(args.address, args.job) == "SUCCEEDED" else 1
+    print(client(args.address).get_job_logs(args.job), end="")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    stopped = client(args.address).stop_job(args.job)
+    print(f"{args.job}: {'stop requested' if stopped else 'not running'}")
+    return 0
+
+
+def register(sub) -> None:
+    from pipeline.cli import common_args
+
+    addr = dict(default=default_address(), help="Ray dashboard URL, e.g. http://HEAD:8265 (default: %(default)s)")
+    p = sub.add_parser("submit", help="submit a pipeline run as a Ray job", description=cmd_submit.__doc__)
+    common_args(p)
+    p.add_argument("--address", **{**addr, "help": addr["help"] + "; 'local' runs it in this process"})
+    p.add_argument("--command", choices=COMMANDS, default="run", help="what the job runs (default: run)")
+    p.add_argument("--pip", action="append", default=None, metavar="REQ",
+                   help="extra pip requirement installed for this job on the nodes (repeatable)")
+    p.add_argument("--python", default="python", help="the nodes' Python executable (default: python on PATH)")
+    p.add_argument("--submission-id", default=None, help="job id (default: densevse-<command>-<run>-<time>-<rand>)")
+    p.add_argument("--wait", action="store_true", help="follow the job's logs until it ends; exit 1 unless it succeeded")
+    p.set_defaults(func=cmd_submit)
+
+    for name, fn, help_ in [("status", cmd_status, "a job's status (no JOB: list jobs)"),
+                            ("logs", cmd_logs, "a job's logs"), ("stop", cmd_stop, "stop a job")]:
+        q = sub.add_parser(name, help=help_)
+        q.add_argument("job", nargs="?" if name == "status" else None, help="the submission id")
+        q.add_argument("--address", **addr)
+        q.set_defaults(func=fn)
+        if name == "logs":
+            q.add_argument("--follow", "-f", action="store_true", help="stream until the job ends")

@@ -1,0 +1,113 @@
+"""Multimodal RNN caption decoder (m-RNN, Mao et al. 2015), for whole-image captions and region phrases.
+
+Per step t, with w(t) the embedded previous word, r(t) the recurrent state and v the projected visual feature:
+
+    r(t) = GRU/LSTM([w(t); v], r(t-1))              # recurrent layer (v here too: see below)
+    m(t) = tanh(W_w w(t) + W_r r(t) + v)            # multimodal layer: word, language state and image fused
+    p(word(t+1)) = softmax(W_o dropout(m(t)))
+
+v = Linear(LayerNorm(feature)) + a learned "kind" vector (0: whole-image sentence, 1: region phrase), so one
+decoder writes a full sentence for row 0 of an image and a short noun phrase for a region. Unlike the original
+m-RNN, v also enters the recurrent input: with only the multimodal layer seeing the image, the recurrent state
+cannot remember which object it already named, and a two-object caption then tends to name one object twice.
+
+Decoding: `greedy` and batched `beam_search` (beam 7 as in Karpathy & Fei-Fei's DVSA).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.base import word_embedding
+from models.vocab import PAD, UNK
+
+BOS, EOS = "<bos>", "<eos>"
+SPECIALS = [PAD, UNK, BOS, EOS]  # ids 0..3 in every captioner vocabulary
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = range(4)
+SENTENCE, PHRASE = 0, 1  # the "kind" of a description
+
+
+class MRNN(nn.Module):
+    def __init__(self, vocab_size: int, feat_dim: int, embed_dim: int = 128, hidden_dim: int = 256,
+                 multimodal_dim: int = 256, cell: str = "gru", dropout: float = 0.2, word_init=None):
+        super().__init__()
+        self.hparams = {"vocab_size": vocab_size, "feat_dim": feat_dim, "embed_dim": embed_dim,
+                        "hidden_dim": hidden_dim, "multimodal_dim": multimodal_dim, "cell": cell, "dropout": dropout}
+        self.embed = word_embedding(vocab_size, word_init, embed_dim)
+        e = self.embed.embedding_dim
+        self.image = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, multimodal_dim))
+        self.kind = nn.Embedding(2, multimodal_dim)
+        rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
+        self.rnn = rnn(e + multimodal_dim, hidden_dim, batch_first=True)
+        self.mm_word = nn.Linear(e, multimodal_dim)
+        self.mm_rnn = nn.Linear(hidden_dim, multimodal_dim)
+        self.drop = nn.Dropout(dropout)
+        self.out = nn.Linear(multimodal_dim, vocab_size)
+
+    def visual(self, feats: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
+        """(N, D) features and (N,) kinds -> (N, M) the v added at every step."""
+        return self.image(feats) + self.kind(kind)
+
+    def _step(self, words: torch.Tensor, v: torch.Tensor, state=None):
+        """words (N, T) ids, v (N, M) -> log-probs (N, T, V), new recurrent state."""
+        w = self.drop(self.embed(words))
+        vt = v[:, None].expand(-1, words.shape[1], -1)
+        r, state = self.rnn(torch.cat([w, vt], -1), state)
+        m = torch.tanh(self.mm_word(w) + self.mm_rnn(r) + vt)
+        return F.log_softmax(self.out(self.drop(m)), -1), state
+
+    def forward(self, feats: torch.Tensor, kind: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced mean token NLL. tokens (N, L): word ids, 0-padded, without BOS/EOS."""
+        n = tokens.shape[0]
+        lengths = (tokens != PAD_ID).sum(1)
+        bos = torch.full((n, 1), BOS_ID, dtype=tokens.dtype, device=tokens.device)
+        inp = torch.cat([bos, tokens], 1)
+        target = torch.cat([tokens, torch.zeros_like(bos)], 1)
+        target[torch.arange(n, device=tokens.device), lengths] = EOS_ID
+        logp, _ = self._step(inp, self.visual(feats, kind))
+        return F.nll_loss(logp.reshape(-1, logp.shape[-1]), target.reshape(-1), ignore_index=PAD_ID)
+
+    @torch.no_grad()
+    def greedy(self, feats: torch.Tensor, kind: torch.Tensor, max_len: int = 20) -> list[tuple[list[int], float]]:
+        return self.beam_search(feats, kind, beam=1, max_len=max_len)
+
+    @torch.no_grad()
+    def beam_search(self, feats: torch.Tensor, kind: torch.Tensor, beam: int = 7,
+                    max_len: int = 20) -> list[tuple[list[int], float]]:
+        """Per input: (word ids without BOS/EOS, total log-prob) of the best of `beam` hypotheses.
+
+        All inputs decode together: the state is (N*K, ...); a finished hypothesis only extends with PAD at no
+        cost, so it keeps its score while the others grow."""
+        n, k = feats.shape[0], beam
+        v = self.visual(feats, kind).repeat_interleave(k, 0)                  # (N*K, M)
+        scores = torch.full((n, k), float("-inf"), device=feats.device)
+        scores[:, 0] = 0.0                                                      # one live beam at the start
+        words = torch.full((n * k, 1), BOS_ID, dtype=torch.long, device=feats.device)
+        seqs = torch.zeros((n, k, 0), dtype=torch.long, device=feats.device)
+        done = torch.zeros((n, k), dtype=torch.bool, device=feats.device)
+        state = None
+        for _ in range(max_len):
+            logp, state = self._step(words, v, state)
+            logp = logp[:, -1].view(n, k, -1)
+            logp[..., UNK_ID] = float("-inf")  # never write <unk>
+            ended = torch.full_like(logp, float("-inf"))
+            ended[..., PAD_ID] = 0.0
+            logp = torch.where(done[..., None], ended, logp)
+            vocab = logp.shape[-1]
+            top, idx = (scores[..., None] + logp).view(n, -1).topk(k, -1)
+            src, tok = idx // vocab, idx % vocab
+            scores = top
+            seqs = torch.cat([seqs.gather(1, src[..., None].expand(-1, -1, seqs.shape[-1])), tok[..., None]], -1)
+            done = done.gather(1, src) | (tok == EOS_ID) | (tok == PAD_ID)
+            flat = (src + torch.arange(n, device=feats.device)[:, None] * k).view(-1)
+            state = tuple(s[:, flat] for s in state) if isinstance(state, tuple) else state[:, flat]
+            words = tok.view(-1, 1)
+            if done.all():
+                break
+        out = []
+        for i in range(n):
+            ids = [t for t in seqs[i, 0].tolist() if t not in (PAD_ID, BOS_ID)]
+            ids = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
+            out.append((ids, float(scores[i, 0])))
+        return out

@@ -1,0 +1,263 @@
+"""Running on a Ray cluster: the cluster configs, what a job ships, and (slow) real jobs on a local multi-node
+cluster (cluster/local.sh: a head and 2 worker nodes on 127.0.0.1) with faults injected by killing processes.
+
+The fast tests check the launcher and KubeRay files at schema level (Ray's own schema for `ray up`; the
+KubeRay kinds, entrypoint and the pipeline.yaml they carry) and the staged job. The slow ones submit through
+the Jobs API like a user: a run (preprocess + train + evaluate) whose Ray Train worker is SIGKILLed after the
+first checkpoint, and a preprocessing job whose worker node (the one running the model actor) is SIGKILLed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tarfile
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cluster import jobs
+from pipeline.config import load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_SH = ROOT / "cluster" / "local.sh"
+
+# Tiny but real: 40 train / 4 val / 20 test images, shards of 10 (5 for the fault test), a small backbone input.
+SMALL = ["dataset.synthetic.num_images=64", "dataset.synthetic.test_images=20", "shards.samples_per_shard=10",
+         "stages.features.params.input_size=64", "stages.features.concurrency=1", "stages.features.batch_size=16",
+         "train.batch_size=16", "train.hidden_dim=32", "train.embed_dim=32", "train.word_vectors=random"]
+
+
+# ---------------------------------------------------------------- configs (fast)
+
+
+def test_aws_launcher_config_passes_rays_schema():
+    from ray.autoscaler._private.util import validate_config
+
+    cfg = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    validate_config(cfg)  # Ray's ray-schema.json, as `ray up` checks it
+    types = cfg["available_node_types"]
+    assert cfg["head_node_type"] in types and types["gpu_worker"]["resources"]["GPU"] >= 1
+    assert any("bash setup.sh" in c for c in cfg["setup_commands"])
+    head_start = " ".join(cfg["head_start_ray_commands"])
+    assert "densevse/.venv/bin" in head_start and "--head" in head_start and "--num-cpus=0" in head_start
+    assert all("densevse/.venv/bin" in c for c in cfg["worker_start_ray_commands"] if "ray start" in c)
+
+
+def test_kuberay_raycluster_and_rayjob():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "cluster" / "kuberay.yaml").read_text())}
+    assert set(docs) == {"ConfigMap", "RayCluster", "RayJob"}
+    rc, job = docs["RayCluster"], docs["RayJob"]
+    assert rc["apiVersion"] == job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"]
+    assert job["spec"]["entrypoint"].startswith("python -m pipeline.cli run /config/pipeline.yaml")
+
+    pods = [rc["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in rc["spec"]["workerGroupSpecs"]]
+    assert len({c["image"] for p in pods for c in p["spec"]["containers"]}) == 1  # one image everywhere
+    assert all(any(m["mountPath"] == "/data" for m in p["spec"]["containers"][0]["volumeMounts"]) for p in pods)
+    assert {"mountPath": "/config", "name": "config"} in pods[0]["spec"]["containers"][0]["volumeMounts"]
+    gpu = next(g for g in rc["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
+    assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+    # the shipped pipeline.yaml is a valid config whose model stages and training ask for GPUs
+    cfg = parse_config(yaml.safe_load(docs["ConfigMap"]["data"]["pipeline.yaml"]))
+    assert cfg.stages.regions.num_gpus > 0 and cfg.stages.features.num_gpus > 0 and cfg.train.use_gpu
+    assert cfg.stages.ingest.num_gpus == cfg.stages.parse.num_gpus == 0
+    assert str(cfg.run.output_dir).startswith("/data/")
+
+
+def test_staged_job_carries_project_and_resolved_config(tmp_path):
+    cfg = jobs.job_config(ROOT / "pipeline.yaml", ["train.epochs=3", "run.name=staged"])
+    staged = jobs.stage(cfg, tmp_path / "project")
+    assert (staged / "pipeline" / "cli.py").is_file() and (staged / "cluster" / "jobs.py").is_file()
+    assert not any((staged / d).exists() for d in (".venv", "runs", ".git", ".cache"))
+    shipped = load_config(staged / jobs.JOB_CONFIG)
+    assert shipped.train.epochs == 3 and shipped.run.name == "staged" and shipped.ray.address == "auto"
+    assert jobs.entrypoint("run") == f"python -m pipeline.cli run {jobs.JOB_CONFIG} --quiet"
+    env = jobs.runtime_env(staged, pip=["stanza==1.9.2"])
+    assert env["working_dir"] == str(staged) and ".venv" in env["excludes"] and env["pip"] == ["stanza==1.9.2"]
+
+
+def test_job_commands_are_registered():
+    from pipeline.cli import build_parser
+
+    p = build_parser()
+    a = p.parse_args(["submit", "pipeline.yaml", "--address", "local", "-s", "train.epochs=1", "--wait"])
+    assert a.func is jobs.cmd_submit and a.overrides == ["train.epochs=1"] and a.command == "run"
+    assert p.parse_args(["status"]).func is jobs.cmd_status
+    assert p.parse_args(["logs", "job1", "-f"]).follow
+    assert p.parse_args(["stop", "job1", "--address", "http://h:8265"]).address == "http://h:8265"
+
+
+# ---------------------------------------------------------------- a real local cluster (slow)
+
+
+def _free_base_port() -> int:
+    """A base port whose GCS, dashboard and client ports are free (local.sh uses BASE..BASE+999)."""
+    for _ in range(50):
+        base = random.randrange(30000, 45000, 100)
+        try:
+            for p in (base, base + 1, base + 2):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no free port range")
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    from pipeline.tracking import start_server, stop_server
+
+    proc, uri = start_server(tmp_path_factory.mktemp("mlflow"), wait=False)  # boots while the cluster starts
+    yield proc, uri
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head (0 CPUs: the job drivers) + 2 worker nodes (2 logical CPUs each), torn down by PID."""
+    d = Path(tempfile.mkdtemp(prefix="dvse-", dir="/tmp"))  # short: Ray's socket paths live under it
+    cmd = [str(LOCAL_SH), "up", "--dir", str(d), "--port", str(_free_base_port()), "--workers", "2",
+           "--head-cpus", "0", "--worker-cpus", "2"]
+    up = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield {"dir": d, "dashboard": (d / "dashboard").read_text().strip()}
+    finally:
+        subprocess.run([str(LOCAL_SH), "down", "--dir", str(d)], timeout=120)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _actors(dashboard: str, class_name: str) -> list:
+    from ray.util.state import list_actors
+
+    return [a for a in list_actors(address=dashboard, detail=True, limit=1000, raise_on_missing_output=False)
+            if class_name in a.class_name]
+
+
+def _wait(what: str, fn, timeout: float, poll: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(poll)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def _checkpoints(run_dir: Path) -> list[dict]:
+    import torch
+
+    cks = [torch.load(p, map_location="cpu", weights_only=False) for p in run_dir.glob("ray_train/*/checkpoint_*/model.pt")]
+    return sorted(cks, key=lambda c: c["epoch"])
+
+
+def _finish(dashboard: str, job_id: str, timeout: float) -> str:
+    status = jobs.follow(dashboard, job_id, timeout=timeout, out=None)
+    if status != "SUCCEEDED":
+        print(jobs.client(dashboard).get_job_logs(job_id)[-6000:])
+    return status
+
+
+@pytest.mark.slow
+def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster, mlflow_server, tmp_path):
+    """submit -> preprocess + train + evaluate on the cluster; a Ray Train worker is SIGKILLed after epoch 0's
+    checkpoint; training resumes from it (every epoch trained once) and the run is in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import wait_server
+
+    proc, uri = mlflow_server
+    wait_server(proc, uri)
+    run_dir = tmp_path / "run"
+    dash = cluster["dashboard"]
+    job = jobs.submit(ROOT / "pipeline.yaml", SMALL + [
+        f"run.output_dir={run_dir}", "run.name=cluster", "train.epochs=4", "train.max_failures=2",
+        f"mlflow.tracking_uri={uri}", "mlflow.experiment=cluster-test", "mlflow.registered_model=cluster-test"],
+        address=dash, command="run")
+
+    # Kill the training worker as soon as epoch 0's checkpoint is persisted (mid-training: 4 epochs).
+    worker = _wait("a RayTrainWorker", lambda: [a for a in _actors(dash, "RayTrainWorker") if a.state == "ALIVE"],
+                   timeout=600, poll=2)[0]
+    _wait("epoch 0's checkpoint", lambda: list(run_dir.glob("ray_train/*/checkpoint_*/model.pt")), 300, 0.2)
+    os.kill(worker.pid, signal.SIGKILL)
+    print(f"killed RayTrainWorker pid {worker.pid} on node {worker.node_id[:8]}")
+
+    assert _finish(dash, job, 600) == "SUCCEEDED"
+    summary = json.loads((run_dir / "train-hmlstm.json").read_text())
+    # resumed, not restarted: one checkpoint per epoch, epochs 0..3 once each, the killed worker replaced
+    assert [c["epoch"] for c in _checkpoints(run_dir)] == [0, 1, 2, 3]
+    assert [h["epoch"] for h in summary["history"]] == [0, 1, 2, 3]
+    workers = _actors(dash, "RayTrainWorker")
+    assert any(a.pid == worker.pid and a.state == "DEAD" for a in workers) and len(workers) >= 2
+
+    # the job's run is in MLflow, with the shipped config and every epoch's metrics
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("cluster-test")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.run_id for r in runs] == [summary["mlflow_run_id"]]
+    run = runs[0]
+    assert run.info.status == "FINISHED" or run.data.params["train.epochs"] == "4"
+    assert run.data.params["run.output_dir"] == str(run_dir) and run.data.params["ray.address"] == "auto"
+    assert {m.step for m in client.get_metric_history(run.info.run_id, "train_loss")} == {0, 1, 2, 3}
+    assert json.loads((run_dir / "evaluate.json").read_text()) if (run_dir / "evaluate.json").exists() else True
+
+
+@pytest.mark.slow
+def test_preprocessing_survives_killed_worker_node(cluster, tmp_path):
+    """A worker node (the one running the feature actor) is SIGKILLed, all its processes, mid-preprocessing:
+    the job still finishes, with every planned sample in the manifest and the tars exactly once."""
+    from pipeline.preprocess import plan
+    from ray.util.state import list_nodes
+
+    dash, out = cluster["dashboard"], tmp_path / "pre"
+    overrides = SMALL + [f"run.output_dir={out}", "shards.samples_per_shard=4", "dataset.synthetic.num_images=100"]
+    job = jobs.submit(ROOT / "pipeline.yaml", overrides, address=dash, command="preprocess")
+
+    actor = _wait("the feature actor", lambda: [a for a in _actors(dash, "_ActorStage") if a.state == "ALIVE"],
+                  timeout=600, poll=1)[0]
+    shard_dir = out / "shards"
+    _wait("a first shard", lambda: list(shard_dir.glob("*.stats.json")), 300, 0.2)
+    nodes = {n.node_id: n for n in list_nodes(address=dash, detail=True)}
+    victim = next(r[len("densevse_"):] for r in nodes[actor.node_id].resources_total if r.startswith("densevse_worker"))
+    pids = subprocess.run([str(LOCAL_SH), "pids", victim, "--dir", str(cluster["dir"])], capture_output=True,
+                          text=True, check=True).stdout.split()
+    done_before = len(list(shard_dir.glob("*.stats.json")))
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    print(f"killed {victim} ({len(pids)} processes) with {done_before} shards written")
+
+    assert _finish(cluster["dashboard"], job, 600) == "SUCCEEDED"
+    assert _wait("the node to be dead", lambda: nodes[actor.node_id].node_id in
+                 {n.node_id for n in list_node_states(dash) if n.state == "DEAD"}, 60, 1)
+
+    cfg = load_config(ROOT / "pipeline.yaml", overrides)
+    planned = sorted(r["key"] for r in plan(cfg))
+    import pyarrow.parquet as pq
+
+    manifest = pq.read_table(shard_dir / "manifest.parquet").to_pylist()
+    assert sorted(r["key"] for r in manifest) == planned  # every sample, once
+    in_tars = Counter(m.name.split(".", 1)[0] for t in shard_dir.glob("*.tar") for m in tarfile.open(t).getmembers()
+                      if m.name.endswith(".json"))
+    assert sorted(in_tars) == sorted(r["key"] for r in manifest if r["status"] == "ok")
+    assert set(in_tars.values()) == {1}
+    assert done_before < len({r["shard"] for r in manifest})  # the kill did land mid-run
+
+
+def list_node_states(dashboard: str) -> list:
+    from ray.util.state import list_nodes
+
+    return list_nodes(address=dashboard, raise_on_missing_output=False)

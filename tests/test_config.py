@@ -1,0 +1,66 @@
+"""pipeline.yaml validation: bad keys and types fail up front, naming the key; overrides work."""
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, apply_override, dump_config, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repo_config_is_valid_and_round_trips(tmp_path):
+    cfg = load_config(ROOT / "pipeline.yaml")
+    assert cfg.dataset.kind == "synthetic" and cfg.shards.samples_per_shard > 0
+    (tmp_path / "again.yaml").write_text(dump_config(cfg))
+    assert load_config(tmp_path / "again.yaml") == cfg
+
+
+@pytest.mark.parametrize("override,named", [
+    ("dataset.synthetic.num_imgs=5", "dataset.synthetic.num_imgs"),
+    ("train.epochs=abc", "train.epochs"),
+    ("train.epochs=0", "train.epochs"),
+    ("dataset.kind=imagenet", "dataset.kind"),
+    ("stages.features.impl=nope", "stages.features.impl"),
+    ("stages.ingest.params.max_side=-1", "stages.ingest.params.max_side"),
+    ("stages.ingest.params.bogus=1", "stages.ingest.params.bogus"),
+    ("stages.regions.num_cpus=0", "stages.regions.num_cpus"),
+    ("shards.samples_per_shard=0", "shards.samples_per_shard"),
+    ("nonsense.x=1", "nonsense"),
+])
+def test_bad_values_name_the_key(override, named):
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "pipeline.yaml", [override])
+    assert named in str(e.value)
+
+
+def test_overrides_parse_yaml_values():
+    cfg = load_config(ROOT / "pipeline.yaml", ["train.epochs=3", "dataset.splits=[train, test]",
+                                               "mlflow.tracking_uri=null", "train.lr=0.01"])
+    assert cfg.train.epochs == 3 and cfg.dataset.splits == ["train", "test"] and cfg.train.lr == 0.01
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_override({}, "train.epochs")
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_override({"train": 3}, "train.epochs=1")
+
+
+def test_bad_files_fail_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("train: [epochs: 3\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_defaults_fill_missing_sections():
+    cfg = parse_config({"run": {"output_dir": "/tmp/x"}})
+    assert cfg.shard_dir == Path("/tmp/x/shards") and cfg.dataset_root == Path("/tmp/x/dataset")
+
+
+def test_cli_exits_2_naming_the_key(capsys):
+    from pipeline.cli import main
+
+    assert main(["config", str(ROOT / "pipeline.yaml"), "-s", "train.epochz=3"]) == 2
+    assert "train.epochz" in capsys.readouterr().err

@@ -1,0 +1,164 @@
+"""A real local Ray run: a small synthetic set -> WebDataset shards, read back two ways, resumed after damage;
+and a Flickr8k-format set with broken inputs, where every bad sample is recorded with its reason."""
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import shards
+from pipeline.config import load_config
+from pipeline.datasets import synthetic
+from pipeline.preprocess import actor_pool_sizes, plan, preprocess
+from stages.base import npy_load
+
+pytestmark = pytest.mark.slow
+# Gold boxes/trees keep this test about the orchestration (the Detectron2 and Stanza stages have their own).
+SMALL = ["dataset.synthetic.num_images=48", "dataset.synthetic.test_images=16", "shards.samples_per_shard=10",
+         "stages.regions.impl=gold_boxes", "stages.regions.params={}", "stages.parse.impl=gold_trees",
+         "stages.parse.params={}", "stages.features.params.input_size=160", "ray.num_cpus=2"]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, ray_local):
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config("pipeline.yaml", SMALL + [f"run.output_dir={out}"])
+    return cfg, preprocess(cfg, progress=False)
+
+
+def test_shards_manifest_and_stats(run):
+    cfg, summary = run
+    sd = cfg.shard_dir
+    assert summary["samples"] == 48 and summary["shards_written"] == summary["shards"] == 6
+    assert sorted(p.name for p in sd.glob("*.tar")) == [
+        "test-000000.tar", "test-000001.tar", "train-000000.tar", "train-000001.tar", "train-000002.tar",
+        "val-000000.tar"]
+    manifest = pq.read_table(sd / shards.MANIFEST).to_pylist()
+    assert sorted(r["key"] for r in manifest) == [f"synth_{i:06d}" for i in range(48)]
+    assert all(r["status"] == "ok" and r["n_captions"] == 5 and r["n_phrases"] > 0 for r in manifest)
+    st = json.loads((sd / "train-000000.stats.json").read_text())
+    assert st["n_planned"] == st["n_ok"] == 10 and st["tar_bytes"] == (sd / "train-000000.tar").stat().st_size
+    assert summary["splits"]["test"]["n_ok"] == 16
+
+
+def test_read_back_with_webdataset(run):
+    import webdataset as wds
+    from PIL import Image
+
+    cfg, _ = run
+    samples = list(wds.WebDataset([str(p) for p in sorted(cfg.shard_dir.glob("train-*.tar"))], shardshuffle=False))
+    assert len(samples) == 29 and len({s["__key__"] for s in samples}) == 29  # 48 - 16 test - 3 val
+    s = samples[0]
+    meta = json.loads(s["json"])
+    boxes, feats = npy_load(s["boxes.npy"]), npy_load(s["feats.npy"])
+    img = Image.open(io.BytesIO(s["jpg"]))
+    gold = np.asarray(meta["gold"]["boxes"])
+    assert img.size == (meta["width"], meta["height"])
+    assert boxes.shape == (len(gold) + 1, 4) and np.allclose(boxes[0], [0, 0, img.width, img.height])
+    assert np.allclose(boxes[1:], gold, atol=0.5)
+    assert feats.dtype == np.float16 and feats.shape == (len(boxes), 1280) and np.isfinite(feats).all()
+    cap = meta["captions"][0]
+    assert cap["tree"]["tokens"] == cap["text"].split() and cap["phrases"]
+    _, ann = synthetic.make_image(0, int(s["__key__"].split("_")[1]))
+    assert [c["text"] for c in meta["captions"]] == ann["captions"]
+
+
+def test_read_back_with_ray_data(run):
+    import ray
+
+    cfg, _ = run
+    ds = ray.data.read_webdataset(str(cfg.shard_dir), file_extensions=["tar"], decoder=None)
+    rows = ds.take_all()
+    assert len(rows) == 48 and sorted(r["__key__"] for r in rows) == [f"synth_{i:06d}" for i in range(48)]
+    assert {"jpg", "json"} <= set(rows[0])
+
+
+def test_resume_redoes_only_damaged_shards(run):
+    cfg, _ = run
+    sd = cfg.shard_dir
+    before = {p.name: p.stat().st_mtime_ns for p in sd.glob("*.tar")}
+    manifest_before = pq.read_table(sd / shards.MANIFEST).to_pylist()
+    (sd / "train-000001.tar").unlink()                                  # lost shard
+    with open(sd / "test-000000.tar", "r+b") as f:                     # truncated shard (stats intact)
+        f.truncate(1000)
+    summary = preprocess(cfg, progress=False)
+    assert summary["shards_skipped"] == 4 and summary["shards_written"] == 2
+    after = {p.name: p.stat().st_mtime_ns for p in sd.glob("*.tar")}
+    assert {n for n in after if after[n] != before.get(n)} == {"train-000001.tar", "test-000000.tar"}
+    manifest = pq.read_table(sd / shards.MANIFEST).to_pylist()
+    assert sorted(r["key"] for r in manifest) == sorted(r["key"] for r in manifest_before)  # none lost or doubled
+    assert preprocess(cfg, progress=False)["shards_written"] == 0       # a finished run is a no-op
+
+
+def test_plan_is_stable_and_rejects_duplicates(run, tmp_path):
+    cfg, _ = run
+    a, b = plan(cfg), plan(cfg)
+    assert [(r["key"], r["shard"]) for r in a] == [(r["key"], r["shard"]) for r in b]
+
+
+def test_actor_pools_leave_cpus_for_tasks():
+    from pipeline.config import StageConfig
+
+    stages = {"ingest": StageConfig(impl="image_caption"), "regions": StageConfig(impl="gold_boxes"),
+              "features": StageConfig(impl="efficientnet_lite0"), "parse": StageConfig(impl="gold_trees")}
+    assert actor_pool_sizes(stages, 2.0) == {"features": 1}
+    assert actor_pool_sizes(stages, 9.0) == {"features": 8}
+    with pytest.raises(ValueError, match="stages.features"):
+        actor_pool_sizes(stages, 1.0)
+
+
+def test_bad_inputs_are_recorded_not_dropped(tmp_path, ray_local, capsys):
+    """Flickr8k-format set: good, corrupt, truncated, missing and caption-less samples."""
+    root = tmp_path / "f8k"
+    (root / "images").mkdir(parents=True)
+    lines, names = [], []
+    for i, kind in enumerate(["good", "good", "corrupt", "truncated", "missing", "nocaption", "longcaption"]):
+        name = f"{i}_{kind}.jpg"
+        names.append(name)
+        img, ann = synthetic.make_image(0, i)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG")
+        data = {"corrupt": b"garbage" * 10, "truncated": buf.getvalue()[:400]}.get(kind, buf.getvalue())
+        if kind != "missing":
+            (root / "images" / name).write_bytes(data)
+        caps = ann["captions"]
+        if kind == "nocaption":
+            caps = ["", "  ", "...", "!!", "42"]
+        if kind == "longcaption":
+            caps = [caps[0]] + [" ".join(["dog"] * 80)] * 4
+        lines += [f"{name}#{k}\t{c}" for k, c in enumerate(caps)]
+    (root / "Flickr8k.token.txt").write_text("\n".join(lines) + "\n")
+    (root / "Flickr_8k.trainImages.txt").write_text("\n".join(names) + "\n")
+    cfg = load_config("pipeline.yaml", SMALL + [f"run.output_dir={tmp_path / 'out'}", "dataset.kind=flickr8k",
+                                                f"dataset.root={root}", "stages.regions.impl=gold_boxes"])
+    summary = preprocess(cfg, progress=False)
+    manifest = {r["key"].removeprefix("flickr8k_"): r for r in pq.read_table(cfg.shard_dir / shards.MANIFEST).to_pylist()}
+    assert len(manifest) == 7 and summary["samples"] == 7
+    assert [manifest[f"{i}_good"]["status"] for i in (0, 1)] == ["ok", "ok"]
+    assert "not a decodable image" in manifest["2_corrupt"]["reason"]
+    assert "corrupt image" in manifest["3_truncated"]["reason"]
+    assert "missing image file" in manifest["4_missing"]["reason"]
+    assert "no usable caption" in manifest["5_nocaption"]["reason"]
+    assert manifest["6_longcaption"]["status"] == "ok" and manifest["6_longcaption"]["n_caption_rejects"] == 4
+    st = json.loads((cfg.shard_dir / "train-000000.stats.json").read_text())
+    assert st["n_rejected"] == 4 and st["caption_reject_reasons"]["caption has 80 words"] == 4
+    import webdataset as wds
+    assert len(list(wds.WebDataset(str(cfg.shard_dir / "train-000000.tar"), shardshuffle=False))) == 3
+    from pipeline.cli import main
+    capsys.readouterr()
+    assert main(["inspect", "--shards", str(cfg.shard_dir), "--rejects"]) == 0
+    listed = json.loads(capsys.readouterr().out.split("==\n", 1)[1])
+    assert listed["train"]["n_rejected"] == 4 and len(listed["rejected"]) == 4
+    assert {r["key"].removeprefix("flickr8k_") for r in listed["rejected"]} == {"2_corrupt", "3_truncated", "4_missing",
+                                                                      "5_nocaption"}
