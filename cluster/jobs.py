@@ -61,6 +61,17 @@ def stage(cfg, dest: Path) -> Path:
     return dest
 
 
+def unshipped_paths(cfg) -> list[tuple[str, str]]:
+    """Relative paths the job cannot see as they are here: the output dir, and stage model/config paths under an
+    excluded folder (e.g. .cache/detector-synthetic). Relative paths resolve in the job's working dir."""
+    found = [] if Path(cfg.run.output_dir).is_absolute() else [("run.output_dir", str(cfg.run.output_dir))]
+    for name in type(cfg.stages).model_fields:
+        for k, v in getattr(cfg.stages, name).params.items():
+            if isinstance(v, str) and not Path(v).is_absolute() and Path(v).parts[:1] and Path(v).parts[0] in EXCLUDES:
+                found.append((f"stages.{name}.params.{k}", v))
+    return found
+
+
 def entrypoint(command: str, python: str = "python") -> str:
     quiet = " --quiet" if command in ("run", "preprocess") else ""  # no progress bars in job logs
     return f"{python} -m pipeline.cli {command} {JOB_CONFIG}{quiet}"
@@ -73,9 +84,22 @@ def runtime_env(working_dir: Path, pip: list[str] | None = None) -> dict:
     return env
 
 
+def use_token_auth() -> None:
+    """Present Ray's auth token (~/.ray/auth_token, RAY_AUTH_TOKEN[_PATH]) when there is one and RAY_AUTH_MODE is
+    unset: clusters started with token auth (Ray's default for new clusters, and cluster/local.sh) refuse
+    Jobs/state API calls without it, and only ray.init turns it on by itself."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # a Ray without token auth
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
 def client(address: str):
     from ray.job_submission import JobSubmissionClient
 
+    use_token_auth()
     return JobSubmissionClient(address)
 
 
@@ -86,9 +110,9 @@ def submit(config: str | Path | None, overrides: list[str] | None = None, addres
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}, not {command!r}")
     cfg = job_config(config, overrides or [])
-    if not Path(cfg.run.output_dir).is_absolute():
-        print(f"densevse: warning: run.output_dir={cfg.run.output_dir} is relative, so outputs land in the job's "
-              "temporary working dir on the head node; use a path on shared storage", file=sys.stderr)
+    for key, value in unshipped_paths(cfg):
+        print(f"densevse: warning: {key}={value} is relative and not shipped, so the job resolves it in its own "
+              "temporary working dir (outputs lost, models rebuilt); use a path on shared storage", file=sys.stderr)
     submission_id = submission_id or f"densevse-{command}-{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-" \
                                      f"{uuid.uuid4().hex[:6]}"
     with tempfile.TemporaryDirectory(prefix="densevse-job-") as tmp:

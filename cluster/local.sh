@@ -60,8 +60,15 @@ launch_node() {  # launch_node NAME INDEX CPUS RESOURCE [extra ray start args...
   local name=$1 i=$2 cpus=$3 res=$4; shift 4
   local p=$((BASE + 10 + 10 * i)) w=$((BASE + 200 + 100 * i))
   mkdir -p "$DIR/$name"
-  # setsid: the node gets its own process group, recorded as its PID (a backgrounded setsid does not fork).
-  PATH="$BIN:$PATH" nice -n "$START_NICE" setsid "$BIN/ray" start --block --disable-usage-stats --node-ip-address 127.0.0.1 \
+  # setsid: the node gets its own session, recorded as its PID (a backgrounded setsid does not fork).
+  # Loopback: the dashboard (Jobs API) listens on 127.0.0.1 only; Ray itself maps --node-ip-address 127.0.0.1
+  # to this machine's address and binds its gRPC servers to all interfaces, so token auth is what keeps
+  # other hosts out.
+  # RAY_AUTH_MODE=token: Ray's token auth (~/.ray/auth_token, made by the head if missing) on every node, so
+  # workers can join the head and clients (JobSubmissionClient, the state API) must present the token.
+  # The new session is its own scheduler autogroup: it starts at START_NICE (see start_node).
+  PATH="$BIN:$PATH" RAY_AUTH_MODE=token setsid bash -c 'echo "$0" >/proc/self/autogroup; exec "$@"' "$START_NICE" \
+    "$BIN/ray" start --block --disable-usage-stats --node-ip-address 127.0.0.1 \
     --temp-dir "$DIR/$name" --num-cpus "$cpus" --num-gpus 0 --resources "{\"$res\": 1}" \
     --object-store-memory "$OBJECT_STORE" \
     --node-manager-port "$p" --object-manager-port $((p + 1)) --dashboard-agent-listen-port $((p + 2)) \
@@ -71,8 +78,8 @@ launch_node() {  # launch_node NAME INDEX CPUS RESOURCE [extra ray start args...
 }
 
 # launch_node, retried. A raylet exits when its dashboard agent has not started within 15 s, which happens on
-# a loaded machine; so a node starts at raised priority (START_NICE, for its startup only: the group is
-# reniced to 0 once it is up), and a failed start is retried.
+# a loaded machine; so a node's session (a scheduler autogroup: process nice values only count inside it)
+# starts at raised priority, START_NICE, reset to 0 once the node is up, and a failed start is retried.
 start_node() {  # start_node NAME INDEX CPUS RESOURCE [extra ray start args...]
   local name=$1 attempt pgid deadline
   for attempt in 1 2 3; do
@@ -82,7 +89,7 @@ start_node() {  # start_node NAME INDEX CPUS RESOURCE [extra ray start args...]
     while kill -0 "$pgid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
       if grep -q "Ray runtime started" "$DIR/$name.log"; then
         sleep 2
-        if kill -0 "$pgid" 2>/dev/null; then node_pids "$name" | xargs -r renice -n 0 -p >/dev/null; return 0; fi
+        if kill -0 "$pgid" 2>/dev/null; then echo 0 >"/proc/$pgid/autogroup"; return 0; fi
       fi
       sleep 1
     done
@@ -94,8 +101,16 @@ start_node() {  # start_node NAME INDEX CPUS RESOURCE [extra ray start args...]
   return 1
 }
 
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
+  local deadline=$((SECONDS + $1)) what=$2; shift 2
+  until "$@" >/dev/null 2>&1; do
+    if [ $SECONDS -ge $deadline ]; then echo "local.sh: timed out waiting for $what; see $DIR/*.log" >&2; return 1; fi
+    sleep 1
+  done
+}
+
 alive_nodes() {  # alive_nodes N: true once the cluster has N alive nodes (the state API sends Ray's auth token)
-  "$BIN/python" - "$(cat "$DIR/dashboard")" "$1" <<'EOF'
+  RAY_AUTH_MODE=token "$BIN/python" - "$(cat "$DIR/dashboard")" "$1" <<'EOF'
 import sys
 from ray.util.state import list_nodes
 alive = list_nodes(address=sys.argv[1], filters=[("state", "=", "ALIVE")], raise_on_missing_output=False)

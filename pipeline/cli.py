@@ -12,6 +12,7 @@ COMMAND_MODULES = [
     "pipeline.tracking",
     "pipeline.detector_train",
     "cluster.jobs",
+    "pipeline.describe",
 ]
 
 

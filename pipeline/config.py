@@ -132,6 +132,22 @@ class EvalConfig(Strict):
     captions_per_image: int = Field(5, ge=1)
 
 
+class CaptionerConfig(Strict):
+    """The m-RNN description model (pipeline/captioner.py); Ray workers, GPU, failures and word vectors as in train."""
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    hidden_dim: int = Field(256, ge=8)
+    cell: Literal["gru", "lstm"] = "gru"
+    dropout: float = Field(0.2, ge=0, lt=1)
+    min_word_count: int = Field(1, ge=1)  # rarer training words become <unk> (never generated)
+    max_len: int = Field(24, ge=4)  # longest training caption (longer ones are skipped) and generation cap
+    beam_size: int = Field(7, ge=1)  # Karpathy & Fei-Fei's DVSA
+    region_phrases: bool = True  # also train region -> phrase pairs from gold links
+    top_k_regions: int = Field(10, ge=0)  # regions described per image (detector order)
+    registered_model: str = "densevse-captioner"
+
+
 class PipelineConfig(Strict):
     run: RunConfig = Field(default_factory=RunConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -141,6 +157,7 @@ class PipelineConfig(Strict):
     mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    captioner: CaptionerConfig = Field(default_factory=CaptionerConfig)
 
     @field_validator("run")
     @classmethod

@@ -51,7 +51,9 @@ class DetectorSpec(BaseModel):
     fpn_channels: int = Field(64, ge=16)
     box_head_dim: int = Field(256, ge=32)
     eval_images: int = Field(200, ge=0)     # held-out scenes (seed + 1) for the recall check
-    threads: int | None = Field(None, ge=1)  # torch threads (not part of the cache key)
+    # torch threads (not part of the cache key). One: on this shared 2-core machine two OpenMP threads spin
+    # against other jobs and cost 3-5x the CPU per iteration; raise it on a dedicated multi-core machine.
+    threads: int | None = Field(1, ge=1)
 
 
 def synthetic_dicts(spec: DetectorSpec, seed: int | None = None, n: int | None = None) -> list[dict]:
@@ -302,7 +304,7 @@ def register(subparsers) -> None:
     t.add_argument("--num-images", dest="num_images", type=int, default=None, help="synthetic scenes (default 1500)")
     t.add_argument("--eval-images", dest="eval_images", type=int, default=None, help="held-out scenes (default 200)")
     t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     t.add_argument("--force", action="store_true", help="retrain even when cached")
     t.add_argument("--verbose", "-v", action="store_true", help="show Detectron2's training log")
     t.set_defaults(func=_cmd_train)

@@ -43,6 +43,8 @@ def latest_checkpoint(cfg) -> Path | None:
 
 
 def init_ray(cfg) -> None:
+    """ray.address null means a fresh local instance ("local"): a bare ray.init() would join whatever cluster was
+    last started on this machine (/tmp/ray/ray_current_cluster), e.g. another user's, with its CPUs and lifetime."""
     import ray
 
     if ray.is_initialized():
@@ -51,7 +53,7 @@ def init_ray(cfg) -> None:
         ray.init(address=cfg.ray.address)
     else:
         n = max(cfg.ray.num_cpus or os.cpu_count() or 1, cfg.train.num_workers)
-        ray.init(num_cpus=n, include_dashboard=False, log_to_driver=True,
+        ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=True,
                  runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
 
 

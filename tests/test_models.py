@@ -178,3 +178,18 @@ def test_rank_shards_disjoint_and_complete(shards, world):
         seen.append(set(mine))
     assert sum(len(x) for x in seen) == len(every)  # disjoint
     assert sorted(set().union(*seen)) == every       # complete
+
+
+def test_train_refuses_shards_without_pairs(tmp_path):
+    """A train split with no captions fails up front, instead of "training" epochs of 0 pairs and loss 0."""
+    from pipeline import shards as S
+    from pipeline.config import parse_config
+    from pipeline.train import train
+    from shard_fixture import COLORS, SHAPES, make_row
+
+    row = make_row(0, "train", "train-000000", 8, 32, 0, {w: np.zeros(8) for w in (*COLORS, *SHAPES)})
+    row["captions"] = "[]"
+    S.write_shard([row], tmp_path, "train-000000")
+    cfg = parse_config({"run": {"output_dir": str(tmp_path / "run")}, "shards": {"dir": str(tmp_path)}})
+    with pytest.raises(ValueError, match="0 captions"):
+        train(cfg)

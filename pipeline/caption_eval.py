@@ -1,0 +1,144 @@
+"""Caption evaluation with pycocoevalcap, against a nearest-neighbour caption retrieval baseline.
+
+    densevse captioner evaluate [--checkpoint F] [--split test]
+
+Metrics: BLEU-1..4, METEOR, ROUGE-L, CIDEr (pycocoevalcap, COCO's PTBTokenizer; METEOR and the tokenizer run
+Java). SPICE is not reported: pycocoevalcap downloads Stanford CoreNLP for it on first use, and this project runs
+offline. References are all of an image's captions in the shards.
+
+Baseline (same run, same references): for each test image, the first caption of the training image whose
+whole-image feature (row 0) is nearest by cosine, as in the NN baselines of Karpathy & Fei-Fei / Devlin et al.
+Where the shards carry gold object labels (the synthetic set: "small red circle"), `object_precision` counts the
+(colour, shape) word pairs a caption mentions that really are in the image, and `object_recall` how many of
+the image's objects at least one generated phrase names, so "names the right objects" is a number too.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def coco_scores(refs: dict[str, list[str]], systems: dict[str, dict[str, str]]) -> dict[str, dict[str, float]]:
+    """pycocoevalcap corpus scores of each system's hyps[key] against refs[key]: {system: {metric: score}}.
+    One tokenizer pass and one METEOR process serve every system (each Java start costs seconds)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    tok = PTBTokenizer()
+    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
+    res = tok.tokenize({f"{name}\t{k}": [{"caption": h or "."}] for name, hyps in systems.items()
+                        for k, h in hyps.items()})
+    meteor, out = Meteor(), {}
+    for name, hyps in systems.items():
+        g = {k: gts[k] for k in sorted(hyps)}
+        r = {k: res[f"{name}\t{k}"] for k in sorted(hyps)}
+        scores = dict(zip(METRICS[:4], map(float, Bleu(4).compute_score(g, r, verbose=0)[0])))
+        for scorer, metric in ((meteor, "METEOR"), (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")):
+            scores[metric] = float(scorer.compute_score(g, r)[0])
+        out[name] = scores
+    return out
+
+
+def nearest_captions(train_feats: np.ndarray, train_captions: list[str], test_feats: np.ndarray) -> list[str]:
+    """For each test row, the caption of the training row with the highest cosine similarity."""
+    def unit(x):
+        x = np.asarray(x, np.float32)
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
+
+    best = (unit(test_feats) @ unit(train_feats).T).argmax(1)
+    return [train_captions[i] for i in best]
+
+
+def _objects(label: str) -> tuple[str, str]:
+    """"small red circle" -> ("red", "circle"): the last two words of a gold label."""
+    w = label.split()
+    return w[-2], w[-1]
+
+
+def object_precision(texts: list[str], labels: list[list[str]]) -> float:
+    """Share of (colour, shape) word pairs in the texts that match an object of their image (NaN: none named)."""
+    nouns = {_objects(lab)[1] for labs in labels for lab in labs}
+    hit = total = 0
+    for text, labs in zip(texts, labels):
+        words = text.split()
+        real = {_objects(lab) for lab in labs}
+        for a, b in zip(words, words[1:]):
+            if b in nouns:
+                total += 1
+                hit += (a, b) in real
+    return 100.0 * hit / total if total else float("nan")
+
+
+def object_recall(texts: list[str], labels: list[list[str]]) -> float:
+    """Share of the images' objects whose "colour shape" appears in their text."""
+    hit = total = 0
+    for text, labs in zip(texts, labels):
+        for lab in labs:
+            total += 1
+            hit += " ".join(_objects(lab)) in text
+    return 100.0 * hit / total if total else float("nan")
+
+
+def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | None = None) -> dict:
+    """Generate captions (beam search) and region phrases for a split, score them and the NN baseline; logs
+    to the model's MLflow run when tracking is on; writes <output_dir>/captioner-eval-<split>.json."""
+    from pipeline.captioner import Captioner, default_checkpoint
+    from pipeline.describe import dense_description
+    from pipeline.loader import iter_samples, shard_paths
+    from models.mrnn import SENTENCE
+
+    t0 = time.time()
+    split = split or cfg.eval.split
+    c = cfg.captioner
+    cap = Captioner.load(checkpoint or default_checkpoint(cfg))
+    test = list(iter_samples(shard_paths(cfg.shard_dir, split)))
+    train_paths = shard_paths(cfg.shard_dir, "train")
+    if not test or not train_paths:
+        raise FileNotFoundError(f"need finished train and {split} shards in {cfg.shard_dir}")
+    train_feats, train_caps = [], []
+    for s in iter_samples(train_paths):
+        if s["meta"]["captions"]:
+            train_feats.append(s["feats"][0])
+            train_caps.append(s["meta"]["captions"][0]["text"])
+    keys = [s["key"] for s in test]
+    refs = {s["key"]: [x["text"] for x in s["meta"]["captions"]] for s in test}
+    feats0 = np.stack([s["feats"][0] for s in test])
+    gen = {k: t for k, (t, _) in zip(keys, cap.describe(feats0, SENTENCE, c.beam_size, c.max_len))}
+    nn = dict(zip(keys, nearest_captions(np.stack(train_feats), train_caps, feats0)))
+    out: dict = {"split": split, "n_images": len(test), "beam_size": c.beam_size, "epoch": cap.ck.get("epoch"),
+                 "spice": "not computed: pycocoevalcap downloads Stanford CoreNLP for SPICE (offline here)"}
+    for name, scores in coco_scores(refs, {"caption": gen, "nn": nn}).items():
+        out.update({f"{name}_{k}": v for k, v in scores.items()})
+    labels = [(s["meta"].get("gold") or {}).get("labels") or [] for s in test]
+    if any(labels):
+        dense = [dense_description([p for p, _ in cap.describe(s["feats"][1:], cap.phrase_kind, c.beam_size,
+                                                                c.max_len)] if len(s["feats"]) > 1 else [],
+                                   s["boxes"][1:]) for s in test]
+        out.update(caption_object_precision=object_precision([gen[k] for k in keys], labels),
+                   nn_object_precision=object_precision([nn[k] for k in keys], labels),
+                   dense_object_precision=object_precision(dense, labels),
+                   dense_object_recall=object_recall(dense, labels))
+    out["examples"] = [{"key": k, "caption": gen[k], "nn": nn[k], "refs": refs[k][:2]} for k in keys[:5]]
+    out["seconds"] = round(time.time() - t0, 1)
+    run_id = cap.ck.get("mlflow_run_id")
+    if cfg.mlflow.tracking_uri and run_id:
+        from mlflow.tracking import MlflowClient
+
+        from pipeline.tracking import log_epoch
+
+        log_epoch(cfg.mlflow.tracking_uri, run_id, {f"{split}_{k}": v for k, v in out.items()},
+                  step=int(out["epoch"] or 0))
+        MlflowClient(cfg.mlflow.tracking_uri).log_text(run_id, json.dumps(out, indent=1),
+                                                       f"eval/captioner-{split}.json")
+    path = Path(cfg.run.output_dir) / f"captioner-eval-{split}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return out

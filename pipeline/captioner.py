@@ -1,0 +1,388 @@
+"""The description model: training pairs from the shards, Ray Train training, loading, and its MLflow model.
+
+    summary = train_captioner(cfg)      # best epoch -> <output_dir>/models/captioner/best.pt (+ MLflow model)
+    cap = Captioner.load(path)          # cap.describe(feats, kind) -> [(text, score)]
+
+Training pairs (one decoder, two kinds of output, see models/mrnn.py):
+  * sentence: whole-image feature (row 0 of feats.npy) -> each caption's tokens;
+  * phrase: a region's feature -> the noun phrase linked to it. Gold links (synthetic set: caption -> object NP
+    token span -> gold box) name a gold box; the region is the shard's proposal (rows 1..) with the highest
+    IoU >= 0.5 with it, so this works with gold_boxes regions and with detector proposals alike. Without gold
+    links (Flickr8k) there are no phrase pairs; region descriptions then come from the sentence decoder run
+    on the region feature (`Captioner.phrase_kind`).
+
+Ray Train runs `captioner_loop` like pipeline/train.py runs the embedding model: cfg.train.num_workers workers
+(cfg.train.use_gpu), each reading its rank's shards (pipeline.loader.rank_shards), DDP join for uneven shares,
+a checkpoint per epoch, FailureConfig(cfg.train.max_failures). Rank 0 computes the val loss each epoch; the best
+epoch (lowest val loss, else the last) is kept.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import torch
+
+from models.mrnn import MRNN, PHRASE, SENTENCE, SPECIALS
+from models.vocab import Vocab, normalize
+
+MODEL_NAME = "mrnn"
+
+# ---------------------------------------------------------------- training pairs
+
+
+def region_phrases(sample: dict, iou: float = 0.5) -> list[tuple[int, list[str]]]:
+    """(region row, phrase tokens) of a sample's gold-linked object NPs, deduplicated per region and phrase."""
+    from pipeline.loader import _gold_nodes
+    from stages.regions import box_iou
+
+    gold = sample["meta"].get("gold") or {}
+    gboxes = np.asarray(gold.get("boxes", []), np.float32).reshape(-1, 4)
+    props = sample["boxes"][1:]
+    if not len(gboxes) or not len(props):
+        return []
+    ious = box_iou(gboxes, props)                     # (G, R-1)
+    out, seen = [], set()
+    for c in sample["meta"]["captions"]:
+        tree = c["tree"]
+        for node, b in _gold_nodes(c, gold):
+            if b >= len(gboxes) or ious[b].max() < iou:
+                continue
+            s, e = tree["spans"][node]
+            row, words = 1 + int(ious[b].argmax()), [normalize(t) for t in tree["tokens"][s:e]]
+            if (row, tuple(words)) not in seen:
+                seen.add((row, tuple(words)))
+                out.append((row, words))
+    return out
+
+
+def sample_pairs(sample: dict, with_phrases: bool, max_len: int) -> list[tuple[np.ndarray, int, list[str]]]:
+    """(feature, kind, tokens) training pairs of one shard sample; captions over max_len tokens are skipped."""
+    from pipeline.loader import caption_tokens
+
+    f = sample["feats"]
+    pairs = [(f[0], SENTENCE, caption_tokens(c)) for c in sample["meta"]["captions"]]
+    if with_phrases:
+        pairs += [(f[row], PHRASE, words) for row, words in region_phrases(sample)]
+    return [p for p in pairs if 0 < len(p[2]) <= max_len]
+
+
+def build_vocab(paths, with_phrases: bool, max_len: int, min_count: int = 1) -> Vocab:
+    counts: Counter = Counter()
+    from pipeline.loader import iter_samples
+
+    for s in iter_samples(paths):
+        for _, _, words in sample_pairs(s, with_phrases, max_len):
+            counts.update(words)
+    return Vocab(SPECIALS + sorted(w for w, n in counts.items() if n >= min_count))
+
+
+class Pairs:
+    """All pairs of some shards as tensors (features are small: one 1280-d row per pair)."""
+
+    def __init__(self, paths, vocab: Vocab, with_phrases: bool, max_len: int):
+        from pipeline.loader import iter_samples
+
+        feats, kinds, toks = [], [], []
+        for s in iter_samples(paths):
+            for f, k, words in sample_pairs(s, with_phrases, max_len):
+                feats.append(f)
+                kinds.append(k)
+                toks.append([vocab(w) for w in words])
+        self.feats = torch.from_numpy(np.stack(feats)).float() if feats else torch.zeros(0, 1)
+        self.kind = torch.tensor(kinds, dtype=torch.long)
+        self.tokens = torch.zeros(len(toks), max((len(t) for t in toks), default=1), dtype=torch.long)
+        for i, t in enumerate(toks):
+            self.tokens[i, :len(t)] = torch.tensor(t)
+
+    def __len__(self) -> int:
+        return len(self.kind)
+
+    def batches(self, batch_size: int, seed: int | None = None):
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if seed is not None \
+            else torch.arange(len(self))
+        for i in range(0, len(self), batch_size):
+            j = order[i:i + batch_size]
+            toks = self.tokens[j]
+            yield self.feats[j], self.kind[j], toks[:, :int((toks != 0).sum(1).max())]
+
+
+def build_model(cfg, vocab: Vocab, feat_dim: int) -> MRNN:
+    word_init = None
+    if cfg.train.word_vectors == "glove-6b-50d":
+        from models.vocab import glove_init
+
+        word_init = glove_init(vocab, seed=cfg.train.seed)[0]
+    c = cfg.captioner
+    return MRNN(len(vocab), feat_dim, hidden_dim=c.hidden_dim, multimodal_dim=c.hidden_dim, cell=c.cell,
+                dropout=c.dropout, word_init=word_init)
+
+
+def run_epoch(model, pairs: Pairs, batch_size: int, opt=None, seed: int | None = None, device="cpu",
+              grad_clip: float = 2.0) -> tuple[float, int]:
+    """One pass (training when opt is given, else evaluation): (mean loss per pair, pairs)."""
+    model.train(opt is not None)
+    total, n = 0.0, 0
+    with contextlib.nullcontext() if opt is not None else torch.no_grad():
+        for f, k, t in pairs.batches(batch_size, seed):
+            loss = model(f.to(device), k.to(device), t.to(device))
+            if opt is not None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                opt.step()
+            total += float(loss.detach()) * len(k)
+            n += len(k)
+    return total / max(n, 1), n
+
+
+# ---------------------------------------------------------------- Ray Train
+
+
+def _storage(cfg) -> Path:
+    return (Path(cfg.run.output_dir) / "ray_train").resolve()
+
+
+def default_checkpoint(cfg) -> Path:
+    return Path(cfg.run.output_dir) / "models" / "captioner" / "best.pt"
+
+
+def train_captioner(cfg) -> dict:
+    """Train the captioner on the train shards with Ray Train; returns a summary (also <output_dir>/train-captioner.json)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline import tracking
+    from pipeline.loader import iter_samples, shard_paths
+    from pipeline.train import REPO, init_ray
+
+    t0 = time.time()
+    cfg = cfg.model_copy(deep=True)  # workers run elsewhere: absolute paths
+    cfg.shards.dir = Path(cfg.shard_dir).resolve()
+    cfg.run.output_dir = Path(cfg.run.output_dir).resolve()
+    paths = shard_paths(cfg.shard_dir, "train")
+    if not paths:
+        raise FileNotFoundError(f"no finished train shards in {cfg.shard_dir}; run `densevse preprocess` first")
+    c = cfg.captioner
+    vocab = build_vocab(paths, c.region_phrases, c.max_len, c.min_word_count)
+    if len(vocab) <= len(SPECIALS):
+        raise ValueError(f"the train shards in {cfg.shard_dir} hold no caption of at most {c.max_len} tokens")
+    feat_dim = next(iter_samples(paths[:1]))["feats"].shape[1]
+    run_id = None
+    if cfg.mlflow.tracking_uri:
+        run_id = tracking.start_run(cfg)
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(cfg.mlflow.tracking_uri)
+        client.set_tag(run_id, "mlflow.runName", f"{cfg.run.name}-captioner")
+        client.set_tag(run_id, "model", MODEL_NAME)
+
+    init_ray(cfg)
+    use_gpu = cfg.train.use_gpu
+    trainer = TorchTrainer(
+        captioner_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "words": vocab.words, "feat_dim": feat_dim,
+                           "mlflow_run_id": run_id},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=f"{cfg.run.name}-captioner-{time.strftime('%Y%m%d-%H%M%S')}",
+                             storage_path=str(_storage(cfg)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None),
+                             worker_runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}),
+    )
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as d:
+        history = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)["history"]
+    best_epoch = min(history, key=lambda h: h.get("val_loss", h["train_loss"]))["epoch"]
+    best_path = default_checkpoint(cfg)
+    best_path.parent.mkdir(parents=True, exist_ok=True)
+    for ckpt, _ in result.best_checkpoints:
+        with ckpt.as_directory() as d:
+            ck = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)
+        if ck["epoch"] == best_epoch:
+            ck.pop("optimizer", None)
+            torch.save(ck, best_path)
+    summary = {"model": MODEL_NAME, "epochs": len(history), "best_epoch": best_epoch, "vocab": len(vocab),
+               "best": next(h for h in history if h["epoch"] == best_epoch), "history": history,
+               "best_model": str(best_path), "seconds": round(time.time() - t0, 1), "mlflow_run_id": run_id}
+    if run_id:
+        summary["registered_version"] = register_model(cfg, run_id, history, best_path)
+    (cfg.run.output_dir / "train-captioner.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def captioner_loop(config: dict) -> None:
+    """One Ray Train worker: its rank's pairs in memory, Adam, a checkpoint (rank 0) every epoch."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from pipeline import tracking
+    from pipeline.config import parse_config
+    from pipeline.loader import rank_shards, shard_paths
+
+    cfg = parse_config(config["cfg"])
+    c, tc = cfg.captioner, cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
+    torch.manual_seed(tc.seed)
+    vocab = Vocab(config["words"])
+    state, restored = None, ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            state = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)
+    core = MRNN(**state["hparams"]) if state else build_model(cfg, vocab, config["feat_dim"])
+    if state:
+        core.load_state_dict(state["state_dict"])
+    core.to(device)
+    model = ray.train.torch.prepare_model(core, move_to_device=device) if world > 1 else core
+    opt = torch.optim.Adam(core.parameters(), lr=c.lr)
+    if state:
+        opt.load_state_dict(state["optimizer"])
+    history = state["history"] if state else []
+    run_id = config["mlflow_run_id"]
+
+    all_train = shard_paths(cfg.shard_dir, "train")
+    train = Pairs(rank_shards(all_train, rank, world), vocab, c.region_phrases, c.max_len)
+    val_paths = shard_paths(cfg.shard_dir, "val")
+    val = Pairs(val_paths, vocab, c.region_phrases, c.max_len) if rank == 0 and val_paths else None
+    for epoch in range(state["epoch"] + 1 if state else 0, c.epochs):
+        t = time.time()
+        with model.join() if world > 1 else contextlib.nullcontext():
+            loss, n = run_epoch(model, train, c.batch_size, opt, seed=tc.seed * 1000 + epoch, device=device,
+                                grad_clip=tc.grad_clip)
+        sums = torch.tensor([loss * n, n], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(sums)
+        if sums[1] == 0:
+            raise RuntimeError(f"epoch {epoch}: no captioner training pairs on {world} worker(s) in {cfg.shard_dir}")
+        metrics = {"epoch": epoch, "train_loss": float(sums[0] / sums[1]), "train_pairs": int(sums[1]),
+                   "epoch_seconds": time.time() - t}
+        checkpoint = None
+        if rank == 0:
+            if val is not None and len(val):
+                metrics["val_loss"] = run_epoch(core, val, 256, device=device)[0]
+            history.append(metrics)
+            if run_id and cfg.mlflow.tracking_uri:
+                tracking.log_epoch(cfg.mlflow.tracking_uri, run_id, metrics, step=epoch)
+            tmp = tempfile.mkdtemp(prefix="densevse-captioner-")
+            torch.save({"model_name": MODEL_NAME, "hparams": core.hparams, "state_dict": core.state_dict(),
+                        "optimizer": opt.state_dict(), "vocab": vocab.words, "epoch": epoch, "history": history,
+                        "phrase_pairs": int((train.kind == PHRASE).sum()), "mlflow_run_id": run_id,
+                        "config": config["cfg"]}, Path(tmp) / "model.pt")
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the trained model
+
+
+class Captioner:
+    """A trained checkpoint, ready to write descriptions of feature vectors."""
+
+    def __init__(self, model: MRNN, vocab: Vocab, ck: dict, device="cpu"):
+        self.model, self.vocab, self.ck, self.device = model.eval(), vocab, ck, device
+        # Without phrase training pairs the PHRASE kind is untrained: regions get the sentence decoder.
+        self.phrase_kind = PHRASE if ck.get("phrase_pairs", 0) > 0 else SENTENCE
+
+    @classmethod
+    def load(cls, path: str | Path, device="cpu") -> "Captioner":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "model.pt" if (path / "model.pt").is_file() else path / "models" / "captioner" / "best.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"no captioner checkpoint at {path} (train one: `densevse captioner train`)")
+        ck = torch.load(path, map_location=device, weights_only=False)
+        model = MRNN(**ck["hparams"]).to(device)
+        model.load_state_dict(ck["state_dict"])
+        return cls(model, Vocab(ck["vocab"]), ck, device)
+
+    def describe(self, feats, kind: int, beam: int = 7, max_len: int = 24,
+                 batch: int = 256) -> list[tuple[str, float]]:
+        """(text, confidence) per feature row; confidence = exp(mean log-prob per word, EOS included)."""
+        feats = torch.as_tensor(np.asarray(feats, np.float32)).reshape(-1, self.model.hparams["feat_dim"])
+        out = []
+        for i in range(0, len(feats), batch):
+            f = feats[i:i + batch].to(self.device)
+            k = torch.full((len(f),), kind, dtype=torch.long, device=self.device)
+            for ids, logp in self.model.beam_search(f, k, beam=beam, max_len=max_len):
+                out.append((" ".join(self.vocab.words[t] for t in ids), float(np.exp(logp / (len(ids) + 1)))))
+        return out
+
+
+# ---------------------------------------------------------------- MLflow
+
+
+def register_model(cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
+    """Loss curve + the best checkpoint as a pyfunc model registered as cfg.captioner.registered_model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import REPO, curves
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    for name, fig in curves(history).items():
+        client.log_figure(run_id, fig, f"plots/{name}.png")
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=CaptionerPyfunc(), artifacts={"checkpoint": str(best_path)},
+            signature=pyfunc_signature(), registered_model_name=cfg.captioner.registered_model,
+            code_paths=[str(REPO / "models"), str(REPO / "pipeline")],
+            pip_requirements=["torch", "numpy", "pandas", "mlflow"])
+        mlflow.set_tag("best_model", str(best_path))
+    return info.registered_model_version
+
+
+def pyfunc_signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(Array("double"), "feats"), ColSpec("string", "kind", required=False)]),
+                          outputs=Schema([ColSpec("string", "text"), ColSpec("double", "score")]))
+
+
+class CaptionerPyfunc(mlflow.pyfunc.PythonModel):
+    """Registered model: rows {feats: (D,) EfficientNet-Lite0 feature of an image (row 0 of the shards) or a
+    region, kind: "caption" (default) | "phrase"} -> {text, score}; beam search with the trained beam size.
+
+        m = mlflow.pyfunc.load_model("models:/densevse-captioner/1")
+        m.predict(pd.DataFrame({"feats": [feats[0].tolist()], "kind": ["caption"]}))
+    """
+
+    def load_context(self, context):
+        self.captioner = Captioner.load(context.artifacts["checkpoint"])
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+
+        cap, df = self.captioner, pd.DataFrame(model_input)
+        kinds = df["kind"].fillna("caption").tolist() if "kind" in df else ["caption"] * len(df)
+        bad = sorted({k for k in kinds if k not in ("caption", "phrase")})
+        if bad:
+            raise ValueError(f"kind must be 'caption' or 'phrase', got {bad}")
+        c = cap.ck["config"]["captioner"]
+        out = [None] * len(df)
+        for name, kind in (("caption", SENTENCE), ("phrase", cap.phrase_kind)):
+            rows = [i for i, k in enumerate(kinds) if k == name]
+            if rows:
+                feats = np.stack([np.asarray(df["feats"].iloc[i], np.float32) for i in rows])
+                for i, r in zip(rows, cap.describe(feats, kind, c["beam_size"], c["max_len"])):
+                    out[i] = r
+        return pd.DataFrame({"text": [o[0] for o in out], "score": [o[1] for o in out]})
+
