@@ -175,6 +175,7 @@ def train_captioner(cfg) -> dict:
     if len(vocab) <= len(SPECIALS):
         raise ValueError(f"the train shards in {cfg.shard_dir} hold no caption of at most {c.max_len} tokens")
     feat_dim = next(iter_samples(paths[:1]))["feats"].shape[1]
+    init_ray(cfg)  # first: a Ray that fails to start leaves no empty MLflow run behind
     run_id = None
     if cfg.mlflow.tracking_uri:
         run_id = tracking.start_run(cfg)
@@ -184,7 +185,6 @@ def train_captioner(cfg) -> dict:
         client.set_tag(run_id, "mlflow.runName", f"{cfg.run.name}-captioner")
         client.set_tag(run_id, "model", MODEL_NAME)
 
-    init_ray(cfg)
     use_gpu = cfg.train.use_gpu
     trainer = TorchTrainer(
         captioner_loop,

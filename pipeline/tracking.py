@@ -161,6 +161,12 @@ def log_epoch(uri: str, run_id: str, metrics: dict, step: int) -> None:
     MlflowClient(uri).log_batch(run_id, metrics=ms)
 
 
+def end_run(uri: str, run_id: str, status: str = "FAILED") -> None:
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).set_terminated(run_id, status)
+
+
 def finish_run(cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
     """Curves, alignment figure, and the best model logged + registered; returns the registered version."""
     import matplotlib

@@ -58,9 +58,6 @@ def init_ray(cfg) -> None:
 
 
 def train(cfg, resume: bool = False) -> dict:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     from models.vocab import glove_init
     from pipeline import tracking
     from pipeline.loader import build_vocabs, iter_samples, shard_paths
@@ -93,23 +90,12 @@ def train(cfg, resume: bool = False) -> dict:
     if cfg.mlflow.tracking_uri and run_id is None:
         run_id = tracking.start_run(cfg)
 
-    init_ray(cfg)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    use_gpu = cfg.train.use_gpu
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "words": words, "labels": labels,
-                           "word_init": word_init, "feat_dim": feat_dim, "mlflow_run_id": run_id,
-                           "resume_from": str(resume_from) if resume_from else None},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
-        run_config=RunConfig(name=f"{cfg.run.name}-{cfg.train.model}-{stamp}", storage_path=str(_storage(cfg)),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             worker_runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}),
-    )
-    result = trainer.fit()
+    try:
+        result = _fit(cfg, words, labels, word_init, feat_dim, run_id, resume_from)
+    except BaseException:
+        if run_id:  # a failed job shows as FAILED in MLflow, not as a run forever RUNNING
+            tracking.end_run(cfg.mlflow.tracking_uri, run_id, "FAILED")
+        raise
     with result.checkpoint.as_directory() as d:
         last = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)
     history = last["history"]
@@ -130,6 +116,30 @@ def train(cfg, resume: bool = False) -> dict:
         summary["registered_version"] = tracking.finish_run(cfg, run_id, history, best_path)
     (Path(cfg.run.output_dir) / f"train-{cfg.train.model}.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def _fit(cfg, words, labels, word_init, feat_dim, run_id, resume_from):
+    """Start Ray (see init_ray) and run the TorchTrainer; returns its Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    init_ray(cfg)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    use_gpu = cfg.train.use_gpu
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "words": words, "labels": labels,
+                           "word_init": word_init, "feat_dim": feat_dim, "mlflow_run_id": run_id,
+                           "resume_from": str(resume_from) if resume_from else None},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=f"{cfg.run.name}-{cfg.train.model}-{stamp}", storage_path=str(_storage(cfg)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None),
+                             worker_runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}),
+    )
+    return trainer.fit()
 
 
 def train_loop(config: dict) -> None:

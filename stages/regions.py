@@ -206,7 +206,7 @@ def ensure_detector(config: str, weights: str | None, spec=None) -> None:
         if is_trained(Path(config), spec):
             return
         log.warning("regions: default detector %s not trained yet (or its spec changed): training it now with "
-                    "Detectron2 (once; cached, about 4 min on 2 CPUs)", config)
+                    "Detectron2 (once, then cached; ~3.5 CPU-minutes: ~5 min on an idle 2-core machine)", config)
         r = train(config, spec, quiet=True)
         log.warning("regions: detector trained in %.0f s; held-out proposal recall@0.5 (top 19) = %s",
                     r["train_s"], r.get("recall@0.5_top19"))

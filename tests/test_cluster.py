@@ -26,9 +26,9 @@ from pipeline.config import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Tiny but real: 40 train / 4 val / 20 test images in shards of 10, one feature actor with a small input; gold
+# Tiny but real: 20 train / 2 val / 10 test images in shards of 10, one feature actor with a small input; gold
 # boxes and trees (the cluster's behaviour is under test here, not the Detectron2/Stanza models).
-SMALL = ["dataset.synthetic.num_images=64", "dataset.synthetic.test_images=20", "shards.samples_per_shard=10",
+SMALL = ["dataset.synthetic.num_images=32", "dataset.synthetic.test_images=10", "shards.samples_per_shard=10",
          "stages.regions.impl=gold_boxes", "stages.regions.params={}", "stages.parse.impl=gold_trees",
          "stages.parse.params={}", "stages.features.params.input_size=64", "stages.features.concurrency=1",
          "stages.features.batch_size=16", "train.batch_size=16", "train.hidden_dim=32", "train.embed_dim=32",
@@ -83,6 +83,17 @@ def test_staged_job_carries_project_and_resolved_config(tmp_path):
     assert jobs.entrypoint("run") == f"python -m pipeline.cli run {jobs.JOB_CONFIG} --quiet"
     env = jobs.runtime_env(staged, pip=["stanza==1.9.2"])
     assert env["working_dir"] == str(staged) and ".venv" in env["excludes"] and env["pip"] == ["stanza==1.9.2"]
+
+
+def test_submit_names_paths_the_job_cannot_see():
+    gold = ["stages.parse.impl=gold_trees", "stages.parse.params={}"]
+    cfg = load_config(ROOT / "pipeline.yaml", gold + ["run.output_dir=runs/x", "stages.regions.impl=detectron2",
+                                                      "stages.regions.params={config: .cache/some-detector}"])
+    assert jobs.unshipped_paths(cfg) == [("run.output_dir", "runs/x"),
+                                         ("stages.regions.params.config", ".cache/some-detector")]
+    cfg = load_config(ROOT / "pipeline.yaml", gold + ["run.output_dir=/shared/x", "stages.regions.impl=gold_boxes",
+                                                      "stages.regions.params={}"])
+    assert jobs.unshipped_paths(cfg) == []
 
 
 def test_job_commands_are_registered():
@@ -165,12 +176,12 @@ def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster,
 
     # Kill the training worker as soon as epoch 0's checkpoint is persisted (mid-training: 4 epochs).
     worker = _wait("a RayTrainWorker", lambda: [a for a in _actors(dash, "RayTrainWorker") if a.state == "ALIVE"],
-                   timeout=600, poll=2)[0]
-    _wait("epoch 0's checkpoint", lambda: list(run_dir.glob("ray_train/*/checkpoint_*/model.pt")), 300, 0.2)
+                   timeout=1800, poll=2)[0]
+    _wait("epoch 0's checkpoint", lambda: list(run_dir.glob("ray_train/*/checkpoint_*/model.pt")), 900, 0.2)
     os.kill(worker.pid, signal.SIGKILL)
     print(f"killed RayTrainWorker pid {worker.pid} on node {worker.node_id[:8]}")
 
-    assert _finish(dash, job, 600) == "SUCCEEDED"
+    assert _finish(dash, job, 1800) == "SUCCEEDED"
     summary = json.loads((run_dir / "train-hmlstm.json").read_text())
     # resumed, not restarted: one checkpoint per epoch, epochs 0..3 once each, the killed worker replaced
     assert [c["epoch"] for c in _checkpoints(run_dir)] == [0, 1, 2, 3]
@@ -197,13 +208,13 @@ def test_preprocessing_survives_killed_worker_node(cluster, tmp_path):
     from ray.util.state import list_nodes
 
     dash, out = cluster.dashboard, tmp_path / "pre"
-    overrides = SMALL + [f"run.output_dir={out}", "shards.samples_per_shard=4", "dataset.synthetic.num_images=100"]
+    overrides = SMALL + [f"run.output_dir={out}", "shards.samples_per_shard=5"]  # 7 shards
     job = jobs.submit(ROOT / "pipeline.yaml", overrides, address=dash, command="preprocess")
 
     actor = _wait("the feature actor", lambda: [a for a in _actors(dash, "_ActorStage") if a.state == "ALIVE"],
-                  timeout=600, poll=1)[0]
+                  timeout=1200, poll=1)[0]
     shard_dir = out / "shards"
-    _wait("a first shard", lambda: list(shard_dir.glob("*.stats.json")), 300, 0.2)
+    _wait("a first shard", lambda: list(shard_dir.glob("*.stats.json")), 900, 0.2)
     nodes = {n.node_id: n for n in list_nodes(address=dash, detail=True)}
     victim = next(r[len("densevse_"):] for r in nodes[actor.node_id].resources_total if r.startswith("densevse_worker"))
     pids = cluster.pids(victim)
@@ -215,7 +226,7 @@ def test_preprocessing_survives_killed_worker_node(cluster, tmp_path):
             pass
     print(f"killed {victim} ({len(pids)} processes) with {done_before} shards written")
 
-    assert _finish(dash, job, 600) == "SUCCEEDED"
+    assert _finish(dash, job, 1800) == "SUCCEEDED"
     assert {n.node_id: n.state for n in list_nodes(address=dash)}[actor.node_id] == "DEAD"
 
     planned = sorted(r["key"] for r in plan(load_config(ROOT / "pipeline.yaml", overrides)))
