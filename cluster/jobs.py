@@ -125,10 +125,17 @@ def submit(config: str | Path | None, overrides: list[str] | None = None, addres
 def follow(address: str, job_id: str, timeout: float | None = None, out=sys.stdout, poll: float = 2.0) -> str:
     """Print the job's logs as they grow until it ends (or `timeout` s pass); returns its last status."""
     c = client(address)
-    shown, deadline = 0, None if timeout is None else time.time() + timeout
+    shown, deadline, failures = 0, None if timeout is None else time.time() + timeout, 0
     while True:
-        status = str(c.get_job_status(job_id).value)
-        logs = c.get_job_logs(job_id)
+        try:
+            status, logs = str(c.get_job_status(job_id).value), c.get_job_logs(job_id)
+            failures = 0
+        except Exception:  # a busy head can time out a request: retry a few times before giving up
+            failures += 1
+            if failures >= 10:
+                raise
+            time.sleep(poll)
+            continue
         if out is not None and len(logs) > shown:
             out.write(logs[shown:])
             out.flush()

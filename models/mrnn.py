@@ -35,7 +35,7 @@ class MRNN(nn.Module):
         self.hparams = {"vocab_size": vocab_size, "feat_dim": feat_dim, "embed_dim": embed_dim,
                         "hidden_dim": hidden_dim, "multimodal_dim": multimodal_dim, "cell": cell, "dropout": dropout}
         self.embed = word_embedding(vocab_size, word_init, embed_dim)
-        e = self.embed.embedding_dim
+        e = self.hparams["embed_dim"] = self.embed.embedding_dim  # word vectors (GloVe: 50) set it
         self.image = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, multimodal_dim))
         self.kind = nn.Embedding(2, multimodal_dim)
         rnn = {"gru": nn.GRU, "lstm": nn.LSTM}[cell]
@@ -78,7 +78,8 @@ class MRNN(nn.Module):
         """Per input: (word ids without BOS/EOS, total log-prob) of the best of `beam` hypotheses.
 
         All inputs decode together: the state is (N*K, ...); a finished hypothesis only extends with PAD at no
-        cost, so it keeps its score while the others grow."""
+        cost, so it keeps its score while the others grow. Decoding stops once every input's best hypothesis
+        has ended."""
         n, k = feats.shape[0], beam
         v = self.visual(feats, kind).repeat_interleave(k, 0)                  # (N*K, M)
         scores = torch.full((n, k), float("-inf"), device=feats.device)
@@ -103,7 +104,7 @@ class MRNN(nn.Module):
             flat = (src + torch.arange(n, device=feats.device)[:, None] * k).view(-1)
             state = tuple(s[:, flat] for s in state) if isinstance(state, tuple) else state[:, flat]
             words = tok.view(-1, 1)
-            if done.all():
+            if done[:, 0].all():  # every best hypothesis ended: live ones score lower and can only drop
                 break
         out = []
         for i in range(n):

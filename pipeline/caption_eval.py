@@ -119,9 +119,9 @@ def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | N
         out.update({f"{name}_{k}": v for k, v in scores.items()})
     labels = [(s["meta"].get("gold") or {}).get("labels") or [] for s in test]
     if any(labels):
-        dense = [dense_description([p for p, _ in cap.describe(s["feats"][1:], cap.phrase_kind, c.beam_size,
-                                                                c.max_len)] if len(s["feats"]) > 1 else [],
-                                   s["boxes"][1:]) for s in test]
+        phrases = iter(cap.describe(np.concatenate([s["feats"][1:] for s in test]), cap.phrase_kind,
+                                    c.beam_size, c.max_len))
+        dense = [dense_description([next(phrases)[0] for _ in s["boxes"][1:]], s["boxes"][1:]) for s in test]
         out.update(caption_object_precision=object_precision([gen[k] for k in keys], labels),
                    nn_object_precision=object_precision([nn[k] for k in keys], labels),
                    dense_object_precision=object_precision(dense, labels),

@@ -22,7 +22,6 @@ Point the parse stage at it:  stages.parse = {impl: stanza, params: {model_dir: 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json

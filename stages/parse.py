@@ -211,10 +211,10 @@ class StanzaParse(Stage):
 
             if parser_train.cached_manifest(p.model_dir) is None:
                 log.info("parse: training the default Stanza parser into %s (once, ~3 min on 2 CPUs; cached "
-                            "afterwards; `densevse parser train` does the same)", p.model_dir)
+                         "afterwards; `densevse parser train` does the same)", p.model_dir)
                 m = parser_train.train(p.model_dir)
                 log.info("parse: parser trained in %ss, held-out bracket F1 %.4f",
-                            m["train_seconds"]["total_s"], m["bracket_f1"])
+                         m["train_seconds"]["total_s"], m["bracket_f1"])
             return
         missing = missing_models(p)
         if missing:

@@ -129,18 +129,22 @@ def cluster():
 def _actors(dashboard: str, class_name: str) -> list:
     from ray.util.state import list_actors
 
-    return [a for a in list_actors(address=dashboard, detail=True, limit=1000, raise_on_missing_output=False)
-            if class_name in a.class_name]
+    return [a for a in list_actors(address=dashboard, detail=True, limit=1000, timeout=120,
+                                   raise_on_missing_output=False) if class_name in a.class_name]
 
 
 def _wait(what: str, fn, timeout: float, poll: float = 0.5):
-    deadline = time.time() + timeout
+    """Poll fn until it returns something truthy; a failed poll (an overloaded dashboard) is retried."""
+    deadline, error = time.time() + timeout, None
     while time.time() < deadline:
-        v = fn()
+        try:
+            v = fn()
+        except Exception as e:  # noqa: BLE001 - e.g. ServerUnavailable while the machine is saturated
+            v, error = None, e
         if v:
             return v
         time.sleep(poll)
-    raise TimeoutError(f"timed out waiting for {what}")
+    raise TimeoutError(f"timed out waiting for {what} (last error: {error!r})")
 
 
 def _checkpoints(run_dir: Path) -> list[dict]:
@@ -166,7 +170,7 @@ def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster,
     from pipeline.tracking import wait_server
 
     proc, uri = mlflow_server
-    wait_server(proc, uri)
+    wait_server(proc, uri, timeout=900)  # a loaded machine can take minutes to start it
     run_dir = tmp_path / "run"
     dash = cluster.dashboard
     job = jobs.submit(ROOT / "pipeline.yaml", SMALL + [

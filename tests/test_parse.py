@@ -123,7 +123,7 @@ def test_rows_get_trees_phrases_and_rejections(stage):
         assert all(p["text"] == " ".join(c["tree"]["tokens"][p["start"]:p["end"]]) for p in c["phrases"])
     assert kept[0]["tree"]["tokens"] == "a red circle is above a blue square".split()
     assert {"NP", "VP"} <= {p["label"] for p in kept[0]["phrases"]}
-    assert len(kept[1]["tree"]["tokens"]) == 20 and kept[1]["truncated_from"] == 70
+    assert len(kept[1]["tree"]["tokens"]) == 20 and kept[1]["truncated_from"] == 80
     rejects = {r["index"]: r["reason"] for r in json.loads(out[0]["caption_rejects"])}
     assert set(rejects) == {1, 2, 3, 4, 6}
     assert "empty" in rejects[1] and "no words" in rejects[2] and "not English" in rejects[3]
