@@ -18,6 +18,7 @@ from pathlib import Path
 from pipeline import shards
 from pipeline.config import PipelineConfig, StageConfig
 from pipeline.datasets import DatasetError, read_dataset
+from pipeline.raylocal import init_ray
 from stages.base import STAGES, empty_row
 
 log = logging.getLogger("densevse.preprocess")
@@ -112,15 +113,6 @@ def _write(batch, shard_dir: str):
     stats = [shards.write_shard(pickle.loads(p), Path(shard_dir), s) for s, p in zip(batch["shard"], batch["rows"])]
     return {"shard": [st["shard"] for st in stats], "n_ok": [st["n_ok"] for st in stats],
             "n_rejected": [st["n_rejected"] for st in stats]}
-
-
-def init_ray(cfg: PipelineConfig):
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.ray.address, num_cpus=cfg.ray.num_cpus if cfg.ray.address is None else None,
-                 include_dashboard=False, log_to_driver=False, ignore_reinit_error=True)
-    return ray
 
 
 def preprocess(cfg: PipelineConfig, progress: bool = True) -> dict:

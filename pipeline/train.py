@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from pipeline.raylocal import REPO, init_ray  # noqa: F401 (re-exported for captioner)
 
 
 def _storage(cfg) -> Path:
@@ -40,21 +39,6 @@ def latest_checkpoint(cfg) -> Path | None:
     found = sorted(_storage(cfg).glob(f"{cfg.run.name}-{cfg.train.model}-*/checkpoint_*/model.pt"),
                    key=lambda p: p.stat().st_mtime)
     return found[-1].parent if found else None
-
-
-def init_ray(cfg) -> None:
-    """ray.address null means a fresh local instance ("local"): a bare ray.init() would join whatever cluster was
-    last started on this machine (/tmp/ray/ray_current_cluster), e.g. another user's, with its CPUs and lifetime."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if cfg.ray.address:
-        ray.init(address=cfg.ray.address)
-    else:
-        n = max(cfg.ray.num_cpus or os.cpu_count() or 1, cfg.train.num_workers)
-        ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
 
 
 def train(cfg, resume: bool = False) -> dict:
