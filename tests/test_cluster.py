@@ -163,8 +163,8 @@ def _finish(dashboard: str, job_id: str, timeout: float) -> str:
 
 @pytest.mark.slow
 def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster, mlflow_server, tmp_path):
-    """submit -> preprocess + train + evaluate on the cluster; a Ray Train worker is SIGKILLed after epoch 0's
-    checkpoint; training resumes from it (every epoch trained once) and the run is in MLflow."""
+    """submit -> preprocess + train + evaluate on the cluster; a Ray Train worker is SIGKILLed mid-training;
+    training resumes from the last committed checkpoint (not from scratch) and the run is in MLflow."""
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import wait_server
@@ -178,17 +178,20 @@ def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster,
         f"mlflow.tracking_uri={uri}", "mlflow.experiment=cluster-test", "mlflow.registered_model=cluster-test"],
         address=dash, command="run")
 
-    # Kill the training worker as soon as epoch 0's checkpoint is persisted (mid-training: 4 epochs).
+    # Kill the training worker mid-training (4 epochs).
     worker = _wait("a RayTrainWorker", lambda: [a for a in _actors(dash, "RayTrainWorker") if a.state == "ALIVE"],
                    timeout=1800, poll=2)[0]
-    _wait("epoch 0's checkpoint", lambda: list(run_dir.glob("ray_train/*/checkpoint_*/model.pt")), 900, 0.2)
+    # Killed once epoch 1's checkpoint is on disk: Ray Train may not have committed that newest one yet (then
+    # epoch 1 is redone), but epoch 0's is committed, so a restart from scratch would show a second epoch 0.
+    _wait("epoch 1's checkpoint", lambda: any(c["epoch"] >= 1 for c in _checkpoints(run_dir)), 900, 0.2)
     os.kill(worker.pid, signal.SIGKILL)
     print(f"killed RayTrainWorker pid {worker.pid} on node {worker.node_id[:8]}")
 
     assert _finish(dash, job, 1800) == "SUCCEEDED"
     summary = json.loads((run_dir / "train-hmlstm.json").read_text())
     # resumed, not restarted: one checkpoint per epoch, epochs 0..3 once each, the killed worker replaced
-    assert [c["epoch"] for c in _checkpoints(run_dir)] == [0, 1, 2, 3]
+    epochs = [c["epoch"] for c in _checkpoints(run_dir)]
+    assert sorted(set(epochs)) == [0, 1, 2, 3] and epochs.count(0) == 1 and len(epochs) <= 5
     assert [h["epoch"] for h in summary["history"]] == [0, 1, 2, 3]
     workers = _actors(dash, "RayTrainWorker")
     assert any(a.pid == worker.pid and a.state == "DEAD" for a in workers) and len(workers) >= 2

@@ -25,7 +25,9 @@ SMALL = ["dataset.synthetic.num_images=48", "dataset.synthetic.test_images=16", 
 def ray_local():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    if ray.is_initialized():  # an earlier test module's Ray (e.g. a cluster client) must not be reused
+        ray.shutdown()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
