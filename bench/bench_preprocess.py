@@ -3,8 +3,8 @@
     .venv/bin/python bench/bench_preprocess.py [--images 400] [--out /tmp/bench_pre]
 
 Each run is a fresh `densevse preprocess` process (own local Ray, cold shard dir, the synthetic set generated
-once beforehand and shared). Every stage asks for 0.5 CPU so both runs use the same config apart from
-`ray.num_cpus` and the feature actor count (one per CPU). Reported: wall seconds of the run (Ray start and
+once beforehand and shared). Every stage asks for 0.25 CPU (three model stages + tasks must fit on 1 CPU), so
+both runs use the same config apart from `ray.num_cpus` and the feature actor count (one per CPU). Reported: wall seconds of the run (Ray start and
 model loading included), samples/s, and the 2-vs-1 ratio.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ def run(out: Path, images: int, cpus: int, extra: list[str]) -> dict:
     sets = [f"run.output_dir={out}", f"dataset.synthetic.num_images={images}",
             f"dataset.synthetic.test_images={images // 4}", "shards.samples_per_shard=50", f"ray.num_cpus={cpus}",
             f"stages.features.concurrency={cpus}", *extra,
-            *[f"stages.{s}.num_cpus=0.5" for s in ("ingest", "regions", "features", "parse")]]
+            *[f"stages.{s}.num_cpus=0.25" for s in ("ingest", "regions", "features", "parse")]]
     cmd = [sys.executable, "-m", "pipeline.cli", "preprocess", str(ROOT / "pipeline.yaml"), "--quiet"]
     for s in sets:
         cmd += ["-s", s]
