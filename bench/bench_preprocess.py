@@ -4,8 +4,8 @@
 
 Each run is a fresh `densevse preprocess` process (own local Ray, cold shard dir, the synthetic set generated
 once beforehand and shared). Every stage asks for 0.25 CPU (three model stages + tasks must fit on 1 CPU), so
-both runs use the same config apart from `ray.num_cpus` and the feature actor count (one per CPU). Reported: wall seconds of the run (Ray start and
-model loading included), samples/s, and the 2-vs-1 ratio.
+both runs use the same config apart from `ray.num_cpus` and the feature actor count (one per CPU).
+Reported: wall seconds of the run (Ray start and model loading included), samples/s, and the 2-vs-1 ratio.
 """
 from __future__ import annotations
 
