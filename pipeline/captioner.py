@@ -161,7 +161,7 @@ def train_captioner(cfg) -> dict:
 
     from pipeline import tracking
     from pipeline.loader import iter_samples, shard_paths
-    from pipeline.train import REPO, init_ray
+    from pipeline.train import REPO, init_ray, save_best
 
     t0 = time.time()
     cfg = cfg.model_copy(deep=True)  # workers run elsewhere: absolute paths
@@ -200,17 +200,8 @@ def train_captioner(cfg) -> dict:
                              worker_runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}),
     )
     result = trainer.fit()
-    with result.checkpoint.as_directory() as d:
-        history = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)["history"]
-    best_epoch = min(history, key=lambda h: h.get("val_loss", h["train_loss"]))["epoch"]
     best_path = default_checkpoint(cfg)
-    best_path.parent.mkdir(parents=True, exist_ok=True)
-    for ckpt, _ in result.best_checkpoints:
-        with ckpt.as_directory() as d:
-            ck = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)
-        if ck["epoch"] == best_epoch:
-            ck.pop("optimizer", None)
-            torch.save(ck, best_path)
+    history, best_epoch = save_best(result, best_path, lambda h: -h.get("val_loss", h["train_loss"]))
     summary = {"model": MODEL_NAME, "epochs": len(history), "best_epoch": best_epoch, "vocab": len(vocab),
                "best": next(h for h in history if h["epoch"] == best_epoch), "history": history,
                "best_model": str(best_path), "seconds": round(time.time() - t0, 1), "mlflow_run_id": run_id}

@@ -80,18 +80,8 @@ def train(cfg, resume: bool = False) -> dict:
         if run_id:  # a failed job shows as FAILED in MLflow, not as a run forever RUNNING
             tracking.end_run(cfg.mlflow.tracking_uri, run_id, "FAILED")
         raise
-    with result.checkpoint.as_directory() as d:
-        last = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)
-    history = last["history"]
-    best_epoch = max(history, key=lambda h: h.get("val_rsum", -h["train_loss"]))["epoch"]
     best_path = Path(cfg.run.output_dir) / "models" / cfg.train.model / "best.pt"
-    best_path.parent.mkdir(parents=True, exist_ok=True)
-    for ckpt, _ in result.best_checkpoints:
-        with ckpt.as_directory() as d:
-            ck = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)
-            if ck["epoch"] == best_epoch:
-                ck.pop("optimizer", None)
-                torch.save(ck, best_path)
+    history, best_epoch = save_best(result, best_path, lambda h: h.get("val_rsum", -h["train_loss"]))
     summary = {"model": cfg.train.model, "epochs": len(history), "best_epoch": best_epoch,
                "best": next(h for h in history if h["epoch"] == best_epoch), "history": history,
                "checkpoint": result.checkpoint.path, "best_model": str(best_path),
@@ -100,6 +90,23 @@ def train(cfg, resume: bool = False) -> dict:
         summary["registered_version"] = tracking.finish_run(cfg, run_id, history, best_path)
     (Path(cfg.run.output_dir) / f"train-{cfg.train.model}.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
+
+
+def save_best(result, best_path: Path, score) -> tuple[list[dict], int]:
+    """Copy the best epoch's checkpoint (highest `score(history entry)`), without optimizer state, to best_path.
+
+    The history comes from the last checkpoint, which carries every epoch's metrics (resumed runs included)."""
+    with result.checkpoint.as_directory() as d:
+        history = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)["history"]
+    best_epoch = max(history, key=score)["epoch"]
+    best_path.parent.mkdir(parents=True, exist_ok=True)
+    for ckpt, _ in result.best_checkpoints:
+        with ckpt.as_directory() as d:
+            ck = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)
+        if ck["epoch"] == best_epoch:
+            ck.pop("optimizer", None)
+            torch.save(ck, best_path)
+    return history, best_epoch
 
 
 def _fit(cfg, words, labels, word_init, feat_dim, run_id, resume_from):
