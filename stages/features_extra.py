@@ -11,15 +11,13 @@ Both store float16, one row per box, row 0 = the whole image (as every stage doe
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from stages.base import STAGES, Params, Stage, guarded, npy_bytes, npy_load
+from stages.base import STAGES, guarded, npy_bytes, npy_load
 from stages.features import EfficientNetParams, EfficientNetStage
 from stages.images import to_array
-from stages.regions import default_detector_dir, ensure_detector, is_default_dir, resolve
+from stages.regions import DetectorStage
 
 
 def _boxes(row: dict) -> np.ndarray:
@@ -87,57 +85,15 @@ class EfficientNetCropFeatures(EfficientNetStage):
         return rows
 
 
-class BoxHeadParams(Params):
-    config: str = str(default_detector_dir())  # as the detectron2 regions stage: trained dir / file / zoo name
-    weights: str | None = None
-    input_size: int | None = Field(None, ge=32, le=2048)  # shorter side (default: the config's test size)
-    max_input_size: int = Field(1024, ge=64, le=4096)
-    device: str = "cpu"
-    threads: int | None = Field(None, ge=1)
-
-    @field_validator("config")
-    @classmethod
-    def _config(cls, v):
-        if Path(v).is_dir() and not is_default_dir(v):  # the default is trained on demand by `prepare`
-            try:
-                resolve(v, None)
-            except FileNotFoundError as e:
-                raise ValueError(str(e)) from None
-        return v
-
-
 @STAGES.register("detectron2_boxhead")
-class Detectron2BoxHeadFeatures(Stage):
+class Detectron2BoxHeadFeatures(DetectorStage):
     """The detector's box-head representation (cfg.MODEL.ROI_BOX_HEAD.FC_DIM wide) of each given box."""
 
     name = "features"
-    Params = BoxHeadParams
-    uses_model = True
 
-    @classmethod
-    def prepare(cls, params=None) -> None:
-        p = params if isinstance(params, BoxHeadParams) else cls.Params.model_validate(params or {})
-        ensure_detector(p.config, p.weights)
-
-    def __init__(self, params=None):
-        super().__init__(params)
-        import torch
-        from detectron2.data import transforms as T
-
-        from stages.regions import build_detector, load_cfg
-
-        p = self.params
-        if p.threads:
-            torch.set_num_threads(p.threads)
-        config, weights = resolve(p.config, p.weights)
-        cfg = load_cfg(config)
-        if p.input_size:
-            cfg.INPUT.MIN_SIZE_TEST = p.input_size
-        cfg.INPUT.MAX_SIZE_TEST = min(cfg.INPUT.MAX_SIZE_TEST, p.max_input_size)
-        self.model = build_detector(cfg, weights, p.device)
-        self.resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
-        self.bgr = cfg.INPUT.FORMAT == "BGR"
-        self.dim = self.model.roi_heads.box_head.output_shape.channels
+    @property
+    def dim(self) -> int:
+        return self.model.roi_heads.box_head.output_shape.channels
 
     def process(self, rows: list[dict]) -> list[dict]:
         import torch
@@ -147,12 +103,8 @@ class Detectron2BoxHeadFeatures(Stage):
 
         def prepare(row):
             b = _boxes(row)
-            a = to_array(row["image"])
-            tf = self.resize.get_transform(a)
-            x = tf.apply_image(a)
-            if self.bgr:
-                x = x[:, :, ::-1]
-            inputs.append({"image": torch.as_tensor(np.ascontiguousarray(x.transpose(2, 0, 1))).float()})
+            t, tf = self.to_input(to_array(row["image"]))
+            inputs.append({"image": t})
             boxes.append(Boxes(torch.from_numpy(tf.apply_box(b).astype(np.float32)).to(self.model.device)))
             ready.append(row)
 

@@ -218,15 +218,12 @@ def ensure_detector(config: str, weights: str | None, spec=None) -> None:
 
 # ---------------------------------------------------------------- the stage
 
-class RegionParams(Params):
+class DetectorParams(Params):
+    """Which Detectron2 detector to load and how to feed it; shared by every stage that runs one."""
     # A `densevse regions train` output dir (config.yaml + model_final.pth), a Detectron2 config file, or a
     # model-zoo name such as COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml.
     config: str = str(default_detector_dir())
     weights: str | None = None  # URL or local .pth, used as-is; default: <config dir>/model_final.pth
-    score_thresh: float = Field(0.05, ge=0, le=1)
-    top_k: int = Field(19, ge=1, le=300)  # detector boxes per image (+ the whole image as row 0)
-    nms_iou: float = Field(0.5, gt=0, le=1)
-    min_size: float = Field(4.0, ge=0)  # drop boxes narrower or shorter than this (original pixels)
     input_size: int | None = Field(None, ge=32, le=2048)  # test-time shorter side (default: the config's)
     max_input_size: int = Field(1024, ge=64, le=4096)  # longer side cap; bigger images are downscaled first
     device: str = "cpu"
@@ -253,12 +250,11 @@ class RegionParams(Params):
         return self
 
 
-@STAGES.register("detectron2")
-class Detectron2Regions(Stage):
-    """Whole image + top-k Faster R-CNN boxes per image; one batched forward pass per batch."""
+class DetectorStage(Stage):
+    """Base of the stages that run the detector: driver-side `prepare` (train or check it once), and in each
+    actor the model, its test-time resize and channel order. Subclasses tune the config in `configure`."""
 
-    name = "regions"
-    Params = RegionParams
+    Params = DetectorParams
     uses_model = True
 
     @classmethod
@@ -276,20 +272,50 @@ class Detectron2Regions(Stage):
             torch.set_num_threads(p.threads)
         config, weights = resolve(p.config, p.weights)  # fails here, naming the path, before any work
         cfg = load_cfg(config)
-        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = p.score_thresh
-        cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = p.nms_iou
-        cfg.TEST.DETECTIONS_PER_IMAGE = max(p.top_k * 3, 50)  # headroom for min_size filtering
         if p.input_size:
             cfg.INPUT.MIN_SIZE_TEST = p.input_size
         cfg.INPUT.MAX_SIZE_TEST = min(cfg.INPUT.MAX_SIZE_TEST, p.max_input_size)
+        self.configure(cfg)
         self.cfg = cfg
         self.model = build_detector(cfg, weights, p.device)
         self.resize = T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST)
         self.bgr = cfg.INPUT.FORMAT == "BGR"
 
-    def _prepare(self, row: dict, ready: list) -> None:
+    def configure(self, cfg) -> None:
+        """Stage-specific config changes before the model is built."""
+
+    def to_input(self, a: np.ndarray):
+        """(CHW float tensor the model takes, the resize transform) for an RGB uint8 array."""
         import torch
 
+        tf = self.resize.get_transform(a)
+        x = tf.apply_image(a)
+        if self.bgr:
+            x = x[:, :, ::-1]
+        return torch.as_tensor(np.ascontiguousarray(x.transpose(2, 0, 1))).float(), tf
+
+
+class RegionParams(DetectorParams):
+    score_thresh: float = Field(0.05, ge=0, le=1)
+    top_k: int = Field(19, ge=1, le=300)  # detector boxes per image (+ the whole image as row 0)
+    nms_iou: float = Field(0.5, gt=0, le=1)
+    min_size: float = Field(4.0, ge=0)  # drop boxes narrower or shorter than this (original pixels)
+
+
+@STAGES.register("detectron2")
+class Detectron2Regions(DetectorStage):
+    """Whole image + top-k Faster R-CNN boxes per image; one batched forward pass per batch."""
+
+    name = "regions"
+    Params = RegionParams
+
+    def configure(self, cfg) -> None:
+        p = self.params
+        cfg.MODEL.ROI_HEADS.SCORE_THRESH_TEST = p.score_thresh
+        cfg.MODEL.ROI_HEADS.NMS_THRESH_TEST = p.nms_iou
+        cfg.TEST.DETECTIONS_PER_IMAGE = max(p.top_k * 3, 50)  # headroom for min_size filtering
+
+    def _prepare(self, row: dict, ready: list) -> None:
         img, scale = decode_rgb(row["image"], max_side=self.params.max_input_size)
         a = np.asarray(img)
         if min(a.shape[:2]) < 2:
@@ -298,10 +324,7 @@ class Detectron2Regions(Stage):
         if scale != 1.0:  # downscaled: map boxes back per axis (rounding made the two scales differ)
             with Image.open(io.BytesIO(row["image"])) as orig:
                 scale = (w / orig.width, h / orig.height)
-        x = self.resize.get_transform(a).apply_image(a)
-        if self.bgr:
-            x = x[:, :, ::-1]
-        t = torch.as_tensor(np.ascontiguousarray(x.transpose(2, 0, 1))).float()
+        t, _ = self.to_input(a)
         ready.append((row, {"image": t, "height": h, "width": w}, scale))
 
     def process(self, rows: list[dict]) -> list[dict]:
