@@ -11,6 +11,12 @@ decoder writes a full sentence for row 0 of an image and a short noun phrase for
 m-RNN, v also enters the recurrent input: with only the multimodal layer seeing the image, the recurrent state
 cannot remember which object it already named, and a two-object caption then tends to name one object twice.
 
+Beyond the paper, with `attention` on: the multimodal layer also sees c(t), a soft attention over a memory of
+region features (the image's rows: whole image + regions) queried by r(t), `m(t) = tanh(... + W_c c(t))`. One
+pooled feature of a multi-object scene blurs which colour goes with which shape; attending to one region per
+noun phrase keeps them bound (as Karpathy & Fei-Fei's region-level descriptions do, but inside one sentence).
+A region phrase's memory is just its own row, so it decodes exactly as without attention.
+
 Decoding: `greedy` and batched `beam_search` (beam 7 as in Karpathy & Fei-Fei's DVSA).
 """
 from __future__ import annotations
@@ -30,10 +36,11 @@ SENTENCE, PHRASE = 0, 1  # the "kind" of a description
 
 class MRNN(nn.Module):
     def __init__(self, vocab_size: int, feat_dim: int, embed_dim: int = 128, hidden_dim: int = 256,
-                 multimodal_dim: int = 256, cell: str = "gru", dropout: float = 0.2, word_init=None):
+                 multimodal_dim: int = 256, cell: str = "gru", dropout: float = 0.2, word_init=None, attention: bool = False):
         super().__init__()
         self.hparams = {"vocab_size": vocab_size, "feat_dim": feat_dim, "embed_dim": embed_dim,
-                        "hidden_dim": hidden_dim, "multimodal_dim": multimodal_dim, "cell": cell, "dropout": dropout}
+                        "hidden_dim": hidden_dim, "multimodal_dim": multimodal_dim, "cell": cell, "dropout": dropout,
+                        "attention": attention}
         self.embed = word_embedding(vocab_size, word_init, embed_dim)
         e = self.hparams["embed_dim"] = self.embed.embedding_dim  # word vectors (GloVe: 50) set it
         self.image = nn.Sequential(nn.LayerNorm(feat_dim), nn.Linear(feat_dim, multimodal_dim))
@@ -44,37 +51,62 @@ class MRNN(nn.Module):
         self.mm_rnn = nn.Linear(hidden_dim, multimodal_dim)
         self.drop = nn.Dropout(dropout)
         self.out = nn.Linear(multimodal_dim, vocab_size)
+        if attention:  # additive attention; the memory shares the image projection
+            self.att_query = nn.Linear(hidden_dim, multimodal_dim)
+            self.att_score = nn.Linear(multimodal_dim, 1)
+            self.mm_ctx = nn.Linear(multimodal_dim, multimodal_dim)
 
     def visual(self, feats: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
         """(N, D) features and (N,) kinds -> (N, M) the v added at every step."""
         return self.image(feats) + self.kind(kind)
 
-    def _step(self, words: torch.Tensor, v: torch.Tensor, state=None):
-        """words (N, T) ids, v (N, M) -> log-probs (N, T, V), new recurrent state."""
+    def memory(self, feats: torch.Tensor, memory: torch.Tensor | None, mask: torch.Tensor | None):
+        """Projected attention memory (N, R, M) and its mask (N, R); None without attention. No memory given:
+        each input attends to its own feature only."""
+        if not self.hparams.get("attention"):
+            return None
+        if memory is None:
+            memory, mask = feats[:, None], None
+        mem = self.image(memory)
+        if mask is None:
+            mask = torch.ones(mem.shape[:2], dtype=torch.bool, device=mem.device)
+        return mem, mask
+
+    def _step(self, words: torch.Tensor, v: torch.Tensor, state=None, mem=None):
+        """words (N, T) ids, v (N, M), mem from `memory` -> log-probs (N, T, V), new recurrent state."""
         w = self.drop(self.embed(words))
         vt = v[:, None].expand(-1, words.shape[1], -1)
         r, state = self.rnn(torch.cat([w, vt], -1), state)
-        m = torch.tanh(self.mm_word(w) + self.mm_rnn(r) + vt)
+        pre = self.mm_word(w) + self.mm_rnn(r) + vt
+        if mem is not None:
+            values, mask = mem                                                       # (N, R, M), (N, R)
+            e = self.att_score(torch.tanh(values[:, None] + self.att_query(r)[:, :, None])).squeeze(-1)
+            a = e.masked_fill(~mask[:, None], float("-inf")).softmax(-1)            # (N, T, R)
+            pre = pre + self.mm_ctx(a @ values)
+        m = torch.tanh(pre)
         return F.log_softmax(self.out(self.drop(m)), -1), state
 
-    def forward(self, feats: torch.Tensor, kind: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced mean token NLL. tokens (N, L): word ids, 0-padded, without BOS/EOS."""
+    def forward(self, feats: torch.Tensor, kind: torch.Tensor, tokens: torch.Tensor,
+                memory: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced mean token NLL. tokens (N, L): word ids, 0-padded, without BOS/EOS; memory (N, R, D)
+        the features to attend over, mask (N, R) which of them are real (default: feats alone)."""
         n = tokens.shape[0]
         lengths = (tokens != PAD_ID).sum(1)
         bos = torch.full((n, 1), BOS_ID, dtype=tokens.dtype, device=tokens.device)
         inp = torch.cat([bos, tokens], 1)
         target = torch.cat([tokens, torch.zeros_like(bos)], 1)
         target[torch.arange(n, device=tokens.device), lengths] = EOS_ID
-        logp, _ = self._step(inp, self.visual(feats, kind))
+        logp, _ = self._step(inp, self.visual(feats, kind), mem=self.memory(feats, memory, mask))
         return F.nll_loss(logp.reshape(-1, logp.shape[-1]), target.reshape(-1), ignore_index=PAD_ID)
 
     @torch.no_grad()
-    def greedy(self, feats: torch.Tensor, kind: torch.Tensor, max_len: int = 20) -> list[tuple[list[int], float]]:
-        return self.beam_search(feats, kind, beam=1, max_len=max_len)
+    def greedy(self, feats: torch.Tensor, kind: torch.Tensor, max_len: int = 20, memory=None,
+               mask=None) -> list[tuple[list[int], float]]:
+        return self.beam_search(feats, kind, beam=1, max_len=max_len, memory=memory, mask=mask)
 
     @torch.no_grad()
-    def beam_search(self, feats: torch.Tensor, kind: torch.Tensor, beam: int = 7,
-                    max_len: int = 20) -> list[tuple[list[int], float]]:
+    def beam_search(self, feats: torch.Tensor, kind: torch.Tensor, beam: int = 7, max_len: int = 20,
+                    memory: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> list[tuple[list[int], float]]:
         """Per input: (word ids without BOS/EOS, total log-prob) of the best of `beam` hypotheses.
 
         All inputs decode together: the state is (N*K, ...); a finished hypothesis only extends with PAD at no
@@ -82,6 +114,9 @@ class MRNN(nn.Module):
         has ended."""
         n, k = feats.shape[0], beam
         v = self.visual(feats, kind).repeat_interleave(k, 0)                  # (N*K, M)
+        mem = self.memory(feats, memory, mask)
+        if mem is not None:
+            mem = tuple(x.repeat_interleave(k, 0) for x in mem)
         scores = torch.full((n, k), float("-inf"), device=feats.device)
         scores[:, 0] = 0.0                                                      # one live beam at the start
         words = torch.full((n * k, 1), BOS_ID, dtype=torch.long, device=feats.device)
@@ -89,7 +124,7 @@ class MRNN(nn.Module):
         done = torch.zeros((n, k), dtype=torch.bool, device=feats.device)
         state = None
         for _ in range(max_len):
-            logp, state = self._step(words, v, state)
+            logp, state = self._step(words, v, state, mem)
             logp = logp[:, -1].view(n, k, -1)
             logp[..., UNK_ID] = float("-inf")  # never write <unk>
             ended = torch.full_like(logp, float("-inf"))

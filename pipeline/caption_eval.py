@@ -93,7 +93,6 @@ def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | N
     from pipeline.captioner import Captioner, default_checkpoint
     from pipeline.describe import dense_description
     from pipeline.loader import iter_samples, shard_paths
-    from models.mrnn import SENTENCE
 
     t0 = time.time()
     split = split or cfg.eval.split
@@ -111,7 +110,7 @@ def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | N
     keys = [s["key"] for s in test]
     refs = {s["key"]: [x["text"] for x in s["meta"]["captions"]] for s in test}
     feats0 = np.stack([s["feats"][0] for s in test])
-    gen = {k: t for k, (t, _) in zip(keys, cap.describe(feats0, SENTENCE, c.beam_size, c.max_len))}
+    gen = {k: t for k, (t, _) in zip(keys, cap.caption([s["feats"] for s in test], c.beam_size, c.max_len))}
     nn = dict(zip(keys, nearest_captions(np.stack(train_feats), train_caps, feats0)))
     out: dict = {"split": split, "n_images": len(test), "beam_size": c.beam_size, "epoch": cap.ck.get("epoch"),
                  "spice": "not computed: pycocoevalcap downloads Stanford CoreNLP for SPICE (offline here)"}

@@ -63,14 +63,14 @@ def region_phrases(sample: dict, iou: float = 0.5) -> list[tuple[int, list[str]]
     return out
 
 
-def sample_pairs(sample: dict, with_phrases: bool, max_len: int) -> list[tuple[np.ndarray, int, list[str]]]:
-    """(feature, kind, tokens) training pairs of one shard sample; captions over max_len tokens are skipped."""
+def sample_pairs(sample: dict, with_phrases: bool, max_len: int) -> list[tuple[int, int, list[str]]]:
+    """(feature row, kind, tokens) training pairs of one shard sample; captions over max_len tokens are skipped.
+    A sentence describes row 0 (the whole image, attending over every row); a phrase its region's row."""
     from pipeline.loader import caption_tokens
 
-    f = sample["feats"]
-    pairs = [(f[0], SENTENCE, caption_tokens(c)) for c in sample["meta"]["captions"]]
+    pairs = [(0, SENTENCE, caption_tokens(c)) for c in sample["meta"]["captions"]]
     if with_phrases:
-        pairs += [(f[row], PHRASE, words) for row, words in region_phrases(sample)]
+        pairs += [(row, PHRASE, words) for row, words in region_phrases(sample)]
     return [p for p in pairs if 0 < len(p[2]) <= max_len]
 
 
@@ -84,19 +84,36 @@ def build_vocab(paths, with_phrases: bool, max_len: int, min_count: int = 1) -> 
     return Vocab(SPECIALS + sorted(w for w, n in counts.items() if n >= min_count))
 
 
+def pad_images(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_i, D) feature arrays -> (N, R_max, D) float tensor and its (N, R_max) mask of real rows."""
+    r = max(len(f) for f in images)
+    feats = torch.zeros(len(images), r, images[0].shape[1])
+    for i, f in enumerate(images):
+        feats[i, :len(f)] = torch.from_numpy(np.asarray(f, np.float32))
+    return feats, torch.arange(r)[None] < torch.tensor([len(f) for f in images])[:, None]
+
+
 class Pairs:
-    """All pairs of some shards as tensors (features are small: one 1280-d row per pair)."""
+    """All pairs of some shards as tensors: each image's feature rows once (float16), and per pair its image,
+    row, kind and tokens. A batch gives the pairs' own features plus their attention memory: all rows of the
+    image for a sentence, the region's own row for a phrase."""
 
     def __init__(self, paths, vocab: Vocab, with_phrases: bool, max_len: int):
         from pipeline.loader import iter_samples
 
-        feats, kinds, toks = [], [], []
+        images, img, rows, kinds, toks = [], [], [], [], []
         for s in iter_samples(paths):
-            for f, k, words in sample_pairs(s, with_phrases, max_len):
-                feats.append(f)
+            pairs = sample_pairs(s, with_phrases, max_len)
+            for row, k, words in pairs:
+                img.append(len(images))
+                rows.append(row)
                 kinds.append(k)
                 toks.append([vocab(w) for w in words])
-        self.feats = torch.from_numpy(np.stack(feats)).float() if feats else torch.zeros(0, 1)
+            if pairs:
+                images.append(s["feats"])
+        self.images, self.mask = pad_images(images) if images else (torch.zeros(0, 1, 1), torch.zeros(0, 1, dtype=torch.bool))
+        self.images = self.images.half()
+        self.img, self.row = torch.tensor(img, dtype=torch.long), torch.tensor(rows, dtype=torch.long)
         self.kind = torch.tensor(kinds, dtype=torch.long)
         self.tokens = torch.zeros(len(toks), max((len(t) for t in toks), default=1), dtype=torch.long)
         for i, t in enumerate(toks):
@@ -106,12 +123,16 @@ class Pairs:
         return len(self.kind)
 
     def batches(self, batch_size: int, seed: int | None = None):
+        """(feats (B, D), kind (B,), tokens (B, L), memory (B, R, D), mask (B, R)) batches."""
         order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)) if seed is not None \
             else torch.arange(len(self))
         for i in range(0, len(self), batch_size):
             j = order[i:i + batch_size]
             toks = self.tokens[j]
-            yield self.feats[j], self.kind[j], toks[:, :int((toks != 0).sum(1).max())]
+            memory, row, kind = self.images[self.img[j]].float(), self.row[j], self.kind[j]
+            own = torch.arange(memory.shape[1])[None] == row[:, None]
+            mask = torch.where((kind == SENTENCE)[:, None], self.mask[self.img[j]], own)
+            yield memory[torch.arange(len(j)), row], kind, toks[:, :int((toks != 0).sum(1).max())], memory, mask
 
 
 def build_model(cfg, vocab: Vocab, feat_dim: int) -> MRNN:
@@ -122,7 +143,7 @@ def build_model(cfg, vocab: Vocab, feat_dim: int) -> MRNN:
         word_init = glove_init(vocab, seed=cfg.train.seed)[0]
     c = cfg.captioner
     return MRNN(len(vocab), feat_dim, hidden_dim=c.hidden_dim, multimodal_dim=c.hidden_dim, cell=c.cell,
-                dropout=c.dropout, word_init=word_init)
+                dropout=c.dropout, word_init=word_init, attention=c.attention)
 
 
 def run_epoch(model, pairs: Pairs, batch_size: int, opt=None, seed: int | None = None, device="cpu",
@@ -131,8 +152,8 @@ def run_epoch(model, pairs: Pairs, batch_size: int, opt=None, seed: int | None =
     model.train(opt is not None)
     total, n = 0.0, 0
     with contextlib.nullcontext() if opt is not None else torch.no_grad():
-        for f, k, t in pairs.batches(batch_size, seed):
-            loss = model(f.to(device), k.to(device), t.to(device))
+        for f, k, t, mem, mask in pairs.batches(batch_size, seed):
+            loss = model(f.to(device), k.to(device), t.to(device), mem.to(device), mask.to(device))
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -300,17 +321,25 @@ class Captioner:
         model.load_state_dict(ck["state_dict"])
         return cls(model, Vocab(ck["vocab"]), ck, device)
 
-    def describe(self, feats, kind: int, beam: int = 7, max_len: int = 24,
-                 batch: int = 256) -> list[tuple[str, float]]:
-        """(text, confidence) per feature row; confidence = exp(mean log-prob per word, EOS included)."""
+    def describe(self, feats, kind: int, beam: int = 7, max_len: int = 24, batch: int = 256,
+                 images: list | None = None) -> list[tuple[str, float]]:
+        """(text, confidence) per feature row; confidence = exp(mean log-prob per word, EOS included).
+        `images`, one (R, D) array per row: what each row's description attends over (default: the row)."""
         feats = torch.as_tensor(np.asarray(feats, np.float32)).reshape(-1, self.model.hparams["feat_dim"])
         out = []
         for i in range(0, len(feats), batch):
             f = feats[i:i + batch].to(self.device)
             k = torch.full((len(f),), kind, dtype=torch.long, device=self.device)
-            for ids, logp in self.model.beam_search(f, k, beam=beam, max_len=max_len):
+            mem = mask = None
+            if images is not None:
+                mem, mask = (x.to(self.device) for x in pad_images(images[i:i + batch]))
+            for ids, logp in self.model.beam_search(f, k, beam=beam, max_len=max_len, memory=mem, mask=mask):
                 out.append((" ".join(self.vocab.words[t] for t in ids), float(np.exp(logp / (len(ids) + 1)))))
         return out
+
+    def caption(self, images: list, beam: int = 7, max_len: int = 24) -> list[tuple[str, float]]:
+        """Whole-image (text, confidence) per image, from its (R, D) feature rows (row 0 = the whole image)."""
+        return self.describe(np.stack([np.asarray(f)[0] for f in images]), SENTENCE, beam, max_len, images=images)
 
 
 # ---------------------------------------------------------------- MLflow
@@ -344,16 +373,19 @@ def pyfunc_signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, Schema
 
-    return ModelSignature(inputs=Schema([ColSpec(Array("double"), "feats"), ColSpec("string", "kind", required=False)]),
+    return ModelSignature(inputs=Schema([ColSpec(Array("double"), "feats"), ColSpec("string", "kind", required=False),
+                                         ColSpec(Array(Array("double")), "regions", required=False)]),
                           outputs=Schema([ColSpec("string", "text"), ColSpec("double", "score")]))
 
 
 class CaptionerPyfunc(mlflow.pyfunc.PythonModel):
     """Registered model: rows {feats: (D,) EfficientNet-Lite0 feature of an image (row 0 of the shards) or a
-    region, kind: "caption" (default) | "phrase"} -> {text, score}; beam search with the trained beam size.
+    region, kind: "caption" (default) | "phrase", regions: optional (R, D) rows a caption attends over (the
+    image's feats.npy, row 0 = whole image; default: feats alone)} -> {text, score}; beam search with the
+    trained beam size.
 
         m = mlflow.pyfunc.load_model("models:/densevse-captioner/1")
-        m.predict(pd.DataFrame({"feats": [feats[0].tolist()], "kind": ["caption"]}))
+        m.predict(pd.DataFrame({"feats": [feats[0].tolist()], "kind": ["caption"], "regions": [feats.tolist()]}))
     """
 
     def load_context(self, context):
@@ -373,7 +405,11 @@ class CaptionerPyfunc(mlflow.pyfunc.PythonModel):
             rows = [i for i, k in enumerate(kinds) if k == name]
             if rows:
                 feats = np.stack([np.asarray(df["feats"].iloc[i], np.float32) for i in rows])
-                for i, r in zip(rows, cap.describe(feats, kind, c["beam_size"], c["max_len"])):
+                images = None
+                if name == "caption" and "regions" in df:
+                    images = [feats[j:j + 1] if df["regions"].iloc[i] is None
+                              else np.asarray(list(df["regions"].iloc[i]), np.float32) for j, i in enumerate(rows)]
+                for i, r in zip(rows, cap.describe(feats, kind, c["beam_size"], c["max_len"], images=images)):
                     out[i] = r
         return pd.DataFrame({"text": [o[0] for o in out], "score": [o[1] for o in out]})
 

@@ -140,6 +140,7 @@ class CaptionerConfig(Strict):
     hidden_dim: int = Field(256, ge=8)
     cell: Literal["gru", "lstm"] = "gru"
     dropout: float = Field(0.2, ge=0, lt=1)
+    attention: bool = True  # captions attend over the image's region features (models/mrnn.py)
     min_word_count: int = Field(1, ge=1)  # rarer training words become <unk> (never generated)
     max_len: int = Field(24, ge=4)  # longest training caption (longer ones are skipped) and generation cap
     beam_size: int = Field(7, ge=1)  # Karpathy & Fei-Fei's DVSA

@@ -119,15 +119,13 @@ class Describer:
 
     def describe(self, path: str | Path) -> dict:
         """One image's description dict; raises stages.base.Reject for an unreadable image."""
-        from models.mrnn import SENTENCE
-
         c = self.cfg.captioner
         jpeg, w, h = load_image(path, self.max_side)
         boxes = np.zeros((0, 4), np.float32)
         if self.propose is not None and c.top_k_regions > 0:
             boxes = dedup_boxes(self.propose([jpeg])[0], c.top_k_regions)
         feats = self.featurize(jpeg, w, h, boxes)
-        text, score = self.cap.describe(feats[:1], SENTENCE, c.beam_size, c.max_len)[0]
+        text, score = self.cap.caption([feats], c.beam_size, c.max_len)[0]
         phrases = self.cap.describe(feats[1:], self.cap.phrase_kind, c.beam_size, c.max_len) if len(boxes) else []
         note = self.note or ("" if len(boxes) else "no region above the detector threshold: whole-image caption only")
         return {"image": str(path), "width": w, "height": h, "caption": text, "caption_score": round(score, 4),
