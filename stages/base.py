@@ -113,6 +113,24 @@ def guarded(stage: str, row: dict, fn) -> None:
         row["reject"] = f"{stage}: error {type(e).__name__}: {e} ({where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
 
 
+def box_features(stage: str, rows: list[dict], prepare, extract) -> list[dict]:
+    """The frame every region-feature stage shares: `prepare(row)` -> (input, number of boxes) for each live row
+    (a failure rejects that row only), one `extract(inputs)` -> (total boxes, D) array for the whole batch,
+    and each row's slice stored as float16 `feats`, in box order."""
+    ready: list = []
+    for row in rows:
+        if not row["reject"]:
+            guarded(stage, row, lambda r: ready.append((r, *prepare(r))))
+    if not ready:
+        return rows
+    feats = np.asarray(extract([x for _, x, _ in ready]), np.float16)
+    start = 0
+    for row, _, n in ready:
+        row["feats"] = npy_bytes(feats[start:start + n])
+        start += n
+    return rows
+
+
 def batch_to_rows(batch: dict[str, np.ndarray]) -> list[dict]:
     n = len(next(iter(batch.values())))
     return [{k: _scalar(v[i]) for k, v in batch.items()} for i in range(n)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import Field, field_validator
 
-from stages.base import STAGES, Params, Stage, guarded, npy_bytes, npy_load
+from stages.base import STAGES, Params, Reject, Stage, box_features, npy_load
 from stages.images import to_array
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,6 +66,14 @@ class EfficientNetParams(Params):
         return v
 
 
+def row_boxes(row: dict) -> np.ndarray:
+    """A row's (R, 4) float32 boxes, row 0 the whole image; anything else is an error (the row is rejected)."""
+    boxes = npy_load(row["boxes"])
+    if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
+        raise Reject(f"boxes must be (R, 4) with R >= 1, got {boxes.shape}")
+    return boxes.astype(np.float32)
+
+
 class FeatureParams(EfficientNetParams):
     input_size: int = Field(320, ge=64, le=1024)  # backbone input side (letterboxed)
     roi_size: int = Field(3, ge=1, le=14)  # ROIAlign output grid, averaged into one vector
@@ -97,32 +105,19 @@ class EfficientNetFeatures(EfficientNetStage):
         import torch
         from torchvision.ops import roi_align
 
-        ready, images, rois = [], [], []
-
         def prepare(row):
-            boxes = npy_load(row["boxes"])
-            if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
-                raise ValueError(f"boxes must be (R, 4) with R >= 1, got {boxes.shape}")
+            boxes = row_boxes(row)
             img, scale = letterbox(to_array(row["image"]), self.params.input_size)
-            images.append(img)
-            rois.append(torch.from_numpy(boxes.astype(np.float32) * scale))
-            ready.append(row)
+            return (img, torch.from_numpy(boxes * scale)), len(boxes)
 
-        for row in rows:
-            if not row["reject"]:
-                guarded(self.name, row, prepare)
-        if not ready:
-            return rows
-        with torch.inference_mode():
-            x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float()
-            fmap = self.model.extract_features((x - self.mean) / self.std)
-            idx = torch.cat([torch.full((len(r), 1), i, dtype=torch.float32) for i, r in enumerate(rois)])
-            boxes = torch.cat([idx, torch.cat(rois)], dim=1).to(self.device)
-            pooled = roi_align(fmap, boxes, output_size=self.params.roi_size, spatial_scale=1 / STRIDE,
-                               sampling_ratio=2, aligned=True).mean(dim=(2, 3))
-        feats = pooled.cpu().numpy().astype(np.float16)
-        start = 0
-        for row, r in zip(ready, rois):
-            row["feats"] = npy_bytes(feats[start:start + len(r)])
-            start += len(r)
-        return rows
+        def extract(inputs):
+            images, rois = zip(*inputs)
+            with torch.inference_mode():
+                x = torch.from_numpy(np.stack(images)).to(self.device).permute(0, 3, 1, 2).float()
+                fmap = self.model.extract_features((x - self.mean) / self.std)
+                idx = torch.cat([torch.full((len(r), 1), i, dtype=torch.float32) for i, r in enumerate(rois)])
+                boxes = torch.cat([idx, torch.cat(rois)], dim=1).to(self.device)
+                return roi_align(fmap, boxes, output_size=self.params.roi_size, spatial_scale=1 / STRIDE,
+                                 sampling_ratio=2, aligned=True).mean(dim=(2, 3)).cpu().numpy()
+
+        return box_features(self.name, rows, prepare, extract)

@@ -14,17 +14,10 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from stages.base import STAGES, guarded, npy_bytes, npy_load
-from stages.features import EfficientNetParams, EfficientNetStage
+from stages.base import STAGES, box_features
+from stages.features import EfficientNetParams, EfficientNetStage, row_boxes
 from stages.images import to_array
 from stages.regions import DetectorStage
-
-
-def _boxes(row: dict) -> np.ndarray:
-    boxes = npy_load(row["boxes"])
-    if boxes.ndim != 2 or boxes.shape[1] != 4 or len(boxes) == 0:
-        raise ValueError(f"boxes must be (R, 4) with R >= 1, got {boxes.shape}")
-    return boxes.astype(np.float32)
 
 
 class CropParams(EfficientNetParams):
@@ -58,31 +51,19 @@ class EfficientNetCropFeatures(EfficientNetStage):
     def process(self, rows: list[dict]) -> list[dict]:
         import torch
 
-        ready, crops = [], []
-
         def prepare(row):
-            c = self.crops(to_array(row["image"]), _boxes(row))
-            crops.append(c)
-            ready.append(row)
+            c = self.crops(to_array(row["image"]), row_boxes(row))
+            return c, len(c)
 
-        for row in rows:
-            if not row["reject"]:
-                guarded(self.name, row, prepare)
-        if not ready:
-            return rows
-        allc = np.concatenate(crops)
-        feats = []
-        with torch.inference_mode():
-            for i in range(0, len(allc), self.params.chunk):
-                x = torch.from_numpy(allc[i:i + self.params.chunk]).to(self.device).permute(0, 3, 1, 2).float()
-                f = self.model.extract_features((x - self.mean) / self.std).mean(dim=(2, 3))
-                feats.append(f.cpu().numpy().astype(np.float16))
-        feats = np.concatenate(feats)
-        start = 0
-        for row, c in zip(ready, crops):
-            row["feats"] = npy_bytes(feats[start:start + len(c)])
-            start += len(c)
-        return rows
+        def extract(crops):
+            allc, feats = np.concatenate(crops), []
+            with torch.inference_mode():
+                for i in range(0, len(allc), self.params.chunk):
+                    x = torch.from_numpy(allc[i:i + self.params.chunk]).to(self.device).permute(0, 3, 1, 2).float()
+                    feats.append(self.model.extract_features((x - self.mean) / self.std).mean(dim=(2, 3)).cpu().numpy())
+            return np.concatenate(feats)
+
+        return box_features(self.name, rows, prepare, extract)
 
 
 @STAGES.register("detectron2_boxhead")
@@ -99,29 +80,16 @@ class Detectron2BoxHeadFeatures(DetectorStage):
         import torch
         from detectron2.structures import Boxes
 
-        ready, inputs, boxes = [], [], []
-
         def prepare(row):
-            b = _boxes(row)
+            b = row_boxes(row)
             t, tf = self.to_input(to_array(row["image"]))
-            inputs.append({"image": t})
-            boxes.append(Boxes(torch.from_numpy(tf.apply_box(b).astype(np.float32)).to(self.model.device)))
-            ready.append(row)
+            return ({"image": t}, Boxes(torch.from_numpy(tf.apply_box(b).astype(np.float32)).to(self.model.device))), len(b)
 
-        for row in rows:
-            if not row["reject"]:
-                guarded(self.name, row, prepare)
-        if not ready:
-            return rows
-        m = self.model
-        with torch.inference_mode():
-            images = m.preprocess_image(inputs)
-            fmaps = m.backbone(images.tensor)
-            rh = m.roi_heads
-            x = rh.box_pooler([fmaps[f] for f in rh.box_in_features], boxes)
-            feats = rh.box_head(x).cpu().numpy().astype(np.float16)
-        start = 0
-        for row, b in zip(ready, boxes):
-            row["feats"] = npy_bytes(feats[start:start + len(b)])
-            start += len(b)
-        return rows
+        def extract(inputs):
+            images, boxes = zip(*inputs)
+            m, rh = self.model, self.model.roi_heads
+            with torch.inference_mode():
+                fmaps = m.backbone(m.preprocess_image(list(images)).tensor)
+                return rh.box_head(rh.box_pooler([fmaps[f] for f in rh.box_in_features], list(boxes))).cpu().numpy()
+
+        return box_features(self.name, rows, prepare, extract)

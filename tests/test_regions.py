@@ -218,24 +218,29 @@ def test_stage_registered_and_via_ray_adapter(detector_dir):
 
 # ---------------------------------------------------------------- extra feature extractors
 
-def test_crop_and_boxhead_features(detector_dir):
+def test_feature_extractors_slice_batches_and_reject_bad_boxes(detector_dir):
+    """ROIAlign, crop and box-head features: one row per box, float16; a row with bad boxes is rejected alone;
+    a row's features do not depend on what else is in its batch (each row gets its own slice)."""
     from stages import STAGES
     from stages.base import npy_bytes
 
     img, gold = _synthetic(2)
+    img2, gold2 = _synthetic(3)
     boxes = np.concatenate([[[0, 0, 224, 224]], gold, [[5, 5, 5, 9]]]).astype(np.float32)  # + a degenerate box
+    boxes2 = np.concatenate([[[0, 0, 224, 224]], gold2]).astype(np.float32)
     rows = [empty_row(key="a", image=_jpeg(img), width=224, height=224, boxes=npy_bytes(boxes)),
-            empty_row(key="bad", image=_jpeg(img), width=224, height=224, boxes=npy_bytes(np.zeros((0, 4), np.float32)))]
-    crops = STAGES.get("efficientnet_lite0_crops")({"crop_size": 64, "threads": 1})
-    out = crops.process([dict(r) for r in rows])
-    f = npy_load(out[0]["feats"])
-    assert f.shape == (len(boxes), 1280) and f.dtype == np.float16 and np.isfinite(f).all()
-    assert out[1]["reject"].startswith("features: ")
-    head = STAGES.get("detectron2_boxhead")({"config": str(detector_dir), "threads": 1})
-    out = head.process([dict(r) for r in rows])
-    f = npy_load(out[0]["feats"])
-    assert f.shape == (len(boxes), head.dim) and f.dtype == np.float16 and np.isfinite(f).all()
-    assert out[1]["reject"].startswith("features: ")
+            empty_row(key="bad", image=_jpeg(img), width=224, height=224, boxes=npy_bytes(np.zeros((0, 4), np.float32))),
+            empty_row(key="b", image=_jpeg(img2), width=224, height=224, boxes=npy_bytes(boxes2))]
+    for stage in (STAGES.get("efficientnet_lite0")({"input_size": 128, "threads": 1}),
+                  STAGES.get("efficientnet_lite0_crops")({"crop_size": 64, "threads": 1}),
+                  STAGES.get("detectron2_boxhead")({"config": str(detector_dir), "threads": 1})):
+        out = stage.process([dict(r) for r in rows])
+        f = npy_load(out[0]["feats"])
+        assert f.shape == (len(boxes), stage.dim) and f.dtype == np.float16 and np.isfinite(f).all()
+        assert out[1]["reject"].startswith("features: boxes must be (R, 4)") and out[1]["feats"] == b""
+        alone = npy_load(stage.process([dict(rows[2])])[0]["feats"]).astype(np.float32)
+        assert alone.shape == (len(boxes2), stage.dim)
+        np.testing.assert_allclose(npy_load(out[2]["feats"]).astype(np.float32), alone, rtol=0.02, atol=0.02)
 
 
 # ---------------------------------------------------------------- training (Detectron2's DefaultTrainer)
