@@ -182,12 +182,10 @@ def train_captioner(cfg) -> dict:
 
     from pipeline import tracking
     from pipeline.loader import iter_samples, shard_paths
-    from pipeline.train import REPO, init_ray, save_best
+    from pipeline.train import REPO, for_workers, init_ray, save_best
 
     t0 = time.time()
-    cfg = cfg.model_copy(deep=True)  # workers run elsewhere: absolute paths
-    cfg.shards.dir = Path(cfg.shard_dir).resolve()
-    cfg.run.output_dir = Path(cfg.run.output_dir).resolve()
+    cfg = for_workers(cfg)
     paths = shard_paths(cfg.shard_dir, "train")
     if not paths:
         raise FileNotFoundError(f"no finished train shards in {cfg.shard_dir}; run `densevse preprocess` first")

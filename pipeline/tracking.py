@@ -27,6 +27,20 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------- server
 
 
+def absolute_uri(uri: str | None) -> str | None:
+    """A local tracking URI with its path made absolute (sqlite:///rel.db, file:rel, rel/dir); others (servers,
+    databricks) as given."""
+    if not uri:
+        return uri
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    if uri.startswith("file:") and not uri.startswith("file:/"):
+        return "file:" + str(Path(uri[len("file:"):]).resolve())
+    if ":" not in uri and not uri.startswith(("databricks", "uc")):  # a bare path: MLflow's file store
+        return str(Path(uri).resolve())
+    return uri
+
+
 def server_command(root: Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
     root = Path(root).resolve()
     return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",

@@ -41,6 +41,18 @@ def latest_checkpoint(cfg) -> Path | None:
     return found[-1].parent if found else None
 
 
+def for_workers(cfg):
+    """A copy of cfg with absolute paths: Ray Train workers run in another directory, so a relative shard dir,
+    output dir or sqlite/file tracking URI would point somewhere else there (an empty MLflow store, say)."""
+    from pipeline.tracking import absolute_uri
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.shards.dir = Path(cfg.shard_dir).resolve()
+    cfg.run.output_dir = Path(cfg.run.output_dir).resolve()
+    cfg.mlflow.tracking_uri = absolute_uri(cfg.mlflow.tracking_uri)
+    return cfg
+
+
 def train(cfg, resume: bool = False) -> dict:
     from models.vocab import glove_init
     from pipeline import tracking
@@ -48,10 +60,7 @@ def train(cfg, resume: bool = False) -> dict:
     from pipeline.shards import load_stats
 
     t0 = time.time()
-    # Workers run in another directory: hand them absolute paths.
-    cfg = cfg.model_copy(deep=True)
-    cfg.shards.dir = Path(cfg.shard_dir).resolve()
-    cfg.run.output_dir = Path(cfg.run.output_dir).resolve()
+    cfg = for_workers(cfg)
     paths = shard_paths(cfg.shard_dir, "train")
     if not paths:
         raise FileNotFoundError(f"no finished train shards in {cfg.shard_dir}; run `densevse preprocess` first")

@@ -64,3 +64,21 @@ def test_cli_exits_2_naming_the_key(capsys):
 
     assert main(["config", str(ROOT / "pipeline.yaml"), "-s", "train.epochz=3"]) == 2
     assert "train.epochz" in capsys.readouterr().err
+
+
+def test_local_tracking_uris_made_absolute_for_workers(tmp_path, monkeypatch):
+    """Ray Train workers run in another directory: relative local MLflow stores must reach them absolute."""
+    from pipeline.config import load_config
+    from pipeline.tracking import absolute_uri
+    from pipeline.train import for_workers
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("sqlite:///runs/m.db") == f"sqlite:///{tmp_path}/runs/m.db"
+    assert absolute_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert absolute_uri("file:mlruns") == f"file:{tmp_path}/mlruns"
+    assert absolute_uri("mlruns") == str(tmp_path / "mlruns")
+    for remote in ("http://127.0.0.1:5000", "databricks", "file:///abs/mlruns", None):
+        assert absolute_uri(remote) == remote
+    cfg = for_workers(load_config(None, ["run.output_dir=out", "mlflow.tracking_uri=sqlite:///m.db"]))
+    assert cfg.run.output_dir == tmp_path / "out" and cfg.shards.dir == tmp_path / "out" / "shards"
+    assert cfg.mlflow.tracking_uri == f"sqlite:///{tmp_path}/m.db"

@@ -187,9 +187,10 @@ def test_captioner_config_keys():
 
 
 @pytest.mark.slow
-def test_train_evaluate_register_end_to_end(tmp_path):
+def test_train_evaluate_register_end_to_end(tmp_path, monkeypatch):
     """Ray Train (1 worker) + MLflow (sqlite) + pycocoevalcap on fixture shards: trained, registered, scored
-    (with the NN baseline) and logged; region phrases name their objects; the registered model captions."""
+    (with the NN baseline) and logged; region phrases name their objects; the registered model captions.
+    The sqlite URI is relative: the Ray worker, in another directory, must still log into this store."""
     import mlflow
     import pandas as pd
 
@@ -198,7 +199,8 @@ def test_train_evaluate_register_end_to_end(tmp_path):
 
     shard_dir = write_fixture_shards(tmp_path / "shards", n_train=60, n_val=10, n_test=20, feat_dim=32)
     cfg = _cfg(tmp_path, f"shards.dir={shard_dir}", "captioner.epochs=12", "captioner.batch_size=32",
-               "captioner.lr=0.005", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "ray.num_cpus=2")
+               "captioner.lr=0.005", "mlflow.tracking_uri=sqlite:///mlflow.db", "ray.num_cpus=2")
+    monkeypatch.chdir(tmp_path)
     summary = train_captioner(cfg)
     assert summary["epochs"] == 12 and summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
     assert int(summary["registered_version"]) == 1
