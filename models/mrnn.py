@@ -106,12 +106,14 @@ class MRNN(nn.Module):
 
     @torch.no_grad()
     def beam_search(self, feats: torch.Tensor, kind: torch.Tensor, beam: int = 7, max_len: int = 20,
-                    memory: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> list[tuple[list[int], float]]:
+                    memory: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                    no_repeat_ngram: int = 0) -> list[tuple[list[int], float]]:
         """Per input: (word ids without BOS/EOS, total log-prob) of the best of `beam` hypotheses.
 
         All inputs decode together: the state is (N*K, ...); a finished hypothesis only extends with PAD at no
         cost, so it keeps its score while the others grow. Decoding stops once every input's best hypothesis
-        has ended."""
+        has ended. `no_repeat_ngram` n > 0: no hypothesis may contain the same n-gram twice (stops a weak
+        model's loops: "a man in a blue shirt and a blue shirt and ...")."""
         n, k = feats.shape[0], beam
         v = self.visual(feats, kind).repeat_interleave(k, 0)                  # (N*K, M)
         mem = self.memory(feats, memory, mask)
@@ -127,6 +129,8 @@ class MRNN(nn.Module):
             logp, state = self._step(words, v, state, mem)
             logp = logp[:, -1].view(n, k, -1)
             logp[..., UNK_ID] = float("-inf")  # never write <unk>
+            if no_repeat_ngram and seqs.shape[-1] >= no_repeat_ngram:
+                block_repeats(logp.view(n * k, -1), seqs.view(n * k, -1), no_repeat_ngram)
             ended = torch.full_like(logp, float("-inf"))
             ended[..., PAD_ID] = 0.0
             logp = torch.where(done[..., None], ended, logp)
@@ -147,3 +151,12 @@ class MRNN(nn.Module):
             ids = ids[:ids.index(EOS_ID)] if EOS_ID in ids else ids
             out.append((ids, float(scores[i, 0])))
         return out
+
+
+def block_repeats(logp: torch.Tensor, seqs: torch.Tensor, n: int) -> None:
+    """In place: for each row, -inf at every token that would complete an n-gram already in seqs (rows, L)."""
+    prefix = seqs[:, -(n - 1):] if n > 1 else seqs[:, :0]                # the n-1 tokens a new one would follow
+    windows = seqs.unfold(1, n, 1)                                         # (rows, L-n+1, n) earlier n-grams
+    hit = (windows[..., :-1] == prefix[:, None]).all(-1)                   # (rows, L-n+1) same prefix
+    rows, pos = hit.nonzero(as_tuple=True)
+    logp[rows, windows[rows, pos, -1]] = float("-inf")

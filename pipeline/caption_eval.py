@@ -110,7 +110,7 @@ def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | N
     keys = [s["key"] for s in test]
     refs = {s["key"]: [x["text"] for x in s["meta"]["captions"]] for s in test}
     feats0 = np.stack([s["feats"][0] for s in test])
-    gen = {k: t for k, (t, _) in zip(keys, cap.caption([s["feats"] for s in test], c.beam_size, c.max_len))}
+    gen = {k: t for k, (t, _) in zip(keys, cap.caption([s["feats"] for s in test], c.beam_size, c.max_len, c.no_repeat_ngram))}
     nn = dict(zip(keys, nearest_captions(np.stack(train_feats), train_caps, feats0)))
     out: dict = {"split": split, "n_images": len(test), "beam_size": c.beam_size, "epoch": cap.ck.get("epoch"),
                  "spice": "not computed: pycocoevalcap downloads Stanford CoreNLP for SPICE (offline here)"}
@@ -119,7 +119,7 @@ def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | N
     labels = [(s["meta"].get("gold") or {}).get("labels") or [] for s in test]
     if any(labels):
         phrases = iter(cap.describe(np.concatenate([s["feats"][1:] for s in test]), cap.phrase_kind,
-                                    c.beam_size, c.max_len))
+                                    c.beam_size, c.max_len, no_repeat_ngram=c.no_repeat_ngram))
         dense = [dense_description([next(phrases)[0] for _ in s["boxes"][1:]], s["boxes"][1:]) for s in test]
         out.update(caption_object_precision=object_precision([gen[k] for k in keys], labels),
                    nn_object_precision=object_precision([nn[k] for k in keys], labels),

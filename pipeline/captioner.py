@@ -320,7 +320,7 @@ class Captioner:
         return cls(model, Vocab(ck["vocab"]), ck, device)
 
     def describe(self, feats, kind: int, beam: int = 7, max_len: int = 24, batch: int = 256,
-                 images: list | None = None) -> list[tuple[str, float]]:
+                 images: list | None = None, no_repeat_ngram: int = 3) -> list[tuple[str, float]]:
         """(text, confidence) per feature row; confidence = exp(mean log-prob per word, EOS included).
         `images`, one (R, D) array per row: what each row's description attends over (default: the row)."""
         feats = torch.as_tensor(np.asarray(feats, np.float32)).reshape(-1, self.model.hparams["feat_dim"])
@@ -331,13 +331,15 @@ class Captioner:
             mem = mask = None
             if images is not None:
                 mem, mask = (x.to(self.device) for x in pad_images(images[i:i + batch]))
-            for ids, logp in self.model.beam_search(f, k, beam=beam, max_len=max_len, memory=mem, mask=mask):
+            for ids, logp in self.model.beam_search(f, k, beam=beam, max_len=max_len, memory=mem, mask=mask,
+                                                    no_repeat_ngram=no_repeat_ngram):
                 out.append((" ".join(self.vocab.words[t] for t in ids), float(np.exp(logp / (len(ids) + 1)))))
         return out
 
-    def caption(self, images: list, beam: int = 7, max_len: int = 24) -> list[tuple[str, float]]:
+    def caption(self, images: list, beam: int = 7, max_len: int = 24, no_repeat_ngram: int = 3) -> list[tuple[str, float]]:
         """Whole-image (text, confidence) per image, from its (R, D) feature rows (row 0 = the whole image)."""
-        return self.describe(np.stack([np.asarray(f)[0] for f in images]), SENTENCE, beam, max_len, images=images)
+        return self.describe(np.stack([np.asarray(f)[0] for f in images]), SENTENCE, beam, max_len, images=images,
+                             no_repeat_ngram=no_repeat_ngram)
 
 
 # ---------------------------------------------------------------- MLflow
@@ -407,7 +409,8 @@ class CaptionerPyfunc(mlflow.pyfunc.PythonModel):
                 if name == "caption" and "regions" in df:
                     images = [feats[j:j + 1] if df["regions"].iloc[i] is None
                               else np.asarray(list(df["regions"].iloc[i]), np.float32) for j, i in enumerate(rows)]
-                for i, r in zip(rows, cap.describe(feats, kind, c["beam_size"], c["max_len"], images=images)):
+                for i, r in zip(rows, cap.describe(feats, kind, c["beam_size"], c["max_len"], images=images,
+                                                       no_repeat_ngram=c.get("no_repeat_ngram", 0))):
                     out[i] = r
         return pd.DataFrame({"text": [o[0] for o in out], "score": [o[1] for o in out]})
 

@@ -144,6 +144,7 @@ class CaptionerConfig(Strict):
     min_word_count: int = Field(1, ge=1)  # rarer training words become <unk> (never generated)
     max_len: int = Field(24, ge=4)  # longest training caption (longer ones are skipped) and generation cap
     beam_size: int = Field(7, ge=1)  # Karpathy & Fei-Fei's DVSA
+    no_repeat_ngram: int = Field(3, ge=0)  # no n-gram twice in a description (0: off)
     region_phrases: bool = True  # also train region -> phrase pairs from gold links
     top_k_regions: int = Field(10, ge=0)  # regions described per image (detector order)
     registered_model: str = "densevse-captioner"

@@ -125,8 +125,9 @@ class Describer:
         if self.propose is not None and c.top_k_regions > 0:
             boxes = dedup_boxes(self.propose([jpeg])[0], c.top_k_regions)
         feats = self.featurize(jpeg, w, h, boxes)
-        text, score = self.cap.caption([feats], c.beam_size, c.max_len)[0]
-        phrases = self.cap.describe(feats[1:], self.cap.phrase_kind, c.beam_size, c.max_len) if len(boxes) else []
+        text, score = self.cap.caption([feats], c.beam_size, c.max_len, c.no_repeat_ngram)[0]
+        phrases = self.cap.describe(feats[1:], self.cap.phrase_kind, c.beam_size, c.max_len,
+                                    no_repeat_ngram=c.no_repeat_ngram) if len(boxes) else []
         note = self.note or ("" if len(boxes) else "no region above the detector threshold: whole-image caption only")
         return {"image": str(path), "width": w, "height": h, "caption": text, "caption_score": round(score, 4),
                 "regions": [{"box": [round(float(v), 1) for v in b], "phrase": p, "score": round(s, 4)}
