@@ -57,6 +57,9 @@ def main(argv=None) -> int:
     overrides = [f"dataset.synthetic.num_images={args.images}", f"dataset.synthetic.test_images={args.images // 3}",
                  f"shards.samples_per_shard={args.samples_per_shard}",
                  f"stages.features.params.input_size={args.input_size}", "stages.features.params.threads=1",
+                 # one feature actor in both layouts: the same work; on two 1-CPU nodes only one actor leaves a
+                 # node free for the 1-CPU tasks (pipeline.preprocess.actor_pool_sizes)
+                 "stages.features.concurrency=1",
                  # gold boxes/trees: the model stages that remain (features) stand for the others; Detectron2 and
                  # Stanza would only scale every figure down alike (bench_regions.py measures them)
                  "stages.regions.impl=gold_boxes", "stages.regions.params={}", "stages.parse.impl=gold_trees",

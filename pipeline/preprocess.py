@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import pickle
 import time
 from collections import Counter
@@ -78,27 +79,42 @@ class _ActorStage(_TaskStage):
         return {"shard": batch["shard"], "rows": [_run_stage(self.stage, p, self.batch_size) for p in batch["rows"]]}
 
 
-def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], total_cpus: float) -> dict[str, int]:
-    """Actors per model stage, capped so the pools leave CPUs for the task stages.
+def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], node_cpus: float | list[float]) -> dict[str, int]:
+    """Actors per model stage, capped so the pools always leave some node room for a task.
 
-    Actors hold their CPUs for the whole run; if they took every CPU the task stages could never be scheduled
-    and the run would hang (seen on a 2-CPU machine with 2 feature actors). Caps are logged, not silent.
+    Actors hold their CPUs for the whole run; if they left no node with `task` CPUs free, the task stages could
+    never be scheduled and the run would hang (seen on a 2-CPU machine with 2 feature actors, and on two 1-CPU
+    nodes with one 0.3-CPU actor on each). Ray may place actors on any node, so the bound assumes the worst:
+    a node with C CPUs is blocked by floor((C - task) / a) + 1 actors of the largest size a, and the pools
+    together stay one actor short of blocking every node. Caps are logged, not silent.
     """
+    nodes = [node_cpus] if isinstance(node_cpus, (int, float)) else list(node_cpus)
     model = {n: sc for n, sc in stage_cfgs.items() if STAGES.get(sc.impl).uses_model}
-    task_cpus = max([sc.num_cpus for n, sc in stage_cfgs.items() if n not in model] + [0.0])
-    free = total_cpus - task_cpus
+    task = max([sc.num_cpus for n, sc in stage_cfgs.items() if n not in model] + [0.0])
+    if not model:
+        return {}
+    a = max(sc.num_cpus for sc in model.values())  # num_cpus > 0 (validated)
+    room = sum(math.floor((c - task) / a + 1e-9) + 1 for c in nodes if c >= task) - 1  # actors that stay safe
     sizes = {}
     for n, sc in model.items():
-        fit = int(free / (len(model) * sc.num_cpus)) if sc.num_cpus else (sc.concurrency or 1)
-        want = sc.concurrency or max(fit, 1)
+        fit = room // len(model)
         if fit < 1:
-            raise ValueError(f"stages.{n}: an actor needs {sc.num_cpus} CPU and the task stages {task_cpus}, "
-                             f"but the cluster has {total_cpus} CPUs; lower stages.*.num_cpus")
+            raise ValueError(f"stages.{n}: {len(model)} model stage(s) need actors of up to {a} CPU and the task "
+                             f"stages {task} CPU on one node, but the cluster's nodes have {nodes} CPUs; lower "
+                             f"stages.*.num_cpus")
+        want = sc.concurrency or fit
         sizes[n] = min(want, fit)
         if sizes[n] < want:
-            log.warning("stages.%s.concurrency=%d capped to %d actors to leave %.1f CPU for task stages "
-                        "(cluster has %.1f CPUs)", n, want, sizes[n], task_cpus, total_cpus)
+            log.warning("stages.%s.concurrency=%d capped to %d actors so that a node keeps %.1f CPU for task "
+                        "stages (node CPUs %s)", n, want, sizes[n], task, nodes)
     return sizes
+
+
+def node_cpus() -> list[float]:
+    """CPUs of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
 
 
 def _add_stage(ds, sc: StageConfig, actors: int | None):
@@ -140,7 +156,7 @@ def preprocess(cfg: PipelineConfig, progress: bool = True) -> dict:
         items = [{"shard": s, "rows": pickle.dumps(rs, protocol=pickle.HIGHEST_PROTOCOL)} for s, rs in by_shard.items()]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
         stage_cfgs = {name: getattr(cfg.stages, name) for name in STAGE_ORDER}
-        actors = actor_pool_sizes(stage_cfgs, ray.cluster_resources().get("CPU", 1.0))
+        actors = actor_pool_sizes(stage_cfgs, node_cpus())
         for name, sc in stage_cfgs.items():
             ds = _add_stage(ds, sc, actors.get(name))
         written = ds.map_batches(_write, fn_kwargs={"shard_dir": str(shard_dir)}, batch_size=1,

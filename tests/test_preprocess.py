@@ -109,17 +109,6 @@ def test_plan_is_stable_and_rejects_duplicates(run, tmp_path):
     assert [(r["key"], r["shard"]) for r in a] == [(r["key"], r["shard"]) for r in b]
 
 
-def test_actor_pools_leave_cpus_for_tasks():
-    from pipeline.config import StageConfig
-
-    stages = {"ingest": StageConfig(impl="image_caption"), "regions": StageConfig(impl="gold_boxes"),
-              "features": StageConfig(impl="efficientnet_lite0"), "parse": StageConfig(impl="gold_trees")}
-    assert actor_pool_sizes(stages, 2.0) == {"features": 1}
-    assert actor_pool_sizes(stages, 9.0) == {"features": 8}
-    with pytest.raises(ValueError, match="stages.features"):
-        actor_pool_sizes(stages, 1.0)
-
-
 def test_bad_inputs_are_recorded_not_dropped(tmp_path, ray_local, capsys):
     """Flickr8k-format set: good, corrupt, truncated, missing and caption-less samples."""
     root = tmp_path / "f8k"
