@@ -46,6 +46,17 @@ def tiny(tmp_path_factory):
     return ck, shard_dir, loss
 
 
+def _fit(m: MRNN, feats, kind, toks, steps: int = 150) -> None:
+    """Overfit a tiny MRNN on a few sequences (teacher forcing, Adam), then switch it to eval mode."""
+    opt = torch.optim.Adam(m.parameters(), 1e-2)
+    for _ in range(steps):
+        loss = m(feats, kind, toks)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+
+
 def test_mrnn_learns_and_decodes():
     """Teacher-forced training fits two sequences; beam search and greedy return them, without BOS/EOS."""
     torch.manual_seed(0)
@@ -53,13 +64,7 @@ def test_mrnn_learns_and_decodes():
         m = MRNN(12, 8, embed_dim=16, hidden_dim=32, multimodal_dim=32, cell=cell, dropout=0.0)
         feats, kind = torch.eye(8)[:2], torch.tensor([SENTENCE, PHRASE])
         toks = torch.tensor([[4, 5, 6, 7], [8, 9, 0, 0]])
-        opt = torch.optim.Adam(m.parameters(), 1e-2)
-        for _ in range(150):
-            loss = m(feats, kind, toks)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        m.eval()
+        _fit(m, feats, kind, toks)
         assert [ids for ids, _ in m.beam_search(feats, kind, beam=4)] == [[4, 5, 6, 7], [8, 9]]
         assert [ids for ids, _ in m.greedy(feats, kind)] == [[4, 5, 6, 7], [8, 9]]
         assert all(lp <= 0 for _, lp in m.beam_search(feats, kind, beam=4))
@@ -73,13 +78,7 @@ def test_no_repeat_ngram_blocks_loops():
     torch.manual_seed(0)
     m = MRNN(12, 8, embed_dim=16, hidden_dim=32, multimodal_dim=32, dropout=0.0)
     feats, kind, toks = torch.eye(8)[:1], torch.tensor([SENTENCE]), torch.tensor([[4, 5, 6, 4, 5, 6]])
-    opt = torch.optim.Adam(m.parameters(), 1e-2)
-    for _ in range(150):
-        loss = m(feats, kind, toks)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    m.eval()
+    _fit(m, feats, kind, toks)
     assert m.beam_search(feats, kind, beam=3)[0][0] == [4, 5, 6, 4, 5, 6]
     ids = m.beam_search(feats, kind, beam=3, no_repeat_ngram=3)[0][0]
     trigrams = [tuple(ids[i:i + 3]) for i in range(len(ids) - 2)]
