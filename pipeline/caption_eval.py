@@ -110,7 +110,8 @@ def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | N
     keys = [s["key"] for s in test]
     refs = {s["key"]: [x["text"] for x in s["meta"]["captions"]] for s in test}
     feats0 = np.stack([s["feats"][0] for s in test])
-    gen = {k: t for k, (t, _) in zip(keys, cap.caption([s["feats"] for s in test], c.beam_size, c.max_len, c.no_repeat_ngram))}
+    captions = cap.caption([s["feats"] for s in test], c.beam_size, c.max_len, c.no_repeat_ngram)
+    gen = {k: t for k, (t, _) in zip(keys, captions)}
     nn = dict(zip(keys, nearest_captions(np.stack(train_feats), train_caps, feats0)))
     out: dict = {"split": split, "n_images": len(test), "beam_size": c.beam_size, "epoch": cap.ck.get("epoch"),
                  "spice": "not computed: pycocoevalcap downloads Stanford CoreNLP for SPICE (offline here)"}

@@ -323,7 +323,14 @@ class Captioner:
                  images: list | None = None, no_repeat_ngram: int = 3) -> list[tuple[str, float]]:
         """(text, confidence) per feature row; confidence = exp(mean log-prob per word, EOS included).
         `images`, one (R, D) array per row: what each row's description attends over (default: the row)."""
-        feats = torch.as_tensor(np.asarray(feats, np.float32)).reshape(-1, self.model.hparams["feat_dim"])
+        d = self.model.hparams["feat_dim"]
+        feats = torch.as_tensor(np.asarray(feats, np.float32)).reshape(-1, d)
+        if images is not None:
+            images = [np.asarray(f, np.float32) for f in images]
+            bad = [f.shape for f in images if f.ndim != 2 or len(f) == 0 or f.shape[1] != d]
+            if len(images) != len(feats) or bad:
+                raise ValueError(f"images must be one (R, {d}) array with R >= 1 per feature row "
+                                 f"({len(feats)}); got {len(images)} arrays, bad shapes {bad[:3]}")
         out = []
         for i in range(0, len(feats), batch):
             f = feats[i:i + batch].to(self.device)

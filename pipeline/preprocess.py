@@ -95,13 +95,13 @@ def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], node_cpus: float | list
         return {}
     a = max(sc.num_cpus for sc in model.values())  # num_cpus > 0 (validated)
     room = sum(math.floor((c - task) / a + 1e-9) + 1 for c in nodes if c >= task) - 1  # actors that stay safe
+    fit = room // len(model)  # each model stage's share
+    if fit < 1:
+        raise ValueError(f"stages.{next(iter(model))}: {len(model)} model stage(s) need actors of up to {a} CPU and "
+                         f"the task stages {task} CPU on one node, but the cluster's nodes have {nodes} CPUs; lower "
+                         f"stages.*.num_cpus")
     sizes = {}
     for n, sc in model.items():
-        fit = room // len(model)
-        if fit < 1:
-            raise ValueError(f"stages.{n}: {len(model)} model stage(s) need actors of up to {a} CPU and the task "
-                             f"stages {task} CPU on one node, but the cluster's nodes have {nodes} CPUs; lower "
-                             f"stages.*.num_cpus")
         want = sc.concurrency or fit
         sizes[n] = min(want, fit)
         if sizes[n] < want:

@@ -165,6 +165,17 @@ def test_tiny_captioner_names_objects(tiny):
     assert object_precision(captions, [s["meta"]["gold"]["labels"] for s in test]) >= 80.0, captions
 
 
+def test_caption_rejects_malformed_region_features(tiny):
+    """Attention memory of the wrong width, empty, or one array short: a ValueError naming the shapes."""
+    ck, shard_dir, _ = tiny
+    cap = Captioner.load(ck)
+    f = next(iter_samples(shard_paths(shard_dir, "test")))["feats"]
+    for images in ([f[:, :100]], [f[:0]], [f, f]):
+        with pytest.raises(ValueError, match=r"images must be one \(R, 1280\) array"):
+            cap.describe(f[:1], SENTENCE, beam=2, images=images)
+    assert cap.caption([f], beam=2)[0][0]  # the well-formed input still captions
+
+
 def _png(path, color=(200, 30, 30)):
     img = Image.new("RGB", (96, 80), (90, 90, 90))
     img.paste(color, (20, 20, 50, 50))
