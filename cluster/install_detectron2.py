@@ -6,7 +6,8 @@ compiler + CUDA toolkit matching torch. The registry package `sal-detectron2==0.
 Python 3.11 venv cannot load. Everything the region stage uses (Faster R-CNN, RPN, FPN, ROIAlign, NMS,
 DefaultTrainer) falls back to torchvision ops when `_C` is missing, so we:
 
-  1. `pip download` that exact wheel, hash-pinned (pip --require-hashes, and re-checked here);
+  1. `pip download` that exact wheel, hash-pinned (pip --require-hashes, and re-checked here). A uv venv has no
+     pip, so the first pip that runs is used: the target venv's, this interpreter's base, else `uv tool run pip`;
   2. derive `sal_detectron2-0.7.2+nocext-py3-none-any.whl`: drop `_C*.so` and the stray top-level `tools/`
      package, mark it pure-Python (WHEEL tags), fix the dependency list (the upstream `numpy<2` cap would
      downgrade the venv's numpy; `tensorboard`/`black` are optional; `fvcore`/`iopath`, which detectron2
@@ -16,6 +17,9 @@ DefaultTrainer) falls back to torchvision ops when `_C` is missing, so we:
 Idempotent: does nothing when `import detectron2` already works in the target interpreter.
 
     .venv/bin/python cluster/install_detectron2.py [--python .venv/bin/python] [--force] [--cache DIR]
+
+The cache defaults to `$DENSEVSE_CACHE_DIR/detectron2` (else `~/.cache/densevse/detectron2`); CI points it at
+an empty directory on every run, so the download path is always exercised.
 """
 from __future__ import annotations
 
@@ -78,6 +82,36 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def cache_root() -> Path:
+    """The project's download cache: `$DENSEVSE_CACHE_DIR`, else `$XDG_CACHE_HOME/densevse`, else ~/.cache/densevse."""
+    if os.environ.get("DENSEVSE_CACHE_DIR"):
+        return Path(os.environ["DENSEVSE_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "densevse"
+
+
+def _runs(cmd: list[str]) -> bool:
+    try:
+        return subprocess.run(cmd + ["--version"], capture_output=True, timeout=120).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def pip_command(python: str) -> list[str]:
+    """A pip that runs here. `pip download --python-version` does not depend on the interpreter it runs in, so
+    any pip will do: the target venv's (a uv venv has none), the base interpreter's, else pip run by uv."""
+    candidates = [[python, "-m", "pip"]]
+    base = getattr(sys, "_base_executable", None) or sys.executable
+    for exe in dict.fromkeys([sys.executable, base]):
+        candidates.append([exe, "-m", "pip"])
+    if shutil.which("uv"):
+        candidates.append([shutil.which("uv"), "tool", "run", "--quiet", "pip"])
+    for cmd in candidates:
+        if _runs(cmd):
+            return cmd
+    raise SystemExit("no pip found to download " + SOURCE_WHEEL + " (tried: "
+                     + "; ".join(" ".join(c) for c in candidates) + "); install pip or uv")
+
+
 def download(python: str, cache: Path) -> Path:
     """The pinned upstream wheel, from the cache when its hash matches, else via `pip download --require-hashes`."""
     cache.mkdir(parents=True, exist_ok=True)
@@ -87,7 +121,7 @@ def download(python: str, cache: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         req = Path(tmp) / "requirements.txt"
         req.write_text(f"{PACKAGE}=={VERSION} --hash=sha256:{SOURCE_SHA256}\n")
-        cmd = [python, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+        cmd = pip_command(python) + ["download", "--quiet", "--no-deps", "--only-binary=:all:",
                "--python-version", "3.10", "--require-hashes", "-r", str(req), "-d", tmp]
         log("downloading " + SOURCE_WHEEL)
         subprocess.run(cmd, check=True)
@@ -161,8 +195,8 @@ def install(python: str, wheel: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--python", default=sys.executable, help="interpreter of the target venv (default: this one)")
-    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                    / "densevse" / "detectron2", help="where the downloaded and derived wheels are kept")
+    ap.add_argument("--cache", type=Path, default=cache_root() / "detectron2",
+                    help="where the downloaded and derived wheels are kept")
     ap.add_argument("--force", action="store_true", help="reinstall even when detectron2 already imports")
     args = ap.parse_args(argv)
     if not args.force and works(args.python):

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import io
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -74,8 +75,29 @@ def test_installer_is_idempotent_and_detectron2_works():
     assert keep.tolist() == [0]
 
 
+def test_pip_is_found_for_a_venv_without_pip(tmp_path):
+    """A uv venv has no pip (the setup failure on a fresh machine): the installer must still find one that runs."""
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv not on PATH")
+    subprocess.run([uv, "venv", "-q", "--python", sys.executable, str(tmp_path / "venv")], check=True)
+    bare = str(tmp_path / "venv" / "bin" / "python")
+    assert subprocess.run([bare, "-m", "pip", "--version"], capture_output=True).returncode != 0
+    cmd = inst.pip_command(bare)
+    assert cmd[:2] != [bare, "-m"]
+    assert subprocess.run(cmd + ["--version"], capture_output=True).returncode == 0
+
+
+def test_cache_root_follows_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("DENSEVSE_CACHE_DIR", str(tmp_path))
+    assert inst.cache_root() == tmp_path
+    monkeypatch.delenv("DENSEVSE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert inst.cache_root() == tmp_path / "xdg" / "densevse"
+
+
 def test_derived_wheel_is_pure_python_with_valid_record(tmp_path):
-    src = Path.home() / ".cache" / "densevse" / "detectron2" / inst.SOURCE_WHEEL
+    src = inst.cache_root() / "detectron2" / inst.SOURCE_WHEEL
     if not src.is_file() or inst.sha256(src) != inst.SOURCE_SHA256:
         pytest.skip("pinned upstream wheel not cached here")
     whl = inst.derive(src, tmp_path)
