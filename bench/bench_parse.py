@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.datasets.flickr8k import parse_token_file  # noqa: E402
-from pipeline.parser_train import DEFAULT_DIR  # noqa: E402
+from models.parser import DEFAULT_DIR  # noqa: E402
 from stages.base import empty_row  # noqa: E402
 from stages.parse import StanzaParse, caption_stats  # noqa: E402
 
@@ -62,7 +62,7 @@ def main() -> None:
         source = "flickr8k"
     else:
         from pipeline.datasets.synthetic import treebank
-        from pipeline.trees import from_ptb
+        from models.trees import from_ptb
 
         texts, source = [" ".join(from_ptb(s)["tokens"]) for s in treebank(args.n, seed=7)], "synthetic"
     stage.parse_texts(texts[:20])  # warm-up

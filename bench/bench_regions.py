@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 from stages import STAGES  # noqa: E402
 from stages.base import empty_row, npy_bytes, npy_load  # noqa: E402
-from stages.regions import default_detector_dir, proposal_recall  # noqa: E402
+from models.detector import default_detector_dir  # noqa: E402
+from models.metrics import proposal_recall
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-1k" / "images"
 

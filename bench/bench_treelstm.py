@@ -40,7 +40,9 @@ def steps_per_s(naive: bool, batches, dims: dict, cfg) -> float:
 
 def main(argv=None) -> int:
     from pipeline.config import parse_config
-    from pipeline.loader import batched_pairs, build_vocabs, collate, iter_pairs, iter_samples, shard_paths
+    from pipeline.training.data import batched_pairs, build_vocabs, iter_pairs, iter_samples
+    from models.batch import collate
+    from pipeline.preprocess.shards import shard_paths
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=Path, default=None)
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
     print(f"  level-batched {fast:8.1f} pairs/s\n  naive         {slow:8.1f} pairs/s\n  ratio         {fast / slow:8.1f}x")
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    from pipeline.train import train
+    from pipeline.training.embedding import train
 
     res = {}
     for w in args.workers:

@@ -27,8 +27,8 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     from pipeline.config import load_config
-    from pipeline.evaluate import evaluate
-    from pipeline.train import train
+    from pipeline.evaluation.retrieval import evaluate
+    from pipeline.training.embedding import train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", nargs="?", default="pipeline.yaml")

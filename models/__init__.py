@@ -1,7 +1,7 @@
 """Embedding models, selected by `train.model` in pipeline.yaml: hmlstm (ours), vse and dvsa (baselines)."""
 from __future__ import annotations
 
-from pipeline.registry import Registry
+from models.registry import Registry
 
 MODELS: Registry = Registry("model")
 

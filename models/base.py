@@ -20,7 +20,9 @@ class EmbeddingModel(nn.Module):
 
     def __init__(self, **hparams):
         super().__init__()
-        self.hparams = hparams  # constructor arguments, stored in checkpoints to rebuild the model
+        # Constructor arguments, stored in checkpoints to rebuild the model. The word-vector init is not: the
+        # trained weights replace it, and a checkpoint of plain values loads with weights_only=True.
+        self.hparams = {**hparams, "word_init": None} if "word_init" in hparams else hparams
 
     @classmethod
     def from_config(cls, train_cfg, *, vocab_size: int, n_labels: int, feat_dim: int, word_init=None):

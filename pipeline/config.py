@@ -10,9 +10,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class ConfigError(ValueError):
-    """pipeline.yaml (or an override) is invalid; the message names each bad key."""
+from pipeline.errors import ConfigError
+from stages import STAGES
 
 
 class Strict(BaseModel):
@@ -59,9 +58,12 @@ class DatasetConfig(Strict):
 
 
 class StageConfig(Strict):
-    """One preprocessing stage: which implementation, its parameters, and its Ray resources."""
+    """One preprocessing stage: which implementation, its parameters, and its Ray resources.
+
+    `params` is given as a mapping and validated once, here, into the stage's own `Params` model: every actor
+    and Ray worker gets the typed object and never re-validates it."""
     impl: str
-    params: dict[str, Any] = {}
+    params: Any = {}
     num_cpus: float = Field(1, gt=0)
     num_gpus: float = Field(0, ge=0)
     batch_size: int = Field(16, ge=1)
@@ -69,23 +71,28 @@ class StageConfig(Strict):
 
 
 class StagesConfig(Strict):
-    ingest: StageConfig = StageConfig(impl="image_caption")
-    regions: StageConfig = StageConfig(impl="gold_boxes")
-    features: StageConfig = StageConfig(impl="efficientnet_lite0")
-    parse: StageConfig = StageConfig(impl="gold_trees")
+    """The four preprocessing stages in order. Defaults are pipeline.yaml's: the project's Detectron2 detector,
+    EfficientNet-Lite0 features and Stanza parser."""
+    ingest: StageConfig = StageConfig(impl="image_caption", batch_size=64)
+    regions: StageConfig = StageConfig(impl="detectron2", num_cpus=0.3)
+    features: StageConfig = StageConfig(impl="efficientnet_lite0", num_cpus=0.3, batch_size=32)
+    parse: StageConfig = StageConfig(impl="stanza", num_cpus=0.3, batch_size=64)
 
     @model_validator(mode="after")
-    def _impls(self):
-        from stages import STAGES  # importing registers every stage; heavy libraries load lazily
-
+    def _typed_params(self):
         for field in type(self).model_fields:
             sc: StageConfig = getattr(self, field)
             if sc.impl not in STAGES:
                 raise ValueError(f"{field}.impl: unknown stage {sc.impl!r}; known: {STAGES.names()}")
+            params_cls = STAGES.get(sc.impl).Params
+            if isinstance(sc.params, params_cls):
+                continue
+            raw = sc.params.model_dump() if isinstance(sc.params, BaseModel) else sc.params
             try:
-                STAGES.get(sc.impl).Params.model_validate(sc.params)
+                typed = params_cls.model_validate(raw if raw is not None else {})
             except ValidationError as e:
                 raise ValueError("; ".join(f"{field}.params.{m}" for m in _describe(e).split("; "))) from None
+            object.__setattr__(sc, "params", typed)  # no re-validation of the whole StageConfig
         return self
 
 
@@ -123,7 +130,6 @@ class TrainConfig(Strict):
     word_vectors: Literal["glove-6b-50d", "random"] = "glove-6b-50d"
     max_tokens: int = Field(40, ge=4)
     seed: int = 0
-    fail_at_epoch: int | None = Field(None, ge=1)  # fault injection: rank 0 crashes once at this epoch's start
 
 
 class EvalConfig(Strict):

@@ -11,9 +11,7 @@ The pyfunc model (pipeline/pyfunc_model.py) embeds region features and trees int
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import math
 import socket
 import subprocess
@@ -109,20 +107,6 @@ def stop_server(proc: subprocess.Popen, timeout: float = 20) -> None:
             pass
 
 
-def register(subparsers) -> None:
-    p = subparsers.add_parser("mlflow", help="run an MLflow tracking server (sqlite backend, local artifacts)")
-    p.add_argument("--port", type=int, default=5000)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--dir", type=Path, default=Path("mlflow"), help="holds mlflow.db and artifacts/")
-    p.set_defaults(func=_serve)
-
-
-def _serve(args: argparse.Namespace) -> int:
-    args.dir.mkdir(parents=True, exist_ok=True)
-    print(f"MLflow at http://{args.host}:{args.port} (set mlflow.tracking_uri to it); data in {args.dir}")
-    return subprocess.call(server_command(args.dir, args.host, args.port), env=server_env())
-
-
 # ---------------------------------------------------------------- run logging
 
 
@@ -182,29 +166,49 @@ def end_run(uri: str, run_id: str, status: str = "FAILED") -> None:
 
 
 def finish_run(cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
-    """Curves, alignment figure, and the best model logged + registered; returns the registered version."""
+    """Curves, alignment figure, and the best embedding model logged + registered; returns the version."""
+    from pipeline.serving.pyfunc import EmbeddingPyfunc, signature
+
+    def figures(client):
+        try:
+            fig = alignment_figure(best_path, cfg.shard_dir)
+            if fig is not None:
+                client.log_figure(run_id, fig, "plots/alignment.png")
+        except Exception as e:  # noqa: BLE001 - a figure must not lose the trained model
+            client.set_tag(run_id, "alignment_figure_error", repr(e)[:500])
+
+    return _log_model(cfg.mlflow.tracking_uri, run_id, history, best_path, EmbeddingPyfunc(), signature(),
+                      cfg.mlflow.registered_model, figures)
+
+
+def register_captioner(cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
+    """Loss curve + the best checkpoint as a pyfunc model registered as cfg.captioner.registered_model."""
+    from pipeline.serving.pyfunc import CaptionerPyfunc, pyfunc_signature
+
+    return _log_model(cfg.mlflow.tracking_uri, run_id, history, best_path, CaptionerPyfunc(), pyfunc_signature(),
+                      cfg.captioner.registered_model)
+
+
+def _log_model(uri: str, run_id: str, history: list[dict], best_path: Path, python_model, signature, name: str,
+               figures=None) -> int | None:
+    """The run's curves (+ `figures(client)`), then the checkpoint as an mlflow.pyfunc model registered as `name`,
+    shipping the project's library code so the model loads where the project is not installed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(cfg.mlflow.tracking_uri)
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
-    for name, fig in curves(history).items():
-        client.log_figure(run_id, fig, f"plots/{name}.png")
-    try:
-        fig = alignment_figure(best_path, cfg.shard_dir)
-        if fig is not None:
-            client.log_figure(run_id, fig, "plots/alignment.png")
-    except Exception as e:  # noqa: BLE001 - a figure must not lose the trained model
-        client.set_tag(run_id, "alignment_figure_error", repr(e)[:500])
-    from pipeline.pyfunc_model import EmbeddingPyfunc, signature
-
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(uri)
+    for fig_name, fig in curves(history).items():
+        client.log_figure(run_id, fig, f"plots/{fig_name}.png")
+    if figures is not None:
+        figures(client)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=EmbeddingPyfunc(), artifacts={"checkpoint": str(best_path)},
-            signature=signature(), registered_model_name=cfg.mlflow.registered_model,
+            name="model", python_model=python_model, artifacts={"checkpoint": str(best_path)},
+            signature=signature, registered_model_name=name,
             code_paths=[str(REPO / "models"), str(REPO / "pipeline")],
             pip_requirements=["torch", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml", "mlflow"])
         mlflow.set_tag("best_model", str(best_path))
@@ -241,8 +245,10 @@ def alignment_figure(best_path: Path, shard_dir: Path, split: str = "val"):
     import torch
     from PIL import Image
 
-    from pipeline.evaluate import load_model
-    from pipeline.loader import collate, eval_items, shard_paths
+    from models.batch import collate
+    from models.checkpoint import load_model
+    from pipeline.preprocess.shards import shard_paths
+    from pipeline.training.data import eval_items
 
     paths = shard_paths(shard_dir, split) or shard_paths(shard_dir, "test") or shard_paths(shard_dir, "train")
     items = next(eval_items(paths[:1], 1, 1, with_image=True), None)

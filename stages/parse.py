@@ -1,11 +1,11 @@
-"""Parse stage: every caption -> a constituency tree (pipeline.trees format) and its phrases, with real Stanza.
+"""Parse stage: every caption -> a constituency tree (models/trees.py format) and its phrases, with real Stanza.
 
 `stanza` runs a `tokenize,pos,constituency` stanza.Pipeline, loaded once per Ray actor (uses_model = True), and
 parses ALL captions of a batch in one bulk call (Stanza batches them internally by length), rather than one
 call per caption: per-call overhead dominates for short captions (see bench/bench_parse.py).
 
 Models: by default the offline models made by `densevse parser train` (`model_dir: .cache/parser/stanza-synthetic`,
-its models.json fills the paths below; `prepare` trains them once on the driver when missing). Or Stanza's real
+its models.json fills the paths below; the run's prepare step trains them once when missing). Or Stanza's real
 English models: `densevse models download` once, online, then `model_dir:` the directory it prints (null: Stanza's
 default directory). A user-given directory or path that does not exist fails up front, naming it.
 
@@ -23,17 +23,14 @@ import json
 import logging
 import re
 import unicodedata
-from pathlib import Path
 
 from pydantic import Field
 
-from pipeline import trees as T
-from pipeline.config import ConfigError
-from pipeline.parser_train import DEFAULT_DIR
+from models import trees as T
+from models.parser import DEFAULT_DIR, build_pipeline
 from stages.base import STAGES, Params as StageParams, Stage
 from stages.gold import attach_tree
 
-MANIFEST = "models.json"  # written by pipeline.parser_train
 log = logging.getLogger("densevse.parse")
 
 # ---------------------------------------------------------------- tokenizer
@@ -97,87 +94,6 @@ def looks_english(tokens: list[str]) -> bool:
 
 # ---------------------------------------------------------------- Stanza
 
-def resolve_paths(model_dir: str | Path | None, **paths) -> dict:
-    """Model paths for stanza.Pipeline: explicit params win; else a `densevse parser train` models.json in model_dir."""
-    out = {k: v for k, v in paths.items() if v}
-    if model_dir is not None:
-        man = Path(model_dir).expanduser() / MANIFEST
-        if man.is_file():
-            m = json.loads(man.read_text())
-            for k in ("pos_model_path", "constituency_model_path", "pretrain_path", "tokenize_model_path"):
-                if m.get(k) and k not in out:
-                    out[k] = str(man.parent / m[k])
-    return out
-
-
-def build_pipeline(lang: str = "en", model_dir: str | Path | None = None, processors: str = "tokenize,pos,constituency",
-                   tokenize_pretokenized: bool = True, tokenize_model_path: str | None = None,
-                   pos_model_path: str | None = None, constituency_model_path: str | None = None,
-                   pretrain_path: str | None = None, pos_pretrain_path: str | None = None,
-                   device: str = "cpu", **extra):
-    """stanza.Pipeline that never downloads (download_method=None).
-
-    With explicit model paths (our trained models) Stanza needs no resources.json entry for the language, so
-    we allow_unknown_language and give it an empty resources.json; with real downloaded models, model_dir's
-    resources.json supplies every default path, including the charlm dependencies.
-    """
-    import stanza
-
-    paths = resolve_paths(model_dir, tokenize_model_path=tokenize_model_path, pos_model_path=pos_model_path,
-                          constituency_model_path=constituency_model_path, pretrain_path=pretrain_path)
-    kw = dict(lang=lang, processors=processors, download_method=None, tokenize_pretokenized=tokenize_pretokenized,
-              tokenize_no_ssplit=True, device=device, logging_level="WARN", **extra)
-    if model_dir is not None:
-        kw["dir"] = str(Path(model_dir).expanduser())
-    pretrain = paths.pop("pretrain_path", None) or pos_pretrain_path
-    for proc in ("tokenize", "pos", "constituency"):
-        if paths.get(f"{proc}_model_path"):
-            kw[f"{proc}_model_path"] = paths[f"{proc}_model_path"]
-    if pretrain:
-        kw["pos_pretrain_path"] = pos_pretrain_path or pretrain
-        if "constituency" in processors:
-            kw["constituency_pretrain_path"] = pretrain
-    if paths.get("pos_model_path"):  # our own models: no resources.json entry for them
-        kw["allow_unknown_language"] = True
-        d = Path(kw.get("dir") or Path(paths["pos_model_path"]).parent)
-        kw["dir"] = str(d)
-        if not (d / "resources.json").is_file():
-            d.mkdir(parents=True, exist_ok=True)
-            (d / "resources.json").write_text("{}")
-    return stanza.Pipeline(**kw)
-
-
-def _same_path(a, b) -> bool:
-    return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
-
-
-def _explicit_paths(p) -> dict:
-    return {k: v for k in ("tokenize_model_path", "pos_model_path", "constituency_model_path", "pretrain_path")
-            if (v := getattr(p, k))}
-
-
-def missing_models(p) -> str | None:
-    """Why the configured models cannot load (naming the path), or None. Checked before a run starts."""
-    for key, path in _explicit_paths(p).items():
-        if not Path(path).expanduser().is_file():
-            return f"{key}: no such file {path}"
-    if _explicit_paths(p):
-        return None
-    if p.model_dir is None:
-        from stanza.resources.common import DEFAULT_MODEL_DIR as d
-    else:
-        d = Path(p.model_dir).expanduser()
-    hint = "run `densevse models download` (online) or `densevse parser train` (offline)"
-    if not Path(d).is_dir():
-        return f"model_dir: no such directory {d}; {hint}"
-    if (Path(d) / MANIFEST).is_file():
-        gone = [v for k, v in resolve_paths(d).items() if not Path(v).is_file()]
-        return f"model_dir: {d} lists missing model files {gone}" if gone else None
-    if not (Path(d) / "resources.json").is_file() or not (Path(d) / p.lang).is_dir():
-        return f"model_dir: {d} holds no Stanza models for {p.lang!r} (no resources.json or {p.lang}/); {hint}"
-    return None
-
-
 @STAGES.register("stanza")
 class StanzaParse(Stage):
     """Constituency trees + phrases for every caption, one bulk Stanza call per batch."""
@@ -200,25 +116,6 @@ class StanzaParse(Stage):
         english_check: bool = True  # reject long captions without any English function word
         device: str = "cpu"
         num_threads: int | None = Field(1, ge=1)  # torch intra-op threads per actor; None leaves torch's default
-
-    @classmethod
-    def prepare(cls, params=None) -> None:
-        """Once, on the driver: train the project's default models if absent or stale (a no-op when cached), or
-        check that user-given models exist, so a run fails before any work rather than in every actor."""
-        p = params if isinstance(params, StageParams) else cls.Params.model_validate(params or {})
-        if p.model_dir is not None and _same_path(p.model_dir, DEFAULT_DIR) and not _explicit_paths(p):
-            from pipeline import parser_train
-
-            if parser_train.cached_manifest(p.model_dir) is None:
-                log.info("parse: training the default Stanza parser into %s (once, ~3 min on 2 CPUs; cached "
-                         "afterwards; `densevse parser train` does the same)", p.model_dir)
-                m = parser_train.train(p.model_dir)
-                log.info("parse: parser trained in %ss, held-out bracket F1 %.4f",
-                         m["train_seconds"]["total_s"], m["bracket_f1"])
-            return
-        missing = missing_models(p)
-        if missing:
-            raise ConfigError(f"stages.parse.params: {missing}")
 
     def __init__(self, params=None):
         super().__init__(params)

@@ -76,7 +76,7 @@ def test_kuberay_raycluster_and_rayjob():
 def test_staged_job_carries_project_and_resolved_config(tmp_path):
     cfg = jobs.job_config(ROOT / "pipeline.yaml", ["train.epochs=3", "run.name=staged"])
     staged = jobs.stage(cfg, tmp_path / "project")
-    assert (staged / "pipeline" / "cli.py").is_file() and (staged / "cluster" / "jobs.py").is_file()
+    assert (staged / "pipeline" / "cli" / "main.py").is_file() and (staged / "cluster" / "jobs.py").is_file()
     assert not any((staged / d).exists() for d in (".venv", "runs", ".git", ".cache"))
     shipped = load_config(staged / jobs.JOB_CONFIG)
     assert shipped.train.epochs == 3 and shipped.run.name == "staged" and shipped.ray.address == "auto"
@@ -97,12 +97,13 @@ def test_submit_names_paths_the_job_cannot_see():
 
 
 def test_job_commands_are_registered():
-    from pipeline.cli import build_parser
+    from pipeline.cli import cluster as cli
+    from pipeline.cli.main import build_parser
 
     p = build_parser()
     a = p.parse_args(["submit", "pipeline.yaml", "--address", "local", "-s", "train.epochs=1", "--wait"])
-    assert a.func is jobs.cmd_submit and a.overrides == ["train.epochs=1"] and a.command == "run"
-    assert p.parse_args(["status"]).func is jobs.cmd_status
+    assert a.func is cli.cmd_submit and a.overrides == ["train.epochs=1"] and a.command == "run"
+    assert p.parse_args(["status"]).func is cli.cmd_status
     assert p.parse_args(["logs", "job1", "-f"]).follow
     assert p.parse_args(["stop", "job1", "--address", "http://h:8265"]).address == "http://h:8265"
 
@@ -224,7 +225,7 @@ def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster,
 def test_preprocessing_survives_killed_worker_node(cluster, tmp_path):
     """A worker node (the one running the feature actor) is SIGKILLed, all its processes, mid-preprocessing:
     the job still finishes, with every planned sample in the manifest and the tars exactly once."""
-    from pipeline.preprocess import plan
+    from pipeline.preprocess.run import plan
     from ray.util.state import list_nodes
 
     dash, out = cluster.dashboard, tmp_path / "pre"

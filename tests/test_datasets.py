@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import COCO, FLICKR8K, needs_coco, needs_flickr8k
-from pipeline import trees
+from models import trees
 from pipeline.config import DatasetConfig, SyntheticConfig
-from pipeline.datasets import READERS, DatasetError, read_dataset
+from pipeline.datasets import READERS, read_dataset
+from pipeline.errors import DatasetError
 from pipeline.datasets import flickr30k_entities as f30k
 from pipeline.datasets import synthetic
 

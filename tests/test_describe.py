@@ -10,12 +10,15 @@ import torch
 from PIL import Image
 
 from models.mrnn import MRNN, PHRASE, SENTENCE
-from pipeline.captioner import Captioner, Pairs, build_vocab, region_phrases, run_epoch
-from pipeline.caption_eval import nearest_captions, object_precision, object_recall
-from pipeline.cli import main
+from models.captioner import Captioner
+from pipeline.training.captioner import Pairs, build_vocab, region_phrases, run_epoch
+from models.metrics import nearest_captions, object_precision, object_recall
+from pipeline.cli.main import main
 from pipeline.config import load_config
-from pipeline.describe import Describer, dedup_boxes, dense_description
-from pipeline.loader import iter_samples, shard_paths
+from pipeline.serving.describe import Describer
+from models.captioner import dedup_boxes, dense_description
+from pipeline.training.data import iter_samples
+from pipeline.preprocess.shards import shard_paths
 from tests.shard_fixture import write_fixture_shards
 
 EFFNET_DIM = 1280  # the features stage's output: the CLI test featurises a real image
@@ -229,8 +232,8 @@ def test_train_evaluate_register_end_to_end(tmp_path, monkeypatch):
     import mlflow
     import pandas as pd
 
-    from pipeline.caption_eval import evaluate_captioner
-    from pipeline.captioner import train_captioner
+    from pipeline.evaluation.captions import evaluate_captioner
+    from pipeline.training.captioner import train_captioner
 
     shard_dir = write_fixture_shards(tmp_path / "shards", n_train=60, n_val=10, n_test=20, feat_dim=32)
     cfg = _cfg(tmp_path, f"shards.dir={shard_dir}", "captioner.epochs=12", "captioner.batch_size=32",

@@ -10,11 +10,12 @@ import torch
 from models import MODELS, build_model
 from models.hmlstm import ChildSumTreeLSTM
 from models.losses import embedding_loss, hinge_ranking
-from pipeline import trees
+from models import trees
 from pipeline.config import TrainConfig
-from pipeline.evaluate import box_iou, grounding_accuracy, ranks, recall_at_k
-from pipeline.loader import (batched_pairs, build_vocabs, collate, eval_items, iter_pairs, iter_samples,
-                             rank_shards, shard_paths)
+from models.metrics import box_iou, grounding_accuracy, ranks, recall_at_k
+from pipeline.training.data import batched_pairs, build_vocabs, eval_items, iter_pairs, iter_samples, rank_shards
+from models.batch import collate
+from pipeline.preprocess.shards import shard_paths
 from shard_fixture import random_tree, write_fixture_shards
 
 
@@ -182,9 +183,9 @@ def test_rank_shards_disjoint_and_complete(shards, world):
 
 def test_train_refuses_shards_without_pairs(tmp_path):
     """A train split with no captions fails up front, instead of "training" epochs of 0 pairs and loss 0."""
-    from pipeline import shards as S
+    from pipeline.preprocess import shards as S
     from pipeline.config import parse_config
-    from pipeline.train import train
+    from pipeline.training.embedding import train
     from shard_fixture import COLORS, SHAPES, make_row
 
     row = make_row(0, "train", "train-000000", 8, 32, 0, {w: np.zeros(8) for w in (*COLORS, *SHAPES)})

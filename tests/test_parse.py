@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import trees as T
+from models import trees as T
 from stages.base import empty_row
 from stages.parse import check_text, looks_english, tokenize
 
@@ -54,7 +54,7 @@ def test_params_validate_in_config():
     from pipeline.config import parse_config
 
     cfg = parse_config({"stages": {"parse": {"impl": "stanza", "params": {"model_dir": "x", "max_tokens": 30}}}})
-    assert cfg.stages.parse.params["max_tokens"] == 30
+    assert cfg.stages.parse.params.max_tokens == 30  # typed, validated once
     with pytest.raises(Exception, match="max_tokens"):
         parse_config({"stages": {"parse": {"impl": "stanza", "params": {"max_tokens": 0}}}})
 
@@ -63,7 +63,7 @@ def test_params_validate_in_config():
 
 @pytest.fixture(scope="session")
 def tiny_models():
-    from pipeline.parser_train import TrainSpec, train
+    from pipeline.stage_models.parser import TrainSpec, train
 
     return train(TINY_DIR, TrainSpec(n_trees=600, tagger_steps=60, parser_epochs=3))
 
@@ -77,7 +77,7 @@ def stage(tiny_models):
 
 @pytest.mark.slow
 def test_trained_dir_is_cached_and_f1_recorded(tiny_models):
-    from pipeline.parser_train import TrainSpec, train
+    from pipeline.stage_models.parser import TrainSpec, train
 
     again = train(TINY_DIR, TrainSpec(n_trees=600, tagger_steps=60, parser_epochs=3))
     assert again["cached"] and again["inputs_hash"] == tiny_models["inputs_hash"]
@@ -174,18 +174,20 @@ def test_flickr8k_captions_parsed_or_rejected(stage):
     ({"pos_model_path": "/nonexistent/tagger.pt"}, "/nonexistent/tagger.pt"),
 ])
 def test_prepare_fails_up_front_naming_missing_models(params, named):
-    from pipeline.config import ConfigError
-    from stages.parse import StanzaParse
+    from pipeline.config import parse_config
+    from pipeline.errors import ConfigError
+    from pipeline.preprocess.prepare import prepare_stage_models
 
+    cfg = parse_config({"stages": {"regions": {"impl": "gold_boxes"}, "parse": {"impl": "stanza", "params": params}}})
     with pytest.raises(ConfigError, match="stages.parse.params") as e:
-        StanzaParse.prepare(params)
+        prepare_stage_models(cfg)
     assert named in str(e.value)
 
 
 @pytest.mark.slow  # DNS failures take ~20 s here
 def test_models_download_offline_is_a_clear_error(tmp_path, capsys):
     """Real stanza.download: online it fetches the models; offline (as in CI here) it must fail in one clear line."""
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     rc = main(["models", "download", "--dir", str(tmp_path / "stanza")])
     err = capsys.readouterr().err

@@ -8,10 +8,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import shards
+from pipeline.preprocess import shards
 from pipeline.config import load_config
 from pipeline.datasets import synthetic
-from pipeline.preprocess import actor_pool_sizes, plan, preprocess
+from pipeline.preprocess.run import actor_pool_sizes, plan, preprocess
 from stages.base import npy_load
 
 pytestmark = pytest.mark.slow
@@ -147,7 +147,7 @@ def test_bad_inputs_are_recorded_not_dropped(tmp_path, ray_local, capsys):
     assert st["n_rejected"] == 4 and st["caption_reject_reasons"]["caption has 80 words"] == 4
     import webdataset as wds
     assert len(list(wds.WebDataset(str(cfg.shard_dir / "train-000000.tar"), shardshuffle=False))) == 3
-    from pipeline.cli import main
+    from pipeline.cli.main import main
     capsys.readouterr()
     assert main(["inspect", "--shards", str(cfg.shard_dir), "--rejects"]) == 0
     listed = json.loads(capsys.readouterr().out.split("==\n", 1)[1])

@@ -25,7 +25,8 @@ sys.path.insert(0, str(ROOT / "cluster"))
 
 import install_detectron2 as inst  # noqa: E402
 from stages.base import empty_row, npy_load  # noqa: E402
-from stages.regions import Detectron2Regions, RegionParams, proposal_recall  # noqa: E402
+from stages.regions import Detectron2Regions, RegionParams  # noqa: E402
+from models.metrics import proposal_recall
 
 
 def _jpeg(img: Image.Image, fmt="JPEG") -> bytes:
@@ -48,7 +49,7 @@ def detector_dir(tmp_path_factory):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from pipeline.detector_train import DetectorSpec, build_cfg
+    from pipeline.stage_models.detector import DetectorSpec, build_cfg
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("det")
@@ -133,9 +134,9 @@ def test_proposal_recall():
 
 
 def test_shard_recall_reads_boxes_and_gold_from_shards(tmp_path):
-    from pipeline import shards
+    from pipeline.preprocess import shards
     from stages.base import npy_bytes
-    from stages.regions import shard_recall
+    from pipeline.evaluation.proposals import shard_recall
 
     gold = [[10, 10, 50, 50], [100, 100, 150, 140]]
     pred = np.array([[0, 0, 224, 224], [11, 10, 50, 52], [0, 0, 5, 5]], np.float32)  # row 0 never counts
@@ -156,35 +157,44 @@ def test_shard_recall_reads_boxes_and_gold_from_shards(tmp_path):
 # ---------------------------------------------------------------- params
 
 def test_missing_weights_names_the_path(tmp_path, detector_dir):
+    from pipeline.errors import ConfigError
+    from pipeline.preprocess.prepare import ensure_detector
+
     missing = tmp_path / "nope" / "model.pth"
-    with pytest.raises(ValidationError, match=str(missing)):
-        RegionParams(config=str(detector_dir), weights=str(missing))
+    RegionParams(config=str(detector_dir), weights=str(missing))  # validators do no file I/O
+    key = "stages.regions.params"
+    with pytest.raises(ConfigError, match=f"{key}.config: .*{missing}"):  # prepare: before any Ray work
+        ensure_detector(key, RegionParams(config=str(detector_dir), weights=str(missing)))
     empty = tmp_path / "empty_dir"
     (empty).mkdir()
     (empty / "config.yaml").write_text((detector_dir / "config.yaml").read_text())
-    with pytest.raises(ValidationError, match=str(empty / "model_final.pth")):
-        RegionParams(config=str(empty))
-    with pytest.raises(FileNotFoundError, match=str(missing)):
-        Detectron2Regions(RegionParams.model_construct(config=str(detector_dir), weights=str(missing)))
-    with pytest.raises(FileNotFoundError, match=str(missing)):  # prepare: on the driver, before any Ray work
-        Detectron2Regions.prepare(RegionParams.model_construct(config=str(detector_dir), weights=str(missing)))
-    Detectron2Regions.prepare({"config": str(detector_dir)})  # a trained dir passes
+    with pytest.raises(ConfigError, match=str(empty / "model_final.pth")):
+        ensure_detector(key, RegionParams(config=str(empty)))
+    with pytest.raises(FileNotFoundError, match=str(missing)):  # and in the actor, on the machine that runs it
+        Detectron2Regions(RegionParams(config=str(detector_dir), weights=str(missing)))
+    ensure_detector(key, RegionParams(config=str(detector_dir)))  # a trained dir passes
 
 
 def test_default_dir_is_trained_on_demand_not_validated(tmp_path, monkeypatch):
-    from stages.regions import default_detector_dir, is_default_dir
+    from models.detector import default_detector_dir, is_default_dir
 
     monkeypatch.chdir(tmp_path)  # the default dir is relative: nothing trained here
     assert is_default_dir(RegionParams().config) and not default_detector_dir().exists()
     (tmp_path / default_detector_dir()).mkdir(parents=True)  # half-written (e.g. interrupted training)
-    assert RegionParams().config == str(default_detector_dir())  # valid: `prepare` will (re)train it
+    assert RegionParams().config == str(default_detector_dir())  # valid: the prepare step will (re)train it
 
 
 def test_pipeline_config_validates_region_params(tmp_path):
-    from pipeline.config import ConfigError, parse_config
+    from pipeline.config import parse_config
+    from pipeline.errors import ConfigError
+    from pipeline.preprocess.prepare import prepare_stage_models
 
-    with pytest.raises(ConfigError, match="regions.params"):
-        parse_config({"stages": {"regions": {"impl": "detectron2", "params": {"config": str(tmp_path)}}}})
+    with pytest.raises(ConfigError, match="regions.params.top_k"):  # types and ranges: when the config loads
+        parse_config({"stages": {"regions": {"impl": "detectron2", "params": {"top_k": 0}}}})
+    cfg = parse_config({"stages": {"regions": {"impl": "detectron2", "params": {"config": str(tmp_path)}},
+                                   "parse": {"impl": "gold_trees"}}})
+    with pytest.raises(ConfigError, match="stages.regions.params.config: .*config.yaml"):  # files: prepare step
+        prepare_stage_models(cfg)
 
 
 # ---------------------------------------------------------------- stage
@@ -268,21 +278,23 @@ def test_feature_extractors_slice_batches_and_reject_bad_boxes(detector_dir):
 # ---------------------------------------------------------------- training (Detectron2's DefaultTrainer)
 
 def test_cli_registers_regions_train():
-    from pipeline.cli import build_parser
+    from pipeline.cli.main import build_parser
 
     args = build_parser().parse_args(["regions", "train", "--iters", "2", "--out", "x"])
-    assert args.iters == 2 and args.func.__name__ == "_cmd_train"
+    assert args.iters == 2 and args.func.__name__ == "cmd_regions_train"
 
 
 @pytest.mark.slow
 def test_prepare_trains_the_default_dir_once_then_caches(tmp_path, monkeypatch):
-    from pipeline.detector_train import DetectorSpec, is_trained, train
-    from stages.regions import default_detector_dir, ensure_detector, evaluate_recall
+    from pipeline.stage_models.detector import DetectorSpec, is_trained, train
+    from models.detector import default_detector_dir
+    from pipeline.evaluation.proposals import evaluate_recall
+    from pipeline.preprocess.prepare import ensure_detector
 
     monkeypatch.chdir(tmp_path)
     det = default_detector_dir()
     spec = DetectorSpec(iters=4, num_images=16, eval_images=4, ims_per_batch=2, threads=1)
-    ensure_detector(str(det), None, spec)  # what Detectron2Regions.prepare does, with a tiny spec
+    ensure_detector("stages.regions.params", RegionParams(), spec)  # what a run's prepare step does, tiny spec
     assert is_trained(det, spec)
     for f in ("config.yaml", "model_final.pth", "spec.json", "eval.json", "metrics.json"):
         assert (det / f).is_file(), f
@@ -290,7 +302,7 @@ def test_prepare_trains_the_default_dir_once_then_caches(tmp_path, monkeypatch):
     assert 0 <= ev["recall@0.5_top19"] <= 1 and ev["iters"] == 4
     assert json.loads((det / "metrics.json").read_text().splitlines()[-1])["iteration"] >= 3
     stamp = (det / "model_final.pth").stat().st_mtime_ns
-    ensure_detector(str(det), None, spec)  # cached: same spec hash
+    ensure_detector("stages.regions.params", RegionParams(), spec)  # cached: same spec hash
     assert train(det, spec)["cached"] and (det / "model_final.pth").stat().st_mtime_ns == stamp
     assert not is_trained(det, spec.model_copy(update={"iters": 5}))  # another spec: would retrain
     imgs, gold = zip(*(_synthetic(i) for i in range(2)))

@@ -37,10 +37,14 @@ def test_two_worker_train_crash_recovery_mlflow_registry_resume(tmp_path, mlflow
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import evaluate, load_model
-    from pipeline.loader import collate, eval_items, iter_samples, shard_paths
+    from pipeline.evaluation.retrieval import evaluate
+    from models.checkpoint import load_model
+    from models.batch import collate
+    from pipeline.training.data import eval_items, iter_samples
+    from pipeline.preprocess.shards import shard_paths
     from pipeline.tracking import manifest_sha256, wait_server
-    from pipeline.train import init_ray, latest_checkpoint, train
+    from pipeline.raylocal import init_ray
+    from pipeline.training.embedding import latest_checkpoint, train
 
     proc, mlflow_server = mlflow_server
     shards = write_fixture_shards(tmp_path / "shards", n_train=36, n_val=10, n_test=10, per_shard=6)

@@ -18,13 +18,10 @@ import re
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pipeline.registry import Registry
+from models.registry import Registry
+from pipeline.errors import DatasetError  # noqa: F401  (the readers raise it; re-exported for them)
 
 READERS: Registry[Callable[..., Iterator[dict]]] = Registry("dataset reader")
-
-
-class DatasetError(ValueError):
-    """A dataset's annotation files are missing or malformed."""
 
 
 def make_key(prefix: str, name: str) -> str:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.datasets import READERS, DatasetError, make_key, require
+from pipeline.datasets import READERS, make_key, require
+from pipeline.errors import DatasetError
 
 SPLITS = {"train": "train2017", "val": "val2017"}
 

@@ -1,16 +1,11 @@
-"""The core subcommands: run, preprocess, train, evaluate, inspect, config."""
+"""The core verbs: run, preprocess, train, evaluate, inspect, config."""
 from __future__ import annotations
 
 import json
-import logging
 import sys
+from pathlib import Path
 
-from pipeline.cli import common_args
-from pipeline.config import dump_config, load_config
-
-
-def _cfg(args):
-    return load_config(args.config, args.overrides)
+from pipeline.cli.args import common_args, load
 
 
 def _print_summary(title: str, summary: dict) -> None:
@@ -19,40 +14,34 @@ def _print_summary(title: str, summary: dict) -> None:
 
 
 def cmd_preprocess(args) -> int:
-    from pipeline.preprocess import preprocess
+    from pipeline.preprocess.run import preprocess
 
-    summary = preprocess(_cfg(args), progress=not args.quiet)
-    _print_summary("preprocess", summary)
+    _print_summary("preprocess", preprocess(load(args), progress=not args.quiet))
     return 0
 
 
 def cmd_train(args) -> int:
-    from pipeline.train import train
+    from pipeline.training.embedding import train
 
-    _print_summary("train", train(_cfg(args), resume=args.resume))
+    _print_summary("train", train(load(args), resume=args.resume))
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluation.retrieval import evaluate
 
-    _print_summary("evaluate", evaluate(_cfg(args), checkpoint=args.checkpoint))
+    _print_summary("evaluate", evaluate(load(args), checkpoint=args.checkpoint))
     return 0
 
 
 def cmd_run(args) -> int:
     """Everything, in order, on one config: preprocess -> train -> evaluate."""
-    from pipeline.preprocess import preprocess
+    from pipeline.evaluation.retrieval import evaluate
+    from pipeline.preprocess.run import preprocess
+    from pipeline.training.embedding import train
 
-    cfg = _cfg(args)
+    cfg = load(args)
     summary = {"preprocess": preprocess(cfg, progress=not args.quiet)}
-    try:
-        from pipeline.train import train
-        from pipeline.evaluate import evaluate
-    except ImportError as e:  # training lands in its own module; preprocessing stands alone without it
-        print(f"densevse: training unavailable ({e})", file=sys.stderr)
-        _print_summary("run", summary)
-        return 1
     # Short: the per-epoch history is in <output_dir>/train-<model>.json (and MLflow).
     summary["train"] = {k: v for k, v in train(cfg).items() if k != "history"}
     summary["evaluate"] = evaluate(cfg)
@@ -61,18 +50,16 @@ def cmd_run(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from pathlib import Path
+    import pyarrow.parquet as pq
 
-    from pipeline import shards
+    from pipeline.preprocess import shards
 
-    shard_dir = Path(args.shards) if args.shards else _cfg(args).shard_dir
+    shard_dir = Path(args.shards) if args.shards else load(args).shard_dir
     if not shard_dir.is_dir():
         print(f"densevse: no shard directory {shard_dir}", file=sys.stderr)
         return 2
     summary = shards.summarize_shards(shard_dir)
     if args.rejects:
-        import pyarrow.parquet as pq
-
         t = pq.read_table(shard_dir / shards.MANIFEST).to_pylist()
         summary["rejected"] = [{"key": r["key"], "reason": r["reason"]} for r in t if r["status"] == "rejected"]
     _print_summary(f"inspect {shard_dir}", summary)
@@ -80,8 +67,13 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_config(args) -> int:
-    print(dump_config(_cfg(args)), end="")
+    from pipeline.config import dump_config
+
+    print(dump_config(load(args)), end="")
     return 0
+
+
+COMMANDS = {"run": cmd_run, "preprocess": cmd_preprocess, "train": cmd_train, "evaluate": cmd_evaluate}
 
 
 def register(sub) -> None:
@@ -105,4 +97,3 @@ def register(sub) -> None:
         if name == "inspect":
             p.add_argument("--shards", default=None, help="shard dir (default: from the config)")
             p.add_argument("--rejects", action="store_true", help="list every rejected sample and its reason")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

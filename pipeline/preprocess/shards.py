@@ -134,10 +134,6 @@ def write_manifest(shard_dir: Path, shards: list[str]) -> Path:
     return path
 
 
-def manifest_sha256(shard_dir: Path) -> str:
-    return hashlib.sha256((Path(shard_dir) / MANIFEST).read_bytes()).hexdigest()
-
-
 def shard_paths(shard_dir: Path, split: str) -> list[Path]:
     """The finished tars of a split, in order (a tar without its stats file is unfinished and skipped)."""
     return [p for p in sorted(Path(shard_dir).glob(f"{split}-*.tar")) if stats_path(shard_dir, p.stem).exists()]

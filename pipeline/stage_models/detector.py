@@ -13,21 +13,21 @@ key), metrics.json (Detectron2's training log), eval.json (held-out proposal rec
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages.regions import (CONFIG_FILE, IMAGENET_MEAN_255, IMAGENET_STD_255, WEIGHTS_FILE,
-                            default_detector_dir, load_cfg, predict_boxes, proposal_recall)
+from models.detector import (CONFIG_FILE, IMAGENET_MEAN_255, IMAGENET_STD_255, WEIGHTS_FILE, default_detector_dir,
+                             load_cfg)
+from models.metrics import proposal_recall
+from stages.regions import predict_boxes
 
 DEFAULT_DIR = default_detector_dir()
 TRAIN_SET = "densevse_synthetic_det_train"
@@ -104,7 +104,7 @@ class SyntheticMapper:
 
 def build_cfg(spec: DetectorSpec, out: Path):
     """The Detectron2 config: Base-RCNN-FPN layout, our backbone, sizes for 224-px scenes with 30-55 px objects."""
-    from stages.features import default_weights
+    from models.efficientnet import default_weights
 
     cfg = load_cfg(BASE_CONFIG)
     m = cfg.MODEL
@@ -280,31 +280,3 @@ def _train(out: Path, spec: DetectorSpec) -> dict:
 
 # ---------------------------------------------------------------- CLI
 
-def _cmd_train(args) -> int:
-    fields = ("iters", "num_images", "seed", "eval_images", "threads", "ims_per_batch")
-    spec = DetectorSpec(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
-    r = train(args.out, spec, force=args.force, quiet=not args.verbose)
-    status = "cached (same spec)" if r["cached"] else f"trained in {r['train_s']}s ({r['threads']} threads)"
-    print(f"detector in {args.out}: {status}")
-    if "recall@0.5_top19" in r:
-        print(f"held-out synthetic proposal recall (IoU 0.5, top 19) = {r['recall@0.5_top19']:.4f}  "
-              f"(IoU 0.7: {r['recall@0.7_top19']:.4f}, {r['eval_images']} images)")
-    print(f"use it: stages.regions = {{impl: detectron2, params: {{config: {args.out}}}}}")
-    return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("regions", help="Detectron2 region detector")
-    sub = p.add_subparsers(dest="regions_command", required=True)
-    t = sub.add_parser("train", help="train the Faster R-CNN (EfficientNet-Lite0 FPN) on synthetic gold boxes with "
-                                     "Detectron2's DefaultTrainer (skipped when the dir holds a model of the same spec)")
-    t.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"model dir (default {DEFAULT_DIR})")
-    t.add_argument("--iters", type=int, default=None, help="solver iterations (default 150)")
-    t.add_argument("--ims-per-batch", dest="ims_per_batch", type=int, default=None, help="default 4")
-    t.add_argument("--num-images", dest="num_images", type=int, default=None, help="synthetic scenes (default 1500)")
-    t.add_argument("--eval-images", dest="eval_images", type=int, default=None, help="held-out scenes (default 200)")
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
-    t.add_argument("--force", action="store_true", help="retrain even when cached")
-    t.add_argument("--verbose", "-v", action="store_true", help="show Detectron2's training log")
-    t.set_defaults(func=_cmd_train)

@@ -1,5 +1,4 @@
-"""Shards -> training/eval batches. Reads the WebDataset tars written by the preprocessing pipeline
-(see pipeline/shards.py) and turns (image, captions) into the flat, level-batchable tensors the models take.
+"""(image, captions) items -> the flat, level-batchable tensors the models take.
 
 A batch holds B distinct images and T captions (caption_image[t] says which image). Trees of all captions are
 concatenated into one node list (global indices), so the tree-LSTM can process equal-height nodes of every
@@ -7,103 +6,16 @@ tree in one step.
 """
 from __future__ import annotations
 
-import io
-import json
-import random
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterable, Iterator
 
-import numpy as np
 import torch
 
+from models import trees
 from models.vocab import Vocab, normalize
-from pipeline import trees
-from pipeline.shards import shard_paths  # noqa: F401  (re-exported: the finished tars of a split)
-
-
-def rank_shards(paths: list[Path], rank: int, world: int) -> list[tuple[Path, int, int]]:
-    """This rank's share of the train data, as reads (tar, k, n): keep the samples j of the tar with j % n == k.
-
-    With at least `world` shards, rank r reads whole shards r, r+world, ... (k=0, n=1). With fewer shards that
-    would leave ranks without data, so every rank reads every shard and keeps every world-th sample (offset by
-    the shard's position, so remainders spread over the ranks). Disjoint and complete either way."""
-    paths = list(paths)
-    if len(paths) >= world:
-        return [(p, 0, 1) for p in paths[rank::world]]
-    return [(p, (rank + i) % world, world) for i, p in enumerate(paths)]
-
-
-def iter_samples(paths: Iterable, with_image: bool = False) -> Iterator[dict]:
-    """Decoded samples of the given tars (or (tar, k, n) reads from rank_shards), in order. JPEGs are only kept
-    when asked for (figures)."""
-    import webdataset as wds
-
-    same = lambda x: x  # noqa: E731  (the rank split is ours; no node/worker splitting by webdataset)
-    for read in paths:
-        path, k, n = read if isinstance(read, tuple) else (read, 0, 1)
-        ds = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=same, workersplitter=same, empty_check=False)
-        for j, s in enumerate(ds):
-            if j % n != k:
-                continue
-            out = {"key": s["__key__"], "meta": json.loads(s["json"]),
-                   "boxes": np.load(io.BytesIO(s["boxes.npy"])).astype(np.float32),
-                   "feats": np.load(io.BytesIO(s["feats.npy"])).astype(np.float32)}
-            if with_image:
-                out["jpg"] = s["jpg"]
-            yield out
 
 
 def caption_tokens(caption: dict) -> list[str]:
     return [normalize(t) for t in caption["tree"]["tokens"]]
-
-
-def iter_pairs(paths: list, epoch: int, seed: int, max_tokens: int, buffer: int = 2000) -> Iterator[tuple]:
-    """(sample, caption) pairs in a per-epoch shuffled order: every caption of every sample once per epoch
-    (captions longer than max_tokens are dropped), shard order shuffled, then a shuffle buffer.
-    `paths`: tars or rank_shards reads."""
-    rng = random.Random(seed * 100003 + epoch)
-    paths = list(paths)
-    rng.shuffle(paths)
-    buf: list = []
-    for s in iter_samples(paths):
-        for c in s["meta"]["captions"]:
-            if len(c["tree"]["tokens"]) > max_tokens:
-                continue
-            buf.append((s, c))
-            if len(buf) >= buffer:
-                yield buf.pop(rng.randrange(len(buf)))
-    rng.shuffle(buf)
-    yield from buf
-
-
-def batched_pairs(pairs: Iterable[tuple], batch_size: int) -> Iterator[list[tuple[dict, list[dict]]]]:
-    """Group `batch_size` pairs into items (sample, [its captions in this batch]), images deduplicated."""
-    chunk: list = []
-    for p in pairs:
-        chunk.append(p)
-        if len(chunk) == batch_size:
-            yield _group(chunk)
-            chunk = []
-    if chunk:
-        yield _group(chunk)
-
-
-def _group(pairs):
-    items: dict[str, tuple[dict, list]] = {}
-    for s, c in pairs:
-        items.setdefault(s["key"], (s, []))[1].append(c)
-    return list(items.values())
-
-
-def build_vocabs(paths: list[Path]) -> tuple[Vocab, Vocab]:
-    """Word vocabulary and node-label vocabulary of the given (train) shards."""
-    words, labels = [], set()
-    for s in iter_samples(paths):
-        for c in s["meta"]["captions"]:
-            words += caption_tokens(c)
-            labels.update(c["tree"]["labels"])
-    return Vocab.build(words), Vocab(sorted(labels))
 
 
 @dataclass
@@ -138,7 +50,7 @@ class Batch:
         return self
 
 
-def _gold_nodes(caption: dict, gold: dict) -> list[tuple[int, int]]:
+def gold_nodes(caption: dict, gold: dict) -> list[tuple[int, int]]:
     """Gold links of a caption as (node, box). Links are [node, box] or [start, end, box] (token span)."""
     links = (gold or {}).get("links", {}).get(str(caption["index"]), [])
     tree = caption["tree"]
@@ -189,7 +101,7 @@ def collate(items: list[tuple[dict, list[dict]]], vocab: Vocab, labels: Vocab) -
             height += trees.heights(tree)
             root.append(offset + m - 1)
             starts.append(offset)
-            links = _gold_nodes(c, s["meta"].get("gold"))
+            links = gold_nodes(c, s["meta"].get("gold"))
             nodes = [p["node"] for p in c.get("phrases") or trees.phrases(tree)]
             nodes += [nd for nd, _ in links if nd not in nodes]
             where = {}
@@ -221,16 +133,3 @@ def collate(items: list[tuple[dict, list[dict]]], vocab: Vocab, labels: Vocab) -
                  parent=long(parent), height=long(height), root=long(root), word_node=word_node,
                  phrase_node=long(ph_node), phrase_caption=long(ph_cap), phrase_tokens=phrase_tokens,
                  phrase_lengths=long([len(x) for x in ph_toks]), phrase_span=long(ph_span).view(-1, 2), phrase_text=ph_text, gold=gold)
-
-
-def eval_items(paths: list[Path], captions_per_image: int, batch_images: int,
-               with_image: bool = False) -> Iterator[list[tuple[dict, list[dict]]]]:
-    """Evaluation batches: each image with (at most) its first `captions_per_image` captions."""
-    chunk = []
-    for s in iter_samples(paths, with_image=with_image):
-        chunk.append((s, s["meta"]["captions"][:captions_per_image]))
-        if len(chunk) == batch_images:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk

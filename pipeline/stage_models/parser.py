@@ -34,8 +34,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MANIFEST = "models.json"
-DEFAULT_DIR = Path(".cache/parser/stanza-synthetic")  # .cache/ is git-ignored
+from models.parser import DEFAULT_DIR, MODELS_JSON, build_pipeline
+
 PROCESSORS = "tokenize,pos,constituency"  # what the parse stage runs
 
 # PTB tag -> UD UPOS, for the tagger's CoNLL-U training data (Stanza's tagger predicts both columns).
@@ -71,7 +71,7 @@ class TrainSpec(BaseModel):
 # ---------------------------------------------------------------- data
 
 def _augment(ptb: str, rng: random.Random, spec: TrainSpec) -> str:
-    from pipeline.trees import from_ptb, to_ptb
+    from models.trees import from_ptb, to_ptb
 
     tree = from_ptb(ptb)
     if rng.random() < spec.capitalize_prob:
@@ -99,7 +99,7 @@ def make_treebank(spec: TrainSpec) -> dict[str, list[str]]:
 
 def to_conllu(ptbs: list[str]) -> str:
     """CoNLL-U for the tagger: FORM, UPOS, XPOS from the trees; a flat chain as a placeholder dependency tree."""
-    from pipeline.trees import from_ptb
+    from models.trees import from_ptb
 
     blocks = []
     for k, s in enumerate(ptbs):
@@ -148,7 +148,7 @@ class _PyEvalb:
     """Stand-in for stanza.server.parser_eval.EvaluateParser, which runs CoreNLP's Java EVALB.
 
     Why: CoreNLP's jars cannot be downloaded here. Stanza's training loop only needs `.process(results)` to
-    return an object with f1 / treeF1 / HasField, so we score its dev parses with pipeline.trees.bracket_f1.
+    return an object with f1 / treeF1 / HasField, so we score its dev parses with models.trees.bracket_f1.
     """
 
     def __init__(self, *a, **k):
@@ -161,7 +161,7 @@ class _PyEvalb:
         return False
 
     def process(self, results):
-        from pipeline.trees import bracket_f1, from_ptb
+        from models.trees import bracket_f1, from_ptb
 
         gold = [from_ptb(str(r.gold)) for r in results]
         pred = [from_ptb(str(r.predictions[0].tree)) for r in results]
@@ -178,8 +178,6 @@ class _PyEvalb:
 
 def _offline_pipeline(model_dir: Path, **paths):
     """A Stanza pipeline from explicit model paths, never touching the network (used for retagging/eval)."""
-    from stages.parse import build_pipeline
-
     return build_pipeline(lang="en", model_dir=model_dir, **paths)
 
 
@@ -232,7 +230,7 @@ def train_parser(data: Path, out: Path, pretrain: Path, tagger_path: Path, spec:
 
 def evaluate(model_dir: Path, ptbs: list[str]) -> dict:
     """Parse held-out trees' token sequences through the full stage pipeline; bracket F1 and POS accuracy."""
-    from pipeline.trees import bracket_f1, from_ptb
+    from models.trees import bracket_f1, from_ptb
     from stages.parse import StanzaParse
 
     gold = [from_ptb(s) for s in ptbs]
@@ -260,7 +258,7 @@ def _inputs_hash(spec: TrainSpec, splits: dict[str, list[str]]) -> str:
 
 
 def load_manifest(model_dir: str | Path) -> dict | None:
-    p = Path(model_dir) / MANIFEST
+    p = Path(model_dir) / MODELS_JSON
     return json.loads(p.read_text()) if p.is_file() else None
 
 
@@ -291,7 +289,7 @@ def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, forc
         return old
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / MANIFEST).unlink(missing_ok=True)  # a half-finished dir must never look trained
+    (out / MODELS_JSON).unlink(missing_ok=True)  # a half-finished dir must never look trained
     data = out / "data"
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir()
@@ -322,12 +320,12 @@ def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, forc
         "treebank": {k: len(v) for k, v in splits.items()}, "pretrain_vocab": n_vocab,
         "train_seconds": {**times, "total_s": round(sum(times.values()), 1)},
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))  # evaluate() loads the models through it
+    (out / MODELS_JSON).write_text(json.dumps(manifest, indent=2))  # evaluate() loads the models through it
     t0 = time.perf_counter()
     manifest["eval"] = {"test": evaluate(out, splits["test"]), "dev": evaluate(out, splits["dev"])}
     manifest["eval_seconds"] = round(time.perf_counter() - t0, 1)
     manifest["bracket_f1"] = manifest["eval"]["test"]["bracket_f1"]
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    (out / MODELS_JSON).write_text(json.dumps(manifest, indent=2))
     manifest["cached"] = False
     return manifest
 
@@ -370,65 +368,3 @@ def _quiet(enabled: bool):
 
 # ---------------------------------------------------------------- CLI
 
-def _cmd_train(args) -> int:
-    overrides = {k: getattr(args, k) for k in ("n_trees", "seed", "parser_epochs", "tagger_steps")
-                 if getattr(args, k) is not None}
-    spec = TrainSpec(**overrides)
-    m = train(args.out, spec, force=args.force, quiet=not args.verbose)
-    status = "cached (inputs unchanged)" if m["cached"] else f"trained in {m['train_seconds']['total_s']}s"
-    print(f"parser models in {args.out}: {status}")
-    print(f"held-out synthetic bracket F1 = {m['bracket_f1']:.4f}  "
-          f"(POS acc {m['eval']['test']['pos_accuracy']:.4f}, exact trees {m['eval']['test']['exact_match']:.4f}, "
-          f"{m['eval']['test']['n_trees']} trees)")
-    print(f"use it: stages.parse = {{impl: stanza, params: {{model_dir: {args.out}}}}}")
-    return 0
-
-
-def _cmd_download(args) -> int:
-    """stanza.download of the real English models, for users online; offline it fails with a clear message."""
-    import stanza
-    from stanza.resources.common import DEFAULT_MODEL_DIR, DEFAULT_RESOURCES_URL
-
-    target = args.dir
-    if target is None:
-        from pipeline.config import load_config
-
-        sc = load_config(args.config, args.overrides).stages.parse
-        configured = sc.params.get("model_dir") if sc.impl == "stanza" else None
-        own = configured is None or Path(configured).resolve() == DEFAULT_DIR.resolve()
-        target = Path(DEFAULT_MODEL_DIR) if own else Path(configured).expanduser()
-    try:
-        stanza.download(args.lang, model_dir=str(target), processors=PROCESSORS, logging_level="WARN")
-    except Exception as e:  # noqa: BLE001 - offline / proxy / disk: one clear line, no traceback
-        print(f"densevse: could not download Stanza {args.lang!r} models ({PROCESSORS}) from {DEFAULT_RESOURCES_URL} "
-              f"into {target}: {type(e).__name__}: {str(e)[:300]}\n"
-              f"Offline? `densevse parser train` makes small models here instead (the default).", file=sys.stderr)
-        return 1
-    print(f"Stanza {args.lang!r} models in {target}; use them: -s stages.parse.params.model_dir={target}")
-    return 0
-
-
-def register(subparsers) -> None:
-    from pipeline.cli import common_args
-
-    m = subparsers.add_parser("models", help="download Stanza's real models (online)")
-    msub = m.add_subparsers(dest="models_command", required=True)
-    d = msub.add_parser("download", help=f"stanza.download({PROCESSORS}) into the configured stages.parse "
-                                         "model_dir (Stanza's default dir when that is the project's own)")
-    common_args(d)
-    d.add_argument("--dir", type=Path, default=None, help="download here instead")
-    d.add_argument("--lang", default="en")
-    d.set_defaults(func=_cmd_download)
-
-    p = subparsers.add_parser("parser", help="Stanza parser models")
-    sub = p.add_subparsers(dest="parser_command", required=True)
-    t = sub.add_parser("train", help="train a small Stanza POS tagger + constituency parser on synthetic captions "
-                                     "(offline; skipped when the model dir already holds models for the same inputs)")
-    t.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"model dir (default {DEFAULT_DIR})")
-    t.add_argument("--n-trees", dest="n_trees", type=int, default=None, help=f"synthetic trees generated (default {TrainSpec().n_trees})")
-    t.add_argument("--seed", type=int, default=None)
-    t.add_argument("--parser-epochs", dest="parser_epochs", type=int, default=None)
-    t.add_argument("--tagger-steps", dest="tagger_steps", type=int, default=None)
-    t.add_argument("--force", action="store_true", help="retrain even when cached")
-    t.add_argument("--verbose", "-v", action="store_true", help="show Stanza's training logs")
-    t.set_defaults(func=_cmd_train)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from models.checkpoint import load_checkpoint
 from pipeline.raylocal import REPO, init_ray  # noqa: F401 (re-exported for captioner)
 
 
@@ -56,8 +57,9 @@ def for_workers(cfg):
 def train(cfg, resume: bool = False) -> dict:
     from models.vocab import glove_init
     from pipeline import tracking
-    from pipeline.loader import build_vocabs, iter_samples, shard_paths
-    from pipeline.shards import load_stats
+    from pipeline.training.data import build_vocabs, iter_samples
+    from pipeline.preprocess.shards import shard_paths
+    from pipeline.preprocess.shards import load_stats
 
     t0 = time.time()
     cfg = for_workers(cfg)
@@ -73,7 +75,7 @@ def train(cfg, resume: bool = False) -> dict:
     if resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint of {cfg.train.model} under {_storage(cfg)}")
     if resume_from is not None:
-        ck = torch.load(resume_from / "model.pt", map_location="cpu", weights_only=False)
+        ck = load_checkpoint(resume_from / "model.pt")
         words, labels, word_init, run_id = ck["vocab"], ck["labels"], None, ck.get("mlflow_run_id")
     else:
         vocab, label_vocab = build_vocabs(paths)
@@ -106,12 +108,12 @@ def save_best(result, best_path: Path, score) -> tuple[list[dict], int]:
 
     The history comes from the last checkpoint, which carries every epoch's metrics (resumed runs included)."""
     with result.checkpoint.as_directory() as d:
-        history = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)["history"]
+        history = load_checkpoint(Path(d) / "model.pt")["history"]
     best_epoch = max(history, key=score)["epoch"]
     best_path.parent.mkdir(parents=True, exist_ok=True)
     for ckpt, _ in result.best_checkpoints:
         with ckpt.as_directory() as d:
-            ck = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)
+            ck = load_checkpoint(Path(d) / "model.pt")
         if ck["epoch"] == best_epoch:
             ck.pop("optimizer", None)
             torch.save(ck, best_path)
@@ -153,8 +155,10 @@ def train_loop(config: dict) -> None:
     from models.vocab import Vocab
     from pipeline import tracking
     from pipeline.config import parse_config
-    from pipeline.evaluate import evaluate_model
-    from pipeline.loader import batched_pairs, collate, iter_pairs, rank_shards, shard_paths
+    from pipeline.evaluation.retrieval import evaluate_model
+    from pipeline.training.data import batched_pairs, iter_pairs, rank_shards
+    from models.batch import collate
+    from pipeline.preprocess.shards import shard_paths
 
     cfg = parse_config(config["cfg"])
     tc = cfg.train
@@ -168,9 +172,9 @@ def train_loop(config: dict) -> None:
     state, restored = None, ray.train.get_checkpoint()
     if restored is not None:
         with restored.as_directory() as d:
-            state = torch.load(Path(d) / "model.pt", map_location="cpu", weights_only=False)
+            state = load_checkpoint(Path(d) / "model.pt")
     elif config["resume_from"]:
-        state = torch.load(Path(config["resume_from"]) / "model.pt", map_location="cpu", weights_only=False)
+        state = load_checkpoint(Path(config["resume_from"]) / "model.pt")
     if state is not None:
         model = rebuild(state["model_name"], state["hparams"])
         model.load_state_dict(state["state_dict"])

@@ -1,7 +1,7 @@
-"""Preprocessing on Ray Data: plan -> ingest -> regions -> features -> parse -> shards.
+"""Preprocessing on Ray Data: plan -> prepare stage models -> ingest -> regions -> features -> parse -> shards.
 
-The plan (which sample goes to which shard) is fixed up front from the dataset, sorted by key, so a re-run
-finds the same shards, skips the finished ones and redoes the rest whole: no sample is lost or written twice.
+The plan (plan.py: which sample goes to which shard) is fixed up front from the dataset, sorted by key, so a
+re-run finds the same shards, skips the finished ones and redoes the rest whole: no sample is lost or written twice.
 The unit of work is a shard (as in img2dataset): each Ray Data row carries one shard's samples, every stage
 maps shard -> shard (model stages as actor pools, the others as tasks) and the last step writes the tar inside
 the cluster. No shuffle is needed, and a failed task redoes exactly one shard.
@@ -13,37 +13,17 @@ import logging
 import math
 import pickle
 import time
-from collections import Counter
 from pathlib import Path
 
-from pipeline import shards
 from pipeline.config import PipelineConfig, StageConfig
-from pipeline.datasets import DatasetError, read_dataset
+from pipeline.preprocess import shards
+from pipeline.preprocess.plan import plan
+from pipeline.preprocess.prepare import prepare_stage_models
 from pipeline.raylocal import init_ray
-from stages.base import STAGES, empty_row
+from stages.base import STAGES
 
 log = logging.getLogger("densevse.preprocess")
 STAGE_ORDER = ("ingest", "regions", "features", "parse")
-
-
-def plan(cfg: PipelineConfig) -> list[dict]:
-    """Rows (stages/base.py columns) for every sample of the run, each assigned to its shard."""
-    specs = list(read_dataset(cfg.dataset, cfg.dataset_root))
-    keys = Counter(s["key"] for s in specs)
-    dup = [k for k, n in keys.items() if n > 1]
-    if dup:
-        raise DatasetError(f"dataset has {len(dup)} duplicate sample keys, e.g. {dup[:3]}")
-    rows: list[dict] = []
-    per_split: dict[str, list[dict]] = {}
-    for s in specs:
-        per_split.setdefault(s["split"], []).append(s)
-    n = cfg.shards.samples_per_shard
-    for split in sorted(per_split):
-        for i, s in enumerate(sorted(per_split[split], key=lambda s: s["key"])):
-            rows.append(empty_row(key=s["key"], split=split, shard=shards.shard_name(split, i // n),
-                                  source=s["source"], captions=json.dumps(s["captions"]),
-                                  gold=json.dumps(s.get("gold") or {})))
-    return rows
 
 
 def _run_stage(stage, payload: bytes, batch_size: int) -> bytes:
@@ -57,26 +37,17 @@ def _run_stage(stage, payload: bytes, batch_size: int) -> bytes:
     return pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
 
 
-class _TaskStage:
-    """A model-free stage as a Ray task: built per call from plain (picklable) params."""
+class _StageOnShards:
+    """A stage applied to whole shards. As a Ray actor (a model stage: `load=True`) the stage and its model are
+    built once, in the constructor, and serve many shards; as a task, the stage is built per call."""
 
-    def __init__(self, impl: str, params: dict, batch_size: int):
+    def __init__(self, impl: str, params, batch_size: int, load: bool = True):
         self.impl, self.params, self.batch_size = impl, params, batch_size
+        self.stage = STAGES.get(impl)(params) if load else None
 
     def __call__(self, batch):
-        stage = STAGES.get(self.impl)(self.params)
+        stage = self.stage or STAGES.get(self.impl)(self.params)
         return {"shard": batch["shard"], "rows": [_run_stage(stage, p, self.batch_size) for p in batch["rows"]]}
-
-
-class _ActorStage(_TaskStage):
-    """A model stage as a Ray actor: the model loads once, in the constructor, and serves many shards."""
-
-    def __init__(self, impl: str, params: dict, batch_size: int):
-        super().__init__(impl, params, batch_size)
-        self.stage = STAGES.get(impl)(params)
-
-    def __call__(self, batch):
-        return {"shard": batch["shard"], "rows": [_run_stage(self.stage, p, self.batch_size) for p in batch["rows"]]}
 
 
 def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], node_cpus: float | list[float]) -> dict[str, int]:
@@ -121,8 +92,8 @@ def _add_stage(ds, sc: StageConfig, actors: int | None):
     args = dict(impl=sc.impl, params=sc.params, batch_size=sc.batch_size)
     common = dict(batch_size=1, num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None, batch_format="numpy")
     if actors:
-        return ds.map_batches(_ActorStage, fn_constructor_kwargs=args, concurrency=actors, **common)
-    return ds.map_batches(_TaskStage(**args), concurrency=sc.concurrency, **common)
+        return ds.map_batches(_StageOnShards, fn_constructor_kwargs=args, concurrency=actors, **common)
+    return ds.map_batches(_StageOnShards(**args, load=False), concurrency=sc.concurrency, **common)
 
 
 def _write(batch, shard_dir: str):
@@ -144,9 +115,7 @@ def preprocess(cfg: PipelineConfig, progress: bool = True) -> dict:
     pending = [r for r in rows if r["shard"] not in done]
     log.info("plan: %d samples in %d shards; %d shards already finished", len(rows), len(planned), len(done))
     if pending:
-        for name in STAGE_ORDER:
-            sc = getattr(cfg.stages, name)
-            STAGES.get(sc.impl).prepare(sc.params)
+        prepare_stage_models(cfg)
         ray = init_ray(cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress

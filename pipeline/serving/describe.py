@@ -1,5 +1,5 @@
-"""`densevse describe IMAGE...`: a whole-image caption, one phrase per proposed region, and the dense
-description; plus the `densevse captioner train|evaluate` commands.
+"""Describing new images (`densevse describe [CONFIG] IMAGE...`): a whole-image caption, one phrase per
+proposed region, and the dense description.
 
     densevse describe img.jpg [--model runs/x/models/captioner/best.pt] [--draw out.png] [-s captioner.beam_size=3]
 
@@ -7,7 +7,7 @@ Per image: the image is read and normalised as in preprocessing (stages/images.p
 the file), regions are proposed by the configured regions stage (Detectron2 with existing weights; any other
 stage, e.g. gold_boxes, cannot propose boxes for a new image, so only the whole image is described and the
 output says so), EfficientNet-Lite0 features are computed by the configured features stage, then the captioner
-(pipeline/captioner.py) writes:
+(models/captioner.py) writes:
   caption  beam search (captioner.beam_size, default 7 as in DVSA) on the whole image (row 0);
   regions  the top captioner.top_k_regions proposals in detector order, minus any box overlapping a kept one
            by IoU > 0.7, each with its phrase and the phrase's confidence (exp mean word log-prob);
@@ -18,56 +18,23 @@ Output: a JSON array with one {image, caption, caption_score, regions: [{box, ph
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.cli import common_args
-
-DEDUP_IOU = 0.7
-
-
-def dense_description(phrases: list[str], boxes) -> str:
-    """Join region phrases into one sentence: duplicates dropped (first kept), left to right by box centre."""
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    seen, keep = set(), []
-    for i, p in enumerate(phrases):
-        if p and p not in seen:
-            seen.add(p)
-            keep.append(i)
-    keep.sort(key=lambda i: (boxes[i, 0] + boxes[i, 2]) / 2)
-    words = [phrases[i] for i in keep]
-    if len(words) <= 1:
-        return "".join(words)
-    return ", ".join(words[:-1]) + " and " + words[-1]
-
-
-def dedup_boxes(boxes: np.ndarray, k: int, iou: float = DEDUP_IOU) -> np.ndarray:
-    """The first k boxes (detector order) that do not overlap an already kept one by more than `iou`."""
-    from stages.regions import box_iou
-
-    kept: list[np.ndarray] = []
-    for b in np.asarray(boxes, np.float32).reshape(-1, 4):
-        if len(kept) == k:
-            break
-        if not kept or box_iou(b[None], np.stack(kept)).max() <= iou:
-            kept.append(b)
-    return np.stack(kept) if kept else np.zeros((0, 4), np.float32)
+from models.captioner import dedup_boxes, dense_description
+from models.detector import resolve
+from stages.regions import predict_boxes
 
 
 def region_proposer(cfg):
     """(propose(list of JPEG bytes) -> list of (R, 4) boxes, note). propose is None when the configured regions
     stage cannot propose boxes for a new image (not Detectron2, or its weights are missing)."""
-    from stages.regions import RegionParams, resolve
-
     sc = cfg.stages.regions
     if sc.impl != "detectron2":
         return None, (f"stages.regions.impl={sc.impl} cannot propose regions for a new image: whole-image caption "
                       f"only (set stages.regions.impl=detectron2 with trained weights for region phrases)")
-    params = RegionParams.model_validate(sc.params).model_dump()
+    params = sc.params.model_dump()  # typed RegionParams, validated with the config
     config, top_k = params.pop("config"), cfg.captioner.top_k_regions
     params.pop("top_k")
     try:
@@ -76,8 +43,6 @@ def region_proposer(cfg):
         return None, f"no region detector ({e}): whole-image caption only (train one: `densevse regions train`)"
 
     def propose(jpegs: list[bytes]) -> list[np.ndarray]:
-        from stages.regions import predict_boxes
-
         return predict_boxes(config, jpegs, top_k=max(3 * top_k, 1), **params)
 
     return propose, ""
@@ -100,7 +65,7 @@ class Describer:
         self.cfg, self.cap, self.propose, self.note = cfg, captioner, propose, note
         fc = cfg.stages.features
         self.features = STAGES.get(fc.impl)(fc.params)
-        self.max_side = int(cfg.stages.ingest.params.get("max_side", 640))
+        self.max_side = cfg.stages.ingest.params.max_side
 
     def featurize(self, jpeg: bytes, w: int, h: int, boxes: np.ndarray) -> np.ndarray:
         from stages.base import empty_row, npy_bytes, npy_load
@@ -166,85 +131,3 @@ def draw(result: dict, out: str | Path) -> Path:
 # ---------------------------------------------------------------- commands
 
 
-def _load_cfg(args):
-    from pipeline.config import load_config
-
-    path = args.config if args.config is not None or not Path("pipeline.yaml").is_file() else "pipeline.yaml"
-    return load_config(path, args.overrides)
-
-
-def cmd_describe(args) -> int:
-    """Describe images: whole-image caption, region phrases, dense description (JSON on stdout)."""
-    from pipeline.captioner import Captioner, default_checkpoint
-    from stages.base import Reject
-
-    cfg = _load_cfg(args)
-    try:
-        cap = Captioner.load(args.model or default_checkpoint(cfg))
-    except FileNotFoundError as e:
-        print(f"densevse describe: {e}", file=sys.stderr)
-        return 2
-    propose, note = region_proposer(cfg)
-    if note:
-        print(f"densevse describe: {note}", file=sys.stderr)
-    d = Describer(cfg, cap, propose, note)
-    results, failed = [], 0
-    for i, path in enumerate(args.images):
-        try:
-            r = d.describe(path)
-        except (Reject, ValueError) as e:
-            print(f"densevse describe: cannot describe {path}: {e}", file=sys.stderr)
-            failed += 1
-            continue
-        if args.draw:
-            out = Path(args.draw)
-            if len(args.images) > 1:
-                out = out.with_name(f"{out.stem}-{Path(path).stem}{out.suffix or '.png'}")
-            r["drawing"] = str(draw(r, out))
-        results.append(r)
-    print(json.dumps(results, indent=1))
-    return 2 if failed else 0
-
-
-def cmd_train(args) -> int:
-    """Train the m-RNN captioner on the run's train shards (Ray Train; MLflow when configured)."""
-    from pipeline.captioner import train_captioner
-
-    print(json.dumps(train_captioner(_load_cfg(args)), indent=1, default=str))
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    """BLEU/METEOR/ROUGE-L/CIDEr of generated captions vs the nearest-neighbour caption baseline."""
-    from pipeline.caption_eval import evaluate_captioner
-
-    out = evaluate_captioner(_load_cfg(args), checkpoint=args.checkpoint, split=args.split)
-    print(json.dumps(out, indent=1))
-    return 0
-
-
-def _config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", default=None, help="pipeline.yaml (default: ./pipeline.yaml if present)")
-    p.add_argument("--set", "-s", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. -s captioner.beam_size=3 (repeatable)")
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("describe", help="caption images, describe their regions (JSON)",
-                              description=cmd_describe.__doc__)
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--model", default=None, help="captioner checkpoint (default: <output_dir>/models/captioner/best.pt)")
-    p.add_argument("--draw", default=None, metavar="OUT.png",
-                   help="also draw boxes + phrases (several images: OUT-<image stem>.png)")
-    _config_args(p)
-    p.set_defaults(func=cmd_describe)
-    c = subparsers.add_parser("captioner", help="the m-RNN description model")
-    sub = c.add_subparsers(dest="captioner_command", required=True)
-    t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
-    common_args(t)
-    t.set_defaults(func=cmd_train)
-    e = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
-    common_args(e)
-    e.add_argument("--checkpoint", default=None, help="default: <output_dir>/models/captioner/best.pt")
-    e.add_argument("--split", default=None, help="default: eval.split")
-    e.set_defaults(func=cmd_evaluate)

@@ -20,80 +20,16 @@ from pathlib import Path
 
 import numpy as np
 
-METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
-
-
-def coco_scores(refs: dict[str, list[str]], systems: dict[str, dict[str, str]]) -> dict[str, dict[str, float]]:
-    """pycocoevalcap corpus scores of each system's hyps[key] against refs[key]: {system: {metric: score}}.
-    One tokenizer pass and one METEOR process serve every system (each Java start costs seconds)."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.meteor.meteor import Meteor
-    from pycocoevalcap.rouge.rouge import Rouge
-    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-    tok = PTBTokenizer()
-    gts = tok.tokenize({k: [{"caption": c} for c in v] for k, v in refs.items()})
-    res = tok.tokenize({f"{name}\t{k}": [{"caption": h or "."}] for name, hyps in systems.items()
-                        for k, h in hyps.items()})
-    meteor, out = Meteor(), {}
-    for name, hyps in systems.items():
-        g = {k: gts[k] for k in sorted(hyps)}
-        r = {k: res[f"{name}\t{k}"] for k in sorted(hyps)}
-        scores = dict(zip(METRICS[:4], map(float, Bleu(4).compute_score(g, r, verbose=0)[0])))
-        for scorer, metric in ((meteor, "METEOR"), (Rouge(), "ROUGE_L"), (Cider(), "CIDEr")):
-            scores[metric] = float(scorer.compute_score(g, r)[0])
-        out[name] = scores
-    return out
-
-
-def nearest_captions(train_feats: np.ndarray, train_captions: list[str], test_feats: np.ndarray) -> list[str]:
-    """For each test row, the caption of the training row with the highest cosine similarity."""
-    def unit(x):
-        x = np.asarray(x, np.float32)
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-8)
-
-    best = (unit(test_feats) @ unit(train_feats).T).argmax(1)
-    return [train_captions[i] for i in best]
-
-
-def _objects(label: str) -> tuple[str, str]:
-    """"small red circle" -> ("red", "circle"): the last two words of a gold label."""
-    w = label.split()
-    return w[-2], w[-1]
-
-
-def object_precision(texts: list[str], labels: list[list[str]]) -> float:
-    """Share of (colour, shape) word pairs in the texts that match an object of their image (NaN: none named)."""
-    nouns = {_objects(lab)[1] for labs in labels for lab in labs}
-    hit = total = 0
-    for text, labs in zip(texts, labels):
-        words = text.split()
-        real = {_objects(lab) for lab in labs}
-        for a, b in zip(words, words[1:]):
-            if b in nouns:
-                total += 1
-                hit += (a, b) in real
-    return 100.0 * hit / total if total else float("nan")
-
-
-def object_recall(texts: list[str], labels: list[list[str]]) -> float:
-    """Share of the images' objects whose "colour shape" appears in their text."""
-    hit = total = 0
-    for text, labs in zip(texts, labels):
-        for lab in labs:
-            total += 1
-            hit += " ".join(_objects(lab)) in text
-    return 100.0 * hit / total if total else float("nan")
+from models.captioner import Captioner, dense_description
+from models.metrics import coco_scores, nearest_captions, object_precision, object_recall
+from pipeline.preprocess.shards import shard_paths
+from pipeline.training.captioner import default_checkpoint
+from pipeline.training.data import iter_samples
 
 
 def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | None = None) -> dict:
     """Generate captions (beam search) and region phrases for a split, score them and the NN baseline; logs
     to the model's MLflow run when tracking is on; writes <output_dir>/captioner-eval-<split>.json."""
-    from pipeline.captioner import Captioner, default_checkpoint
-    from pipeline.describe import dense_description
-    from pipeline.loader import iter_samples, shard_paths
-
     t0 = time.time()
     split = split or cfg.eval.split
     c = cfg.captioner

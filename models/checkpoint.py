@@ -1,0 +1,50 @@
+"""Loading trained checkpoints safely: `torch.load(weights_only=True)` everywhere, so a crafted file (a shared
+output dir, a downloaded model, a registry artifact) cannot run code when it is unpickled.
+
+Checkpoints hold tensors and plain Python values (names, vocabularies, history, config). Those written before
+models stopped storing their GloVe init in `hparams` also hold a numpy array; numpy's array reconstruction is
+allow-listed for that (it builds arrays and runs no code). Anything else is refused with UnsafeCheckpointError.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError):
+    """A checkpoint needs code to unpickle: refused, never run."""
+
+
+def _numpy_globals() -> list:
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")]
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, core.multiarray.scalar, *dtypes]
+
+
+def load_checkpoint(path: str | Path, device="cpu") -> dict:
+    """The checkpoint dict at `path`, loaded with weights_only=True (numpy arrays allowed, code never)."""
+    try:
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln] or [type(e).__name__]
+        raise UnsafeCheckpointError(f"refused to load {path}: not a plain checkpoint, unpickling it would run "
+                                    f"code ({lines[0][:300]})") from None
+
+
+def load_model(path: str | Path, device="cpu"):
+    """(model, vocab, labels, checkpoint dict) from a model.pt written by training (or its directory)."""
+    from models import rebuild
+    from models.vocab import Vocab
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    ck = load_checkpoint(path, device)
+    model = rebuild(ck["model_name"], ck["hparams"]).to(device)
+    model.load_state_dict(ck["state_dict"])
+    model.eval()
+    return model, Vocab(ck["vocab"]), Vocab(ck["labels"]), ck

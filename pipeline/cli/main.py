@@ -1,0 +1,33 @@
+"""`densevse`: builds the parser from the verb-group modules and runs the chosen verb."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipeline.cli import captioner, cluster, core, mlflow, models
+from pipeline.errors import ConfigError
+
+VERB_GROUPS = (core, models, mlflow, captioner, cluster)  # each: register(subparsers), sets args.func
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="densevse", description="Dense visual-semantic embeddings on Ray + MLflow.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in VERB_GROUPS:
+        group.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"densevse: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
