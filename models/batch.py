@@ -68,11 +68,11 @@ def gold_nodes(caption: dict, gold: dict) -> list[tuple[int, int]]:
     return out
 
 
-def collate(items: list[tuple[dict, list[dict]]], vocab: Vocab, labels: Vocab) -> Batch:
-    B = len(items)
-    R = max(s["feats"].shape[0] for s, _ in items)
-    D = items[0][0]["feats"].shape[1]
-    feats = torch.zeros(B, R, D)
+def _regions(items) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(feats (B,R,D), boxes (B,R,4), valid (B,R), cand (B,R)): regions padded to the batch's most. A phrase
+    may ground to any region, or to row 0 (the whole image) when the image has no other."""
+    B, R = len(items), max(s["feats"].shape[0] for s, _ in items)
+    feats = torch.zeros(B, R, items[0][0]["feats"].shape[1])
     boxes = torch.zeros(B, R, 4)
     valid = torch.zeros(B, R, dtype=torch.bool)
     for b, (s, _) in enumerate(items):
@@ -82,25 +82,38 @@ def collate(items: list[tuple[dict, list[dict]]], vocab: Vocab, labels: Vocab) -
         valid[b, :r] = True
     cand = valid.clone()
     cand[:, 0] = valid.sum(1) == 1
+    return feats, boxes, valid, cand
 
+
+def _padded(rows: list[list[int]], fill: int = 0) -> torch.Tensor:
+    out = torch.full((len(rows), max((len(x) for x in rows), default=1)), fill, dtype=torch.long)
+    for i, ids in enumerate(rows):
+        out[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    return out
+
+
+def collate(items: list[tuple[dict, list[dict]]], vocab: Vocab, labels: Vocab) -> Batch:
+    """Items (sample, [its captions]) -> one Batch: every tree's nodes in one global list (offsets per
+    caption), its phrases (trees.phrases plus any gold-linked node), and gold (phrase, box) pairs."""
+    feats, boxes, valid, cand = _regions(items)
     cap_img, cap_idx, toks, node_word, node_label, parent, height, root = [], [], [], [], [], [], [], []
-    ph_node, ph_cap, ph_toks, ph_text, gold, starts, ph_span = [], [], [], [], [], [], []
+    ph_node, ph_cap, ph_toks, ph_text, gold, word_nodes, ph_span = [], [], [], [], [], [], []
     offset = 0
     for b, (s, caps) in enumerate(items):
+        gboxes = (s["meta"].get("gold") or {}).get("boxes", [])
         for c in caps:
-            t = len(cap_img)
-            tree = c["tree"]
+            t, tree = len(cap_img), c["tree"]
             n, m = len(tree["tokens"]), len(tree["labels"])
             ids = [vocab(normalize(w)) for w in tree["tokens"]]
             cap_img.append(b)
             cap_idx.append(int(c["index"]))
             toks.append(ids)
+            word_nodes.append(list(range(offset, offset + n)))  # words are a tree's first nodes
             node_word += ids + [0] * (m - n)
             node_label += [labels(lab) for lab in tree["labels"]]
             parent += [p + offset if p >= 0 else -1 for p in tree["parents"]]
             height += trees.heights(tree)
             root.append(offset + m - 1)
-            starts.append(offset)
             links = gold_nodes(c, s["meta"].get("gold"))
             nodes = [p["node"] for p in c.get("phrases") or trees.phrases(tree)]
             nodes += [nd for nd, _ in links if nd not in nodes]
@@ -113,23 +126,13 @@ def collate(items: list[tuple[dict, list[dict]]], vocab: Vocab, labels: Vocab) -
                 ph_toks.append(ids[st:en])
                 ph_span.append([st, en])
                 ph_text.append(" ".join(tree["tokens"][st:en]))
-            gboxes = s["meta"]["gold"].get("boxes", []) if s["meta"].get("gold") else []
             gold += [(where[nd], gboxes[bx]) for nd, bx in links if bx < len(gboxes)]
             offset += m
-    L = max((len(x) for x in toks), default=1)
-    tokens = torch.zeros(len(toks), L, dtype=torch.long)
-    word_node = torch.full((len(toks), L), -1, dtype=torch.long)
-    for t, ids in enumerate(toks):
-        tokens[t, :len(ids)] = torch.tensor(ids)
-        word_node[t, :len(ids)] = torch.arange(len(ids)) + starts[t]  # words are a tree's first nodes
-    Lp = max([len(x) for x in ph_toks], default=1)
-    phrase_tokens = torch.zeros(len(ph_toks), Lp, dtype=torch.long)
-    for p, ids in enumerate(ph_toks):
-        phrase_tokens[p, :len(ids)] = torch.tensor(ids)
     long = lambda x: torch.tensor(x, dtype=torch.long)  # noqa: E731
     return Batch(keys=[s["key"] for s, _ in items], feats=feats, boxes=boxes, valid=valid, cand=cand,
-                 caption_image=long(cap_img), caption_index=cap_idx, tokens=tokens,
+                 caption_image=long(cap_img), caption_index=cap_idx, tokens=_padded(toks),
                  lengths=long([len(x) for x in toks]), node_word=long(node_word), node_label=long(node_label),
-                 parent=long(parent), height=long(height), root=long(root), word_node=word_node,
-                 phrase_node=long(ph_node), phrase_caption=long(ph_cap), phrase_tokens=phrase_tokens,
-                 phrase_lengths=long([len(x) for x in ph_toks]), phrase_span=long(ph_span).view(-1, 2), phrase_text=ph_text, gold=gold)
+                 parent=long(parent), height=long(height), root=long(root), word_node=_padded(word_nodes, -1),
+                 phrase_node=long(ph_node), phrase_caption=long(ph_cap), phrase_tokens=_padded(ph_toks),
+                 phrase_lengths=long([len(x) for x in ph_toks]), phrase_span=long(ph_span).view(-1, 2),
+                 phrase_text=ph_text, gold=gold)

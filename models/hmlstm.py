@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import MODELS
-from models.base import EmbeddingModel, l2norm, word_embedding
+from models.base import MODELS, EmbeddingModel, l2norm, word_embedding
 
 
 class ChildSumTreeLSTM(nn.Module):

@@ -7,33 +7,18 @@ and a sample with no usable caption, or no readable image, is rejected as a whol
 from __future__ import annotations
 
 import json
-import re
-import unicodedata
 
 from pydantic import Field
 
 from stages.base import STAGES, Params, Reject, Stage
 from stages.images import decode_rgb, read_bytes, to_jpeg
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
-
+from stages.text import clean_caption
 
 def check_caption(text, max_words: int) -> tuple[str, str | None]:
-    """(cleaned text, None) for a usable caption, else (text, reason)."""
-    if isinstance(text, bytes):
-        try:
-            text = text.decode("utf-8")
-        except UnicodeDecodeError:
-            return text.decode("utf-8", "replace"), "caption is not valid UTF-8"
-    if not isinstance(text, str):
-        return str(text), f"caption is a {type(text).__name__}, not text"
-    if "\ufffd" in text:
-        return text, "caption is not valid UTF-8"
-    clean = " ".join(_CONTROL.sub(" ", unicodedata.normalize("NFC", text)).split())
-    if not clean:
-        return clean, "empty caption"
-    if not any(ch.isalpha() for ch in clean):
-        return clean, "caption has no words (punctuation or digits only)"
+    """(cleaned text, None) for a usable caption, else (text, reason): stages/text.py's checks + a word limit."""
+    clean, reason = clean_caption(text)
+    if reason:
+        return clean, reason
     n = len(clean.split())
     if n > max_words:
         return clean, f"caption has {n} words, over the limit of {max_words}"

@@ -30,6 +30,7 @@ from models import trees as T
 from models.parser import DEFAULT_DIR, build_pipeline
 from stages.base import STAGES, Params as StageParams, Stage
 from stages.gold import attach_tree
+from stages.text import clean_caption
 
 log = logging.getLogger("densevse.parse")
 
@@ -61,28 +62,16 @@ who which what has have his up down out off through next behind front top side""
 
 
 def check_text(text) -> tuple[str | None, str | None]:
-    """(clean text, None) or (None, rejection reason). Handles bytes, undecodable input and non-text."""
-    if isinstance(text, (bytes, bytearray)):
-        try:
-            text = bytes(text).decode("utf-8")
-        except UnicodeDecodeError as e:
-            return None, f"invalid UTF-8 bytes ({e.reason} at byte {e.start})"
-    if not isinstance(text, str):
-        return None, f"caption is {type(text).__name__}, not text"
-    if re.search(r"[\ud800-\udfff]", text) or "\ufffd" in text:
-        # surrogateescape'd bytes or U+FFFD: the caption was decoded from non-UTF-8 bytes upstream
-        return None, "invalid UTF-8 bytes (undecodable characters in caption)"
-    text = unicodedata.normalize("NFC", "".join(c if c.isprintable() else " " for c in text)).strip()
-    if not text:
-        return None, "empty caption"
-    letters = [c for c in text if c.isalpha()]
-    if not letters:
-        return None, "no words (punctuation, digits or symbols only)"
+    """(clean text, None) or (None, rejection reason): stages/text.py's checks + mostly non-Latin script."""
+    clean, reason = clean_caption(text)
+    if reason:
+        return None, reason
+    letters = [c for c in clean if c.isalpha()]
     non_latin = sum(1 for c in letters if not ("a" <= c.lower() <= "z")
                     and not unicodedata.name(c, "").startswith("LATIN"))
     if non_latin / len(letters) > 0.3:
         return None, "not English (mostly non-Latin script)"
-    return text, None
+    return clean, None
 
 
 def looks_english(tokens: list[str]) -> bool:
@@ -157,7 +146,7 @@ class StanzaParse(Stage):
         else:
             docs = self.nlp.bulk_process([stanza.Document([], text=t) for t in inputs])
             sents = [d.sentences for d in docs]
-            # Stanza's tokenizer sees raw text: truncate after tokenizing, before the tree is used
+            # Stanza's tokenizer sees raw text: over max_tokens is rejected after tokenizing (parse_texts)
         if len(sents) != len(inputs):
             raise RuntimeError(f"Stanza returned {len(sents)} sentences for {len(inputs)} captions")
         return [self._to_tree(ss, inp) for ss, inp in zip(sents, inputs)]

@@ -26,12 +26,20 @@ def test_tokenize_is_ptb_style():
 
 @pytest.mark.parametrize("text,reason", [
     ("", "empty"), ("   \t ", "empty"), ("!!! ... ???", "no words"), ("12 34", "no words"),
-    ("这是一只狗在草地上跑", "not English"), (b"\xff\xfe a dog", "invalid UTF-8"), ("a dog \udcff", "invalid UTF-8"),
-    ("a dog \ufffd runs", "invalid UTF-8"), (None, "not text"),
+    ("这是一只狗在草地上跑", "not English"), (b"\xff\xfe a dog", "not valid UTF-8"), ("a dog \udcff", "not valid UTF-8"),
+    ("a dog \ufffd runs", "not valid UTF-8"), (None, "not text"),
 ])
 def test_check_text_rejects(text, reason):
     clean, why = check_text(text)
     assert clean is None and reason in why
+
+
+@pytest.mark.parametrize("text", ["", "  ", "!!! 42", b"caf\xe9", "bad \ufffd", "a \udcff", None])
+def test_ingest_and_parse_give_one_reason_per_cause(text):
+    """The reject histogram counts a cause once: ingest and parse word it the same way."""
+    from stages.ingest import check_caption
+
+    assert check_caption(text, max_words=60)[1] == check_text(text)[1] is not None
 
 
 def test_english_heuristic():

@@ -14,25 +14,11 @@ or corrupt image is not their business: ingest records it as a rejection.
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-from models.registry import Registry
-from pipeline.errors import DatasetError  # noqa: F401  (the readers raise it; re-exported for them)
-
-READERS: Registry[Callable[..., Iterator[dict]]] = Registry("dataset reader")
-
-
-def make_key(prefix: str, name: str) -> str:
-    stem = Path(name).stem if "." in Path(name).name else name
-    return f"{prefix}_{re.sub(r'[^A-Za-z0-9_-]', '_', stem)}"
-
-
-def require(path: Path) -> Path:
-    if not path.exists():
-        raise DatasetError(f"missing dataset file {path}")
-    return path
+from pipeline.datasets import coco, flickr8k, flickr30k_entities, karpathy, synthetic_reader  # noqa: F401 (register)
+from pipeline.datasets.base import READERS
 
 
 def read_dataset(cfg, root: Path) -> Iterator[dict]:
@@ -44,6 +30,3 @@ def read_dataset(cfg, root: Path) -> Iterator[dict]:
         counts[spec["split"]] = counts.get(spec["split"], 0) + 1
         if cfg.limit is None or counts[spec["split"]] <= cfg.limit:
             yield spec
-
-
-from pipeline.datasets import coco, flickr8k, flickr30k_entities, karpathy, synthetic_reader  # noqa: E402,F401

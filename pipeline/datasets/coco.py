@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.datasets import READERS, make_key, require
+from pipeline.datasets.base import READERS, make_key, require
 from pipeline.errors import DatasetError
 
 SPLITS = {"train": "train2017", "val": "val2017"}

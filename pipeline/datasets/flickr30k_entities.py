@@ -10,7 +10,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from pipeline.datasets import READERS, make_key, require
+from pipeline.datasets.base import READERS, make_key, require
 from pipeline.errors import DatasetError
 
 _PHRASE = re.compile(r"\[/EN#(\d+)/(\S+) ([^\]]*)\]")

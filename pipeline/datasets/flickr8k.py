@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.datasets import READERS, make_key, require
+from pipeline.datasets.base import READERS, make_key, require
 from pipeline.errors import DatasetError
 
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.datasets import READERS, make_key
+from pipeline.datasets.base import READERS, make_key
 from pipeline.errors import DatasetError
 
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.datasets import READERS
+from pipeline.datasets.base import READERS
 from pipeline.datasets.synthetic import generate
 
 
