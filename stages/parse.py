@@ -23,6 +23,7 @@ import json
 import logging
 import re
 import unicodedata
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -91,6 +92,8 @@ class StanzaParse(Stage):
     uses_model = True
 
     class Params(StageParams):
+        model_paths: ClassVar[tuple[str, ...]] = ("model_dir", "tokenize_model_path", "pos_model_path",
+                                                  "constituency_model_path", "pretrain_path")
         lang: str = "en"
         # A `densevse parser train` dir (has models.json), or a Stanza resources dir (null: Stanza's default dir)
         model_dir: str | None = str(DEFAULT_DIR)
