@@ -51,23 +51,42 @@ def job_config(config: str | Path | None, overrides: list[str]):
 
 
 def stage(cfg, dest: Path) -> Path:
-    """Copy the project and the resolved config into `dest` (the job's working_dir)."""
+    """Copy the project, the stage models the config names by relative path (trained here, under the
+    otherwise excluded .cache/), and the resolved config into `dest` (the job's working_dir), so the job's
+    driver finds the same models instead of training them again."""
     from pipeline.config import dump_config
 
     shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(*EXCLUDES), dirs_exist_ok=True)
+    for _, rel in local_stage_models(cfg):
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if (ROOT / rel).is_dir() else shutil.copy2)(ROOT / rel, target)
     (dest / JOB_CONFIG).write_text(dump_config(cfg))
     return dest
 
 
-def unshipped_paths(cfg) -> list[tuple[str, str]]:
-    """Relative paths the job cannot see as they are here: the output dir, and stage model/config paths under an
-    excluded folder (e.g. .cache/detector-synthetic). Relative paths resolve in the job's working dir."""
-    found = [] if Path(cfg.run.output_dir).is_absolute() else [("run.output_dir", str(cfg.run.output_dir))]
+def _relative_model_paths(cfg) -> list[tuple[str, str]]:
+    """(config key, value) of every stage model path given relative to the project."""
+    out = []
     for name in type(cfg.stages).model_fields:
-        for k, v in getattr(cfg.stages, name).params.model_dump().items():
-            if isinstance(v, str) and not Path(v).is_absolute() and Path(v).parts[:1] and Path(v).parts[0] in EXCLUDES:
-                found.append((f"stages.{name}.params.{k}", v))
-    return found
+        params = getattr(cfg.stages, name).params
+        for field in getattr(params, "model_paths", ()):
+            v = getattr(params, field)
+            if isinstance(v, str) and "://" not in v and not Path(v).is_absolute():
+                out.append((f"stages.{name}.params.{field}", v))
+    return out
+
+
+def local_stage_models(cfg) -> list[tuple[str, str]]:
+    """The relative stage model paths that exist here: shipped with the job."""
+    return [(k, v) for k, v in _relative_model_paths(cfg) if (ROOT / v).exists()]
+
+
+def unshipped_paths(cfg) -> list[tuple[str, str]]:
+    """Relative paths the job cannot see as they are here: the output dir, and relative stage model paths that
+    do not exist here (the job's driver trains the project's defaults, or fails naming the path)."""
+    found = [] if Path(cfg.run.output_dir).is_absolute() else [("run.output_dir", str(cfg.run.output_dir))]
+    return found + [(k, v) for k, v in _relative_model_paths(cfg) if not (ROOT / v).exists()]
 
 
 def entrypoint(command: str, python: str = "python") -> str:
@@ -76,7 +95,9 @@ def entrypoint(command: str, python: str = "python") -> str:
 
 
 def runtime_env(working_dir: Path, pip: list[str] | None = None) -> dict:
-    env = {"working_dir": str(working_dir), "excludes": EXCLUDES, "env_vars": {"PYTHONUNBUFFERED": "1"}}
+    # .cache/ is kept: `stage` put only the stage models the config names there.
+    env = {"working_dir": str(working_dir), "excludes": [e for e in EXCLUDES if e != ".cache"],
+           "env_vars": {"PYTHONUNBUFFERED": "1"}}
     if pip:
         env["pip"] = list(pip)
     return env
@@ -109,8 +130,11 @@ def submit(config: str | Path | None, overrides: list[str] | None = None, addres
         raise ValueError(f"command must be one of {COMMANDS}, not {command!r}")
     cfg = job_config(config, overrides or [])
     for key, value in unshipped_paths(cfg):
-        print(f"densevse: warning: {key}={value} is relative and not shipped, so the job resolves it in its own "
-              "temporary working dir (outputs lost, models rebuilt); use a path on shared storage", file=sys.stderr)
+        what = ("outputs are lost with it; use a path on shared storage" if key == "run.output_dir" else
+                "it does not exist here, so the job's driver trains it if it is the project's default model, "
+                "else the job fails naming it")
+        print(f"densevse: warning: {key}={value} is relative: the job resolves it in its own temporary working "
+              f"dir ({what})", file=sys.stderr)
     submission_id = submission_id or f"densevse-{command}-{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-" \
                                      f"{uuid.uuid4().hex[:6]}"
     with tempfile.TemporaryDirectory(prefix="densevse-job-") as tmp:
