@@ -30,7 +30,7 @@ def load_checkpoint(path: str | Path, device="cpu") -> dict:
         with torch.serialization.safe_globals(_numpy_globals()):
             return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln] or [type(e).__name__]
+        lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln.upper()] or [type(e).__name__]
         raise UnsafeCheckpointError(f"refused to load {path}: not a plain checkpoint, unpickling it would run "
                                     f"code ({lines[0][:300]})") from None
 

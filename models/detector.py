@@ -27,7 +27,10 @@ def _is_remote(w: str) -> bool:
 
 
 def resolve(config: str, weights: str | None) -> tuple[str, str | None]:
-    """(config file, weights) from what pipeline.yaml says: a trained dir, a config file, or a model-zoo name."""
+    """(config file, weights) from what pipeline.yaml says: a trained dir, a config file, or a model-zoo name.
+
+    Trusted input: Detectron2 reads `.pkl` weights (the model-zoo format) with plain pickle, which can run code;
+    `.pth` files go through torch.load's weights-only unpickler."""
     p = Path(config)
     if p.is_dir():
         cfg_file = p / CONFIG_FILE

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 import sys
 
 from pipeline.cli import captioner, cluster, core, mlflow, models
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except ConfigError as e:
+    except (ConfigError, pickle.UnpicklingError) as e:  # a bad config, a refused checkpoint: one line, no traceback
         print(f"densevse: {e}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from models.detector import (CONFIG_FILE, IMAGENET_MEAN_255, IMAGENET_STD_255, WEIGHTS_FILE, default_detector_dir,
                              load_cfg)
+from models.checkpoint import load_checkpoint
 from models.metrics import proposal_recall
 from stages.regions import predict_boxes
 
@@ -261,7 +262,7 @@ def _train(out: Path, spec: DetectorSpec) -> dict:
     cfg.MODEL.WEIGHTS = ""
     cfg.DATASETS.TRAIN = ()
     (out / "last_checkpoint").unlink(missing_ok=True)
-    ckpt = torch.load(out / WEIGHTS_FILE, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(out / WEIGHTS_FILE)
     torch.save({"model": ckpt["model"]}, out / WEIGHTS_FILE)  # weights only: no optimizer/scheduler state
     ev = {"train_s": round(train_s, 1), "iters": spec.iters, "images_seen": spec.iters * spec.ims_per_batch,
           "threads": torch.get_num_threads()}
