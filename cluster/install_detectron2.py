@@ -172,8 +172,8 @@ def derive(src: Path, out_dir: Path) -> Path:
                 base = name[len(old_info):]
                 name = new_info + base
                 if base == "WHEEL":
-                    data = (f"Wheel-Version: 1.0\nGenerator: densevse cluster/install_detectron2.py\n"
-                            f"Root-Is-Purelib: true\nTag: py3-none-any\n").encode()
+                    data = ("Wheel-Version: 1.0\nGenerator: densevse cluster/install_detectron2.py\n"
+                            "Root-Is-Purelib: true\nTag: py3-none-any\n").encode()
                 elif base == "METADATA":
                     data = _metadata(data.decode("utf-8")).encode("utf-8")
             zout.writestr(name, data)

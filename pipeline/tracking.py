@@ -11,7 +11,6 @@ The pyfunc model (pipeline/pyfunc_model.py) embeds region features and trees int
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import socket
 import subprocess
@@ -39,18 +38,45 @@ def absolute_uri(uri: str | None) -> str | None:
     return uri
 
 
-def server_command(root: Path, host: str = "127.0.0.1", port: int = 5000) -> list[str]:
+def server_command(root: Path, host: str = "127.0.0.1", port: int = 5000, auth: bool = False) -> list[str]:
+    """`mlflow server` on root's sqlite store; auth: MLflow's basic-auth app (every API call needs a user/password)."""
     root = Path(root).resolve()
-    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
-            "--host", host, "--port", str(port), "--workers", "1"]
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+           "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+           "--host", host, "--port", str(port), "--workers", "1"]
+    return cmd + ["--app-name", "basic-auth"] if auth else cmd
 
 
-def server_env() -> dict:
-    """The server's environment: MLflow 3's background job runner (unused here) is off, it slows startup."""
+def server_env(root: Path | None = None, auth: bool = False, auth_config: Path | None = None) -> dict:
+    """The server's environment: MLflow 3's background job runner (unused here) is off, it slows startup. With auth,
+    what the basic-auth app reads at start: its config file (MLFLOW_AUTH_CONFIG_PATH: `auth_config`, else
+    root/basic_auth.ini, written once, whose user store is root/basic_auth.db rather than one in the working dir)
+    and a static Flask secret key for its CSRF checks (MLFLOW_FLASK_SERVER_SECRET_KEY: from the environment, else
+    made once in root/flask_secret_key). The admin password is never written here: MLflow takes it from
+    MLFLOW_AUTH_ADMIN_PASSWORD (or the config file's admin_password) when it creates the admin user."""
     import os
+    import secrets
 
-    return {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    if not auth:
+        return env
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if auth_config is None:
+        auth_config = root / "basic_auth.ini"
+        if not auth_config.exists():
+            auth_config.write_text(  # MLflow's defaults but for the user store's place
+                f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{root}/basic_auth.db\n"
+                "admin_username = admin\nauthorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+    env["MLFLOW_AUTH_CONFIG_PATH"] = str(Path(auth_config).resolve())
+    if not env.get("MLFLOW_FLASK_SERVER_SECRET_KEY"):
+        key = root / "flask_secret_key"
+        if not key.exists():
+            fd = os.open(key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        env["MLFLOW_FLASK_SERVER_SECRET_KEY"] = key.read_text().strip()
+    return env
 
 
 def free_port() -> int:
@@ -60,16 +86,17 @@ def free_port() -> int:
 
 
 def start_server(root: Path, port: int | None = None, host: str = "127.0.0.1", timeout: float = 120,
-                 wait: bool = True):
+                 wait: bool = True, auth: bool = False):
     """Start `mlflow server` in the background; returns (process, tracking uri), by default once /health
-    answers (wait=False: at once, call wait_server before use, so other setup overlaps its slow start)."""
+    answers (wait=False: at once, call wait_server before use, so other setup overlaps its slow start).
+    auth: the basic-auth app (server_env; MLFLOW_AUTH_ADMIN_PASSWORD must be set on its first start)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = open(root / "server.log", "ab")
     # Own session: stop_server ends the server and every process it spawned (uvicorn) as one group.
-    proc = subprocess.Popen(server_command(root, host, port), stdout=log, stderr=subprocess.STDOUT,
-                            env=server_env(), start_new_session=True)
+    proc = subprocess.Popen(server_command(root, host, port, auth), stdout=log, stderr=subprocess.STDOUT,
+                            env=server_env(root, auth), start_new_session=True)
     uri = f"http://{host}:{port}"
     if wait:
         wait_server(proc, uri, timeout)
@@ -121,8 +148,12 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def manifest_sha256(shard_dir: Path) -> str | None:
-    p = Path(shard_dir) / "manifest.parquet"
-    return hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
+    """The hash of the data a run trains on, logged as `dataset.manifest_sha256` (name kept so runs logged
+    before stay comparable): shards.dataset_sha256, over each manifest shard's tar sha256 and config
+    fingerprint, since a hash of manifest.parquet alone stays the same when only the features change."""
+    from pipeline.preprocess.shards import dataset_sha256
+
+    return dataset_sha256(shard_dir)
 
 
 def start_run(cfg) -> str:

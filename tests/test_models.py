@@ -191,6 +191,7 @@ def test_train_refuses_shards_without_pairs(tmp_path):
     row = make_row(0, "train", "train-000000", 8, 32, 0, {w: np.zeros(8) for w in (*COLORS, *SHAPES)})
     row["captions"] = "[]"
     S.write_shard([row], tmp_path, "train-000000")
+    S.write_manifest(tmp_path, ["train-000000"])  # readers take the manifest's shards only
     cfg = parse_config({"run": {"output_dir": str(tmp_path / "run")}, "shards": {"dir": str(tmp_path)}})
     with pytest.raises(ValueError, match="0 captions"):
         train(cfg)

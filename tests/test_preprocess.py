@@ -2,7 +2,6 @@
 and a Flickr8k-format set with broken inputs, where every bad sample is recorded with its reason."""
 import io
 import json
-import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -11,7 +10,7 @@ import pytest
 from pipeline.preprocess import shards
 from pipeline.config import load_config
 from pipeline.datasets import synthetic
-from pipeline.preprocess.run import actor_pool_sizes, plan, preprocess
+from pipeline.preprocess.run import plan, preprocess
 from stages.base import npy_load
 
 pytestmark = pytest.mark.slow
@@ -154,3 +153,48 @@ def test_bad_inputs_are_recorded_not_dropped(tmp_path, ray_local, capsys):
     assert listed["train"]["n_rejected"] == 4 and len(listed["rejected"]) == 4
     assert {r["key"].removeprefix("flickr8k_") for r in listed["rejected"]} == {"2_corrupt", "3_truncated", "4_missing",
                                                                       "5_nocaption"}
+
+
+def test_resume_never_mixes_configs_or_reads_stale_tars(tmp_path, ray_local, capsys):
+    """A changed feature config is refused (before any work), --force redoes those shards with the new
+    fingerprint; an altered tar is redone; readers take only manifest shards; the dataset hash follows."""
+    from pipeline.cli.main import main
+    from pipeline.errors import ConfigError
+    from pipeline.preprocess.plan import fingerprint
+
+    tiny = SMALL + ["dataset.synthetic.num_images=12", "dataset.synthetic.test_images=4",
+                    "shards.samples_per_shard=4", f"run.output_dir={tmp_path}"]
+    cfg = load_config("pipeline.yaml", tiny + ["stages.features.params.input_size=64"])
+    sd = cfg.shard_dir
+    first = preprocess(cfg, progress=False)
+    n = first["shards"]
+    digest = shards.dataset_sha256(sd)
+    train = shards.shard_paths(sd, "train")
+    for ext in (".tar", ".stats.json"):  # a shard of an earlier plan, with its stats, not in the manifest
+        (sd / f"train-000099{ext}").write_bytes((sd / f"train-000000{ext}").read_bytes())
+    assert shards.shard_paths(sd, "train") == train and shards.dataset_sha256(sd) == digest
+
+    changed = tiny + ["stages.features.params.input_size=96"]
+    mtimes = {p.name: p.stat().st_mtime_ns for p in sd.iterdir()}
+    with pytest.raises(ConfigError, match=rf"{n} of {n} finished shards .*stages\.features\.params \({n} shards\)"):
+        preprocess(load_config("pipeline.yaml", changed), progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in sd.iterdir()} == mtimes  # refused before any work
+
+    args = ["preprocess", "pipeline.yaml", "--quiet", "--force"] + [a for o in changed for a in ("-s", o)]
+    assert main(args) == 0
+    forced = json.loads(capsys.readouterr().out.split("==\n", 1)[1])
+    assert forced["shards_written"] == forced["shards_redone_config_changed"] == n
+    new_fp = fingerprint(load_config("pipeline.yaml", changed))["sha256"]
+    assert {st["fingerprint"]["sha256"] for st in shards.load_stats(sd, shards.manifest_shards(sd))} == {new_fp}
+    assert shards.dataset_sha256(sd) != digest
+    assert json.loads((sd / "summary.json").read_text())["fingerprint"] == new_fp
+
+    tar = shards.shard_paths(sd, "train")[0]
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF  # same size, other bytes
+    tar.write_bytes(bytes(data))
+    with pytest.raises(shards.ShardError, match=tar.name):
+        shards.shard_paths(sd, "train")
+    again = preprocess(load_config("pipeline.yaml", changed), progress=False)
+    assert again["shards_written"] == 1 and again["shards_skipped"] == n - 1
+    assert shards.shard_paths(sd, "train") == train

@@ -16,7 +16,7 @@ def _print_summary(title: str, summary: dict) -> None:
 def cmd_preprocess(args) -> int:
     from pipeline.preprocess.run import preprocess
 
-    _print_summary("preprocess", preprocess(load(args), progress=not args.quiet))
+    _print_summary("preprocess", preprocess(load(args), progress=not args.quiet, force=args.force))
     return 0
 
 
@@ -41,7 +41,7 @@ def cmd_run(args) -> int:
     from pipeline.training.embedding import train
 
     cfg = load(args)
-    summary = {"preprocess": preprocess(cfg, progress=not args.quiet)}
+    summary = {"preprocess": preprocess(cfg, progress=not args.quiet, force=args.force)}
     # Short: the per-epoch history is in <output_dir>/train-<model>.json (and MLflow).
     summary["train"] = {k: v for k, v in train(cfg).items() if k != "history"}
     summary["evaluate"] = evaluate(cfg)
@@ -90,6 +90,8 @@ def register(sub) -> None:
         p.set_defaults(func=fn)
         if name in ("run", "preprocess"):
             p.add_argument("--quiet", action="store_true", help="no progress bars")
+            p.add_argument("--force", action="store_true",
+                           help="redo finished shards made with another config (else such a resume is refused)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
         if name == "evaluate":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline.config import PipelineConfig, StageConfig
 from pipeline.preprocess import shards
-from pipeline.preprocess.plan import plan
+from pipeline.preprocess.plan import check_resume, fingerprint, plan
 from pipeline.preprocess.prepare import prepare_stage_models
 from pipeline.raylocal import init_ray
 from stages.base import STAGES
@@ -96,14 +96,19 @@ def _add_stage(ds, sc: StageConfig, actors: int | None):
     return ds.map_batches(_StageOnShards(**args, load=False), concurrency=sc.concurrency, **common)
 
 
-def _write(batch, shard_dir: str):
-    stats = [shards.write_shard(pickle.loads(p), Path(shard_dir), s) for s, p in zip(batch["shard"], batch["rows"])]
+def _write(batch, shard_dir: str, fingerprint: dict | None = None):
+    stats = [shards.write_shard(pickle.loads(p), Path(shard_dir), s, fingerprint)
+             for s, p in zip(batch["shard"], batch["rows"])]
     return {"shard": [st["shard"] for st in stats], "n_ok": [st["n_ok"] for st in stats],
             "n_rejected": [st["n_rejected"] for st in stats]}
 
 
-def preprocess(cfg: PipelineConfig, progress: bool = True) -> dict:
-    """Run (or resume) preprocessing; returns the run summary (also written to <shard_dir>/summary.json)."""
+def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False) -> dict:
+    """Run (or resume) preprocessing; returns the run summary (also written to <shard_dir>/summary.json).
+
+    A finished shard made with another config (its stats' fingerprint differs) stops the run before any shard
+    work with a ConfigError naming the changed keys; `force` redoes those shards instead. Stage models are
+    prepared first (trained on first use) so that the fingerprint hashes the model files the run will use."""
     t0 = time.time()
     rows = plan(cfg)
     shard_dir = cfg.shard_dir
@@ -112,10 +117,14 @@ def preprocess(cfg: PipelineConfig, progress: bool = True) -> dict:
     for r in rows:
         planned.setdefault(r["shard"], []).append(r["key"])
     done = shards.finished_shards(shard_dir, planned)
+    prepare_stage_models(cfg)
+    fp = fingerprint(cfg)
+    redo = check_resume(fp, done, shard_dir, force)
+    done = {s: st for s, st in done.items() if s not in redo}
     pending = [r for r in rows if r["shard"] not in done]
-    log.info("plan: %d samples in %d shards; %d shards already finished", len(rows), len(planned), len(done))
+    log.info("plan: %d samples in %d shards; %d shards already finished (%d more redone: --force, config "
+             "changed)", len(rows), len(planned), len(done), len(redo))
     if pending:
-        prepare_stage_models(cfg)
         ray = init_ray(cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
@@ -128,18 +137,19 @@ def preprocess(cfg: PipelineConfig, progress: bool = True) -> dict:
         actors = actor_pool_sizes(stage_cfgs, node_cpus())
         for name, sc in stage_cfgs.items():
             ds = _add_stage(ds, sc, actors.get(name))
-        written = ds.map_batches(_write, fn_kwargs={"shard_dir": str(shard_dir)}, batch_size=1,
+        written = ds.map_batches(_write, fn_kwargs={"shard_dir": str(shard_dir), "fingerprint": fp}, batch_size=1,
                                  batch_format="numpy").take_all()
-        missing = set(planned) - done - {w["shard"] for w in written}
+        missing = set(planned) - set(done) - {w["shard"] for w in written}
         if missing:
             raise RuntimeError(f"shards not written: {sorted(missing)[:5]}")
     stale = sorted(p.stem for p in shard_dir.glob("*.tar") if p.stem not in planned)
     if stale:
-        log.warning("%d shard(s) in %s are not in this run's plan and are left out of the manifest: %s",
+        log.warning("%d shard(s) in %s are not in this run's plan: left out of the manifest, so never read: %s",
                     len(stale), shard_dir, stale[:5])
     manifest = shards.write_manifest(shard_dir, sorted(planned))
     summary = {"samples": len(rows), "shards": len(planned), "shards_skipped": len(done),
-               "shards_written": len(planned) - len(done), "seconds": round(time.time() - t0, 1),
-               "manifest": str(manifest), "splits": shards.summarize_shards(shard_dir, sorted(planned))}
-    (shard_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+               "shards_written": len(planned) - len(done), "shards_redone_config_changed": len(redo),
+               "seconds": round(time.time() - t0, 1), "manifest": str(manifest),
+               "fingerprint": fp["sha256"], "splits": shards.summarize_shards(shard_dir, sorted(planned))}
+    shards.write_atomic(shard_dir / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -3,7 +3,12 @@
 A shard is finished when its stats file exists: the tar is written to a temporary name and renamed, then
 the stats file likewise, so a crash leaves either a finished shard or one that is redone whole. The stats
 file lists every planned sample of the shard with its status, so rejections are recorded next to the data
-and the manifest (all shards' samples, one row each) is rebuilt from them.
+and the manifest (all shards' samples, one row each) is rebuilt from them. It also records the tar's size,
+sha256 and mtime, and the config fingerprint (plan.fingerprint) the shard was made with, so a resume never
+mixes configurations and a reader never takes a tar that is not the one its stats describe.
+
+Readers (training, evaluation, tracking) take exactly the shards listed in the manifest (`shard_paths`),
+never whatever tars happen to be in the directory: a tar left by an earlier plan is not read.
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import DatasetError
+
 MANIFEST = "manifest.parquet"
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("source", pa.string()),
@@ -25,12 +32,34 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
+class ShardError(DatasetError):
+    """A shard listed in the manifest is missing or is not the tar its stats file describes; names the file."""
+
+
 def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
 
 
 def stats_path(shard_dir: Path, shard: str) -> Path:
     return Path(shard_dir) / f"{shard}.stats.json"
+
+
+def tar_path(shard_dir: Path, shard: str) -> Path:
+    return Path(shard_dir) / f"{shard}.tar"
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, streamed (tars and model files can be large)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file + os.replace: a reader (or a crash) never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def sample_files(row: dict) -> dict:
@@ -54,8 +83,9 @@ def manifest_entry(row: dict) -> dict:
             "n_regions": n_regions, "n_phrases": sum(len(c.get("phrases", [])) for c in caps)}
 
 
-def write_shard(rows: list[dict], shard_dir: Path, shard: str) -> dict:
-    """Write one shard atomically; returns its stats (also written to {shard}.stats.json)."""
+def write_shard(rows: list[dict], shard_dir: Path, shard: str, fingerprint: dict | None = None) -> dict:
+    """Write one shard atomically; returns its stats (also written to {shard}.stats.json, last), which carry
+    `fingerprint` (plan.fingerprint of the config that made the rows)."""
     import webdataset as wds
 
     t0 = time.time()
@@ -65,7 +95,7 @@ def write_shard(rows: list[dict], shard_dir: Path, shard: str) -> dict:
     keys = [r["key"] for r in rows]
     if len(set(keys)) != len(keys):
         raise ValueError(f"shard {shard} got duplicate keys: {[k for k, n in Counter(keys).items() if n > 1][:5]}")
-    tar = shard_dir / f"{shard}.tar"
+    tar = tar_path(shard_dir, shard)
     tmp = shard_dir / f".{shard}.tar.{os.getpid()}.tmp"
     with wds.TarWriter(str(tmp)) as sink:
         for r in rows:
@@ -75,8 +105,10 @@ def write_shard(rows: list[dict], shard_dir: Path, shard: str) -> dict:
     samples = [manifest_entry(r) for r in rows]
     rejects = Counter(s["reason"] for s in samples if s["status"] == "rejected")
     caption_rejects = Counter(c["reason"] for r in rows for c in json.loads(r["caption_rejects"]))
+    tar_stat = tar.stat()
     stats = {"shard": shard, "split": rows[0]["split"] if rows else "", "tar": tar.name,
-             "tar_sha256": hashlib.sha256(tar.read_bytes()).hexdigest(), "tar_bytes": tar.stat().st_size,
+             "tar_sha256": file_sha256(tar), "tar_bytes": tar_stat.st_size, "tar_mtime_ns": tar_stat.st_mtime_ns,
+             "fingerprint": fingerprint,
              "n_planned": len(rows), "n_ok": sum(s["status"] == "ok" for s in samples),
              "n_rejected": sum(s["status"] == "rejected" for s in samples),
              "n_captions": sum(s["n_captions"] for s in samples),
@@ -84,10 +116,7 @@ def write_shard(rows: list[dict], shard_dir: Path, shard: str) -> dict:
              "n_phrases": sum(s["n_phrases"] for s in samples), "n_regions": sum(s["n_regions"] for s in samples),
              "reject_reasons": dict(rejects), "caption_reject_reasons": dict(caption_reject_reasons_short(caption_rejects)),
              "seconds": round(time.time() - t0, 3), "samples": samples}
-    sp = stats_path(shard_dir, shard)
-    tmp_stats = sp.with_name(f".{sp.name}.{os.getpid()}.tmp")
-    tmp_stats.write_text(json.dumps(stats, indent=1))
-    os.replace(tmp_stats, sp)
+    write_atomic(stats_path(shard_dir, shard), json.dumps(stats, indent=1))
     return stats
 
 
@@ -99,22 +128,47 @@ def caption_reject_reasons_short(c: Counter) -> Counter:
     return out
 
 
-def finished_shards(shard_dir: Path, planned: dict[str, list[str]]) -> set[str]:
-    """Shards whose tar and stats exist, agree on the tar's size, and list exactly the planned keys.
+def read_stats(shard_dir: Path, shard: str) -> dict | None:
+    """A shard's stats, or None when the file is absent or unreadable (the shard is then unfinished)."""
+    try:
+        return json.loads(stats_path(shard_dir, shard).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
-    Anything else (no stats, truncated tar, a changed plan) is redone whole on the next run."""
-    done = set()
+
+def tar_problem(shard_dir: Path, st: dict, full: bool) -> str | None:
+    """Why a shard's tar is not the one its stats describe (missing, other size, other sha256), or None.
+
+    full=False trusts the recorded sha256 while the tar's size and mtime are still the recorded ones (one stat,
+    no read) and hashes the tar only when its mtime moved (copied, touched or rewritten); full=True always
+    hashes (a resume, which repairs, also catches bytes changed in place with the mtime restored)."""
+    tar = tar_path(shard_dir, st["shard"])
+    if not tar.is_file():
+        return f"{tar} is missing"
+    s = tar.stat()
+    if s.st_size != st.get("tar_bytes"):
+        return f"{tar} has {s.st_size} bytes, its stats file says {st.get('tar_bytes')}"
+    if not full and s.st_mtime_ns == st.get("tar_mtime_ns"):
+        return None
+    if file_sha256(tar) != st.get("tar_sha256"):
+        return f"{tar}: sha256 differs from the one in its stats file"
+    return None
+
+
+def finished_shards(shard_dir: Path, planned: dict[str, list[str]]) -> dict[str, dict]:
+    """The stats of each planned shard whose stats list exactly its planned keys and whose tar is the one they
+    describe (size and sha256, always hashed: a resume is where damage is repaired).
+
+    Anything else (no stats, truncated or altered tar, a changed plan) is redone whole on the next run."""
+    done = {}
     for shard, keys in planned.items():
-        sp, tar = stats_path(shard_dir, shard), Path(shard_dir) / f"{shard}.tar"
-        if not sp.exists() or not tar.exists():
-            continue
+        st = read_stats(shard_dir, shard)
         try:
-            st = json.loads(sp.read_text())
-            listed = sorted(s["key"] for s in st["samples"])
-        except (json.JSONDecodeError, KeyError):
+            listed = sorted(s["key"] for s in st["samples"]) if st else None
+        except (KeyError, TypeError):
             continue
-        if listed == sorted(keys) and st.get("tar_bytes") == tar.stat().st_size:
-            done.add(shard)
+        if listed == sorted(keys) and tar_problem(shard_dir, st, full=True) is None:
+            done[shard] = st
     return done
 
 
@@ -128,15 +182,60 @@ def write_manifest(shard_dir: Path, shards: list[str]) -> Path:
     rows = [s for st in load_stats(shard_dir, shards) for s in st["samples"]]
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     path = Path(shard_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.tmp")
+    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)
     return path
 
 
+def manifest_shards(shard_dir: Path, split: str | None = None) -> list[str]:
+    """The shards of the manifest (of one split, or all), sorted: the shard set of the last preprocess run."""
+    path = Path(shard_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {shard_dir}: run `densevse preprocess` first")
+    rows = pq.read_table(path, columns=["split", "shard"]).to_pylist()
+    return sorted({r["shard"] for r in rows if split is None or r["split"] == split})
+
+
+def verified_stats(shard_dir: Path, shard: str) -> dict:
+    """A manifest shard's stats, after checking its tar is the one they describe (tar_problem, full=False)."""
+    st = read_stats(shard_dir, shard)
+    if st is None:
+        raise ShardError(f"{stats_path(shard_dir, shard)} is missing or unreadable, but {MANIFEST} lists shard "
+                         f"{shard}: re-run `densevse preprocess` to redo it")
+    problem = tar_problem(shard_dir, st, full=False)
+    if problem:
+        raise ShardError(f"{problem} (shard {shard} of {Path(shard_dir) / MANIFEST}): re-run `densevse preprocess` "
+                         f"to redo it")
+    return st
+
+
 def shard_paths(shard_dir: Path, split: str) -> list[Path]:
-    """The finished tars of a split, in order (a tar without its stats file is unfinished and skipped)."""
-    return [p for p in sorted(Path(shard_dir).glob(f"{split}-*.tar")) if stats_path(shard_dir, p.stem).exists()]
+    """The tars of the manifest's shards of a split, in order; ShardError naming the file if one is missing or
+    is not the tar its stats describe.
+
+    Only manifest shards: a tar of an earlier plan (other shard size, other splits) may still lie in the
+    directory with its stats and must not be read. Verification is size + mtime against the stats, re-hashing
+    a tar only when its mtime moved: every training/evaluation start calls this, and hashing every tar each time
+    would read the whole set; in-place damage that keeps the mtime is caught by the full hash of a resume."""
+    names = manifest_shards(shard_dir, split)
+    for name in names:
+        verified_stats(shard_dir, name)
+    return [tar_path(shard_dir, name) for name in names]
+
+
+def dataset_sha256(shard_dir: Path) -> str | None:
+    """One hash of the shard set training reads: each manifest shard's (name, tar sha256, config fingerprint).
+
+    Unlike a hash of manifest.parquet it changes when shard contents change (e.g. other region features for
+    the same samples). None when there is no manifest."""
+    if not (Path(shard_dir) / MANIFEST).is_file():
+        return None
+    h = hashlib.sha256()
+    for name in manifest_shards(shard_dir):
+        st = verified_stats(shard_dir, name)
+        h.update(json.dumps([name, st["tar_sha256"], (st.get("fingerprint") or {}).get("sha256")]).encode() + b"\n")
+    return h.hexdigest()
 
 
 def summarize_shards(shard_dir: Path, shards: list[str] | None = None) -> dict:
