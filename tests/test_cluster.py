@@ -2,9 +2,10 @@
 cluster (cluster/local.sh: a head and 2 worker nodes on 127.0.0.1) with faults injected by killing processes.
 
 The fast tests check the launcher and KubeRay files at schema level (Ray's own schema for `ray up`; the
-KubeRay kinds, entrypoint and the pipeline.yaml they carry) and the staged job. The slow ones submit through
-the Jobs API like a user: a run (preprocess + train + evaluate) whose Ray Train worker is SIGKILLed after the
-first committed checkpoint, and a preprocessing job whose worker node (the one running the model actor) is SIGKILLed.
+KubeRay kinds, entrypoint, token auth and the pipeline.yaml they carry) and the staged job. The slow ones show
+the Jobs API refusing calls without Ray's auth token, then submit through it like a user: a run (preprocess +
+train + evaluate) whose Ray Train worker is SIGKILLed after the first committed checkpoint, and a preprocessing
+job whose worker node (the one running the model actor) is SIGKILLed.
 """
 from __future__ import annotations
 
@@ -50,6 +51,16 @@ def test_aws_launcher_config_passes_rays_schema():
     assert "densevse/.venv/bin" in head_start and "--head" in head_start and "--num-cpus=0" in head_start
     assert all("densevse/.venv/bin" in c for c in cfg["worker_start_ray_commands"] if "ray start" in c)
 
+    # token auth: every `ray start` (head, workers) runs with RAY_AUTH_MODE=token, after a check that fails the
+    # start when the node has no token; the token is the operator's ~/.ray/auth_token, synced to every node
+    assert cfg["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for cmds in (cfg["head_start_ray_commands"], cfg["worker_start_ray_commands"]):
+        starts = [i for i, c in enumerate(cmds) if "ray start" in c]
+        assert starts and all("RAY_AUTH_MODE=token" in cmds[i] for i in starts)
+        check = next(i for i, c in enumerate(cmds) if "RAY_AUTH_TOKEN" in c)
+        assert check < starts[0] and "exit 1" in cmds[check] and "~/.ray/auth_token" in cmds[check]
+    assert "--dashboard-host=0.0.0.0" in head_start  # reachable from the cluster, so only with the token above
+
 
 def test_kuberay_raycluster_and_rayjob():
     docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "cluster" / "kuberay.yaml").read_text())}
@@ -66,6 +77,16 @@ def test_kuberay_raycluster_and_rayjob():
     gpu = next(g for g in rc["spec"]["workerGroupSpecs"] if g["groupName"] == "gpu")
     assert gpu["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
+    # token auth: every Ray container, the autoscaler sidecar and the RayJob submitter get RAY_AUTH_MODE=token and
+    # RAY_AUTH_TOKEN from one Secret; the dashboard listens on the pod network only with it
+    token_env = [{"name": "RAY_AUTH_MODE", "value": "token"},
+                 {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "densevse-ray-auth",
+                                                                           "key": "auth_token"}}}]
+    submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    assert all(c["env"] == token_env for p in pods for c in p["spec"]["containers"])
+    assert rc["spec"]["autoscalerOptions"]["env"] == token_env and submitter[0]["env"] == token_env
+    assert rc["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+
     # the shipped pipeline.yaml is a valid config whose model stages and training ask for GPUs
     cfg = parse_config(yaml.safe_load(docs["ConfigMap"]["data"]["pipeline.yaml"]))
     assert cfg.stages.regions.num_gpus > 0 and cfg.stages.features.num_gpus > 0 and cfg.train.use_gpu
@@ -77,7 +98,9 @@ def test_staged_job_carries_project_and_resolved_config(tmp_path):
     cfg = jobs.job_config(ROOT / "pipeline.yaml", ["train.epochs=3", "run.name=staged"])
     staged = jobs.stage(cfg, tmp_path / "project")
     assert (staged / "pipeline" / "cli" / "main.py").is_file() and (staged / "cluster" / "jobs.py").is_file()
-    assert not any((staged / d).exists() for d in (".venv", "runs", ".git", ".cache"))
+    assert not any((staged / d).exists() for d in (".venv", "runs", ".git"))
+    shipped = {str(p.relative_to(staged)) for p in (staged / ".cache").glob("*/*")} if (staged / ".cache").exists() else set()
+    assert shipped <= {rel for _, rel in jobs.local_stage_models(cfg)}  # only the stage models the config names
     shipped = load_config(staged / jobs.JOB_CONFIG)
     assert shipped.train.epochs == 3 and shipped.run.name == "staged" and shipped.ray.address == "auto"
     assert jobs.entrypoint("run") == f"python -m pipeline.cli run {jobs.JOB_CONFIG} --quiet"
@@ -109,6 +132,35 @@ def test_job_commands_are_registered():
 
 
 # ---------------------------------------------------------------- a real local cluster (slow)
+
+
+@pytest.mark.slow
+def test_jobs_api_refuses_calls_without_the_token(capsys):
+    """A head-only local cluster with token auth (as aws.yaml and kuberay.yaml run theirs): GET /api/jobs/ is refused
+    without the token (401) and with a wrong one (403), served with it; densevse's client sends it by itself."""
+    import urllib.error
+    import urllib.request
+
+    from ray._raylet import AuthenticationTokenLoader
+
+    from pipeline.cli.main import main
+
+    def get(url: str, token: str | None = None) -> int:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    with local_cluster(workers=0) as c:
+        loader = AuthenticationTokenLoader.instance()
+        loader.reset_cache()  # the head may have just made ~/.ray/auth_token
+        token = loader.get_raw_token(ignore_auth_mode=True)
+        url = f"{c.dashboard}/api/jobs/"
+        assert (get(url), get(url, "not-" + token), get(url, token)) == (401, 403, 200)
+        assert jobs.client(c.dashboard).list_jobs() == []
+        assert main(["status", "--address", c.dashboard]) == 0 and capsys.readouterr().out == ""
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,69 @@
+"""`densevse mlflow` lets no one in unauthenticated from elsewhere: a non-loopback --host without --auth is refused
+(fast), and with --auth it is MLflow's basic-auth app, which (slow, a real server) answers 401 without a password."""
+from __future__ import annotations
+
+import base64
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from pipeline.cli.main import main
+from pipeline.cli.mlflow import is_loopback
+from pipeline.tracking import server_command, server_env
+
+
+def test_non_loopback_host_without_auth_is_refused(tmp_path, capsys):
+    assert main(["mlflow", "--host", "0.0.0.0", "--dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to serve on 0.0.0.0 without authentication" in err and "--auth" in err
+    assert "MLFLOW_AUTH_ADMIN_PASSWORD" in err and not (tmp_path / "m").exists()  # nothing started or made
+    assert [h for h in ("127.0.0.1", "127.8.0.1", "localhost", "::1", "0.0.0.0", "10.0.0.5", "myhost", "::")
+            if is_loopback(h)] == ["127.0.0.1", "127.8.0.1", "localhost", "::1"]
+
+
+def test_auth_runs_the_basic_auth_app(tmp_path, monkeypatch):
+    for var in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_CONFIG_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    assert "--app-name" not in server_command(tmp_path)  # loopback default: the plain app, as before
+    cmd = server_command(tmp_path, "0.0.0.0", 5000, auth=True)
+    assert cmd[cmd.index("--app-name") + 1] == "basic-auth" and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    env = server_env(tmp_path, auth=True)
+    ini = (tmp_path / "basic_auth.ini").read_text()
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == str((tmp_path / "basic_auth.ini").resolve())
+    assert f"database_uri = sqlite:///{tmp_path.resolve()}/basic_auth.db" in ini and "admin_password" not in ini
+    key = tmp_path / "flask_secret_key"
+    assert env["MLFLOW_FLASK_SERVER_SECRET_KEY"] == key.read_text() and key.stat().st_mode & 0o077 == 0
+    assert server_env(tmp_path, auth=True)["MLFLOW_FLASK_SERVER_SECRET_KEY"] == key.read_text()  # stable
+    custom = tmp_path / "mine.ini"
+    assert server_env(tmp_path, auth=True, auth_config=custom)["MLFLOW_AUTH_CONFIG_PATH"] == str(custom.resolve())
+    assert "MLFLOW_AUTH_CONFIG_PATH" not in server_env()  # no auth: nothing of it
+
+
+@pytest.mark.slow
+def test_basic_auth_server_refuses_unauthenticated_calls(tmp_path, monkeypatch):
+    """A real basic-auth server on 127.0.0.1: the REST API answers 401 without credentials and with a wrong
+    password, and serves the admin; /health stays open (start_server waits on it)."""
+    pytest.importorskip("flask_wtf", reason="the basic-auth app needs mlflow[auth]")
+    from pipeline.tracking import start_server, stop_server
+
+    password = "correct-horse-battery"
+    monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", password)
+    proc, uri = start_server(tmp_path / "mlflow", auth=True, timeout=600)
+    try:
+        def call(user_password: str | None) -> int:
+            req = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search",
+                                         data=json.dumps({"max_results": 10}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            if user_password:
+                req.add_header("Authorization", "Basic " + base64.b64encode(user_password.encode()).decode())
+            try:
+                with urllib.request.urlopen(req, timeout=60) as r:
+                    return r.status
+            except urllib.error.HTTPError as e:
+                return e.code
+
+        assert (call(None), call("admin:wrong-password-123"), call(f"admin:{password}")) == (401, 401, 200)
+    finally:
+        stop_server(proc)
