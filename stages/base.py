@@ -22,7 +22,9 @@ Arrow-friendly scalars (str, bytes, int), so they flow through Ray Data unchange
 """
 from __future__ import annotations
 
+import errno
 import io
+import logging
 import traceback
 from typing import Any, ClassVar
 
@@ -32,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 from models.registry import Registry
 
 STAGES: Registry[type["Stage"]] = Registry("stage")
+log = logging.getLogger("densevse.stages")
 
 COLUMNS = ("key", "split", "shard", "source", "image", "width", "height", "captions", "caption_rejects",
            "gold", "boxes", "feats", "reject")
@@ -96,13 +99,57 @@ class Stage:
         return rows_to_batch(self.process(rows))
 
 
+# ---------------------------------------------------------------- failures: bad input or transient
+
+# OSError numbers that say the machine, disk or network failed, not the file being read (ENOENT, EACCES,
+# EISDIR ... and PIL's errno-less "cannot identify image" are about the input: rejections).
+TRANSIENT_ERRNOS = frozenset({
+    errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.EMFILE, errno.ENFILE,
+    errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
+    errno.ENETDOWN, errno.ENETUNREACH, errno.ENETRESET, errno.EHOSTDOWN, errno.EHOSTUNREACH})
+# torch / Ray exception classes (matched by name in their MRO, so importing stages needs neither library).
+TRANSIENT_TYPES = frozenset({
+    "OutOfMemoryError", "AcceleratorError", "CudaError",  # torch: (CUDA) out of memory, any CUDA error
+    "RaySystemError", "RayActorError", "WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError",
+    "ObjectLostError", "ObjectStoreFullError", "OutOfDiskError", "ObjectFetchTimedOutError"})
+TRANSIENT_TEXT = ("out of memory", "cuda error", "_alloc_failed")  # in a RuntimeError's message (torch, cuBLAS)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when `exc` says the machine failed (memory, GPU, disk, network, a dead Ray worker), not the input.
+
+    A transient error must never become a recorded rejection: the shard would be finished with a sample that a
+    rerun would have kept. Rule, for the exception or any explicit cause (`raise ... from e`): a Reject is bad
+    input; MemoryError, ConnectionError and TimeoutError are transient; another OSError is transient only for
+    TRANSIENT_ERRNOS; torch / Ray errors whose class is in TRANSIENT_TYPES, and RuntimeErrors whose message
+    has TRANSIENT_TEXT, are transient. Everything else (ValueError, a corrupt file ...) is about the input."""
+    while exc is not None:
+        if isinstance(exc, Reject):
+            return False
+        if isinstance(exc, (MemoryError, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(exc, OSError):
+            if exc.errno in TRANSIENT_ERRNOS:
+                return True
+        elif {c.__name__ for c in type(exc).__mro__ if c.__module__.split(".")[0] in ("torch", "ray")} & \
+                TRANSIENT_TYPES:
+            return True
+        elif isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in TRANSIENT_TEXT):
+            return True
+        exc = exc.__cause__
+    return False
+
+
 def guarded(stage: str, row: dict, fn) -> None:
-    """Run fn(row); a Reject or an unexpected error becomes the row's recorded rejection, never a crashed run."""
+    """Run fn(row); a Reject or another error about the input becomes the row's recorded rejection, never a
+    crashed run. A transient error (`is_transient`) is raised on: the orchestrator retries the batch."""
     try:
         fn(row)
     except Reject as e:
         row["reject"] = f"{stage}: {e}"
     except Exception as e:  # noqa: BLE001 - recorded with its traceback's last line, and counted in the run summary
+        if is_transient(e):
+            raise
         where = traceback.extract_tb(e.__traceback__)[-1]
         row["reject"] = f"{stage}: error {type(e).__name__}: {e} ({where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
 
@@ -110,19 +157,38 @@ def guarded(stage: str, row: dict, fn) -> None:
 def box_features(stage: str, rows: list[dict], prepare, extract) -> list[dict]:
     """The frame every region-feature stage shares: `prepare(row)` -> (input, number of boxes) for each live row
     (a failure rejects that row only), one `extract(inputs)` -> (total boxes, D) array for the whole batch,
-    and each row's slice stored as float16 `feats`, in box order."""
+    and each row's slice stored as float16 `feats`, in box order.
+
+    A batch call that fails on the input is retried row by row, so one poisoned row rejects only itself
+    (else it would fail the run, again on every rerun); a transient error is raised on, from either call."""
     ready: list = []
     for row in rows:
         if not row["reject"]:
             guarded(stage, row, lambda r: ready.append((r, *prepare(r))))
     if not ready:
         return rows
-    feats = np.asarray(extract([x for _, x, _ in ready]), np.float16)
+    try:
+        feats = _feats(extract([x for _, x, _ in ready]), sum(n for _, _, n in ready))
+    except Exception as e:  # noqa: BLE001 - isolate the offending row(s)
+        if is_transient(e):
+            raise
+        log.warning("%s: batch of %d failed (%s: %s); retrying row by row", stage, len(ready), type(e).__name__, e)
+        for row, x, n in ready:
+            guarded(stage, row, lambda r, x=x, n=n: r.update(feats=npy_bytes(_feats(extract([x]), n))))
+        return rows
     start = 0
     for row, _, n in ready:
         row["feats"] = npy_bytes(feats[start:start + n])
         start += n
     return rows
+
+
+def _feats(out, n: int) -> np.ndarray:
+    """An extractor's output as float16 (n, D), checked: a wrong row count would shift every later row's slice."""
+    feats = np.asarray(out, np.float16)
+    if feats.ndim != 2 or len(feats) != n:
+        raise ValueError(f"extractor returned features of shape {feats.shape} for {n} boxes")
+    return feats
 
 
 def batch_to_rows(batch: dict[str, np.ndarray]) -> list[dict]:

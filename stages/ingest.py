@@ -3,6 +3,10 @@
 The image becomes an RGB JPEG no larger than `max_side` (gold boxes are scaled with it). Each caption is
 cleaned by `check_caption`, a pure function; rejected captions are kept in `caption_rejects` with a reason,
 and a sample with no usable caption, or no readable image, is rejected as a whole.
+
+Images over `max_image_bytes` or `max_pixels` are rejected before decoding (stages/images.py). EXIF orientation
+is applied only to samples without gold boxes (`gold` has no "boxes" key): a dataset's boxes are in the stored
+pixels as annotated (COCO, Flickr30k Entities), so turning those pixels would misplace every box.
 """
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import json
 from pydantic import Field
 
 from stages.base import STAGES, Params, Reject, Stage
-from stages.images import decode_rgb, read_bytes, to_jpeg
+from stages.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_rgb, read_bytes, to_jpeg
 from stages.text import clean_caption
 
 def check_caption(text, max_words: int) -> tuple[str, str | None]:
@@ -29,6 +33,9 @@ class IngestParams(Params):
     max_side: int = Field(640, ge=32)  # longer image side after ingest; larger images are downscaled
     max_caption_words: int = Field(60, ge=1)
     jpeg_quality: int = Field(92, ge=50, le=100)
+    max_image_bytes: int = Field(MAX_IMAGE_BYTES, ge=1)  # bigger image files are rejected unread
+    # Header width x height above this is rejected undecoded; only lowered: PIL's process-wide guard is the same
+    max_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, le=MAX_IMAGE_PIXELS)
 
 
 @STAGES.register("image_caption")
@@ -45,13 +52,13 @@ class Ingest(Stage):
             else:
                 accepted.append({"index": i, "text": text})
         row["captions"], row["caption_rejects"] = json.dumps(accepted), json.dumps(rejects)
-        img, scale = decode_rgb(read_bytes(row["source"]), self.params.max_side)
-        row["image"] = to_jpeg(img, self.params.jpeg_quality)
+        p, gold = self.params, json.loads(row["gold"])
+        img, scale = decode_rgb(read_bytes(row["source"], p.max_image_bytes), p.max_side, max_pixels=p.max_pixels,
+                                max_bytes=p.max_image_bytes, exif_transpose="boxes" not in gold)
+        row["image"] = to_jpeg(img, p.jpeg_quality)
         row["width"], row["height"] = img.width, img.height
-        if scale != 1.0:
-            gold = json.loads(row["gold"])
-            if gold.get("boxes"):
-                gold["boxes"] = [[round(v * scale, 2) for v in b] for b in gold["boxes"]]
-                row["gold"] = json.dumps(gold)
+        if scale != 1.0 and gold.get("boxes"):
+            gold["boxes"] = [[round(v * scale, 2) for v in b] for b in gold["boxes"]]
+            row["gold"] = json.dumps(gold)
         if not accepted:
             raise Reject("no usable caption" + (f" ({rejects[0]['reason']})" if rejects else ""))

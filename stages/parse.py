@@ -29,7 +29,7 @@ from pydantic import Field
 
 from models import trees as T
 from models.parser import DEFAULT_DIR, build_pipeline
-from stages.base import STAGES, Params as StageParams, Stage
+from stages.base import STAGES, Params as StageParams, Stage, is_transient
 from stages.gold import attach_tree
 from stages.text import clean_caption
 
@@ -184,6 +184,8 @@ class StanzaParse(Stage):
                 try:
                     results.append(self._run([prepared[i][0]])[0])
                 except Exception as e:  # noqa: BLE001
+                    if is_transient(e):  # out of memory etc.: the shard is retried, never a rejection
+                        raise
                     results.append(e)
         for i, res in zip(todo, results):
             if isinstance(res, Exception):

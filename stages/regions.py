@@ -17,7 +17,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from models.detector import build_detector, default_detector_dir, load_cfg, resolve
-from stages.base import STAGES, Params, Reject, Stage, guarded, npy_bytes
+from stages.base import STAGES, Params, Reject, Stage, guarded, is_transient, npy_bytes
 from stages.images import decode_rgb
 
 
@@ -134,6 +134,8 @@ class Detectron2Regions(DetectorStage):
                     with torch.inference_mode():
                         outs.append(self.model([d])[0])
                 except Exception as e:  # noqa: BLE001
+                    if is_transient(e):  # out of memory etc.: the shard is retried, never a rejection
+                        raise
                     row["reject"] = f"{self.name}: detector failed ({type(e).__name__}: {e})"
                     outs.append(None)
         for (row, d, scale), out in zip(ready, outs):

@@ -9,8 +9,10 @@ A sample spec is a dict::
                    "trees": {"0": "(S ...)"},                 # gold PTB trees by caption index, if known
                    "links": {"0": [[start, end, box], ...]}}} # gold phrase token span -> box, if known
 
-Readers check the annotation files and raise DatasetError naming file and line for malformed ones; a missing
-or corrupt image is not their business: ingest records it as a rejection.
+Readers check the annotation files and raise DatasetError naming file and line for malformed ones (JSON or XML
+that does not parse, an image path that is absolute or leaves the dataset folder: base.inside); a missing
+or corrupt image is not their business: ingest records it as a rejection. Text files are read as UTF-8
+(base.read_text): a caption with undecodable bytes is read, and rejected by ingest with its reason.
 """
 from __future__ import annotations
 

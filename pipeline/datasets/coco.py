@@ -1,20 +1,21 @@
-"""MS-COCO: `annotations/captions_{split}2017.json` (+ `instances_{split}2017.json` for gold boxes)."""
+"""MS-COCO: `annotations/captions_{split}2017.json` (+ `instances_{split}2017.json` for gold boxes).
+
+COCO boxes are in the stored pixels of each JPEG (the annotators' tool ignored EXIF orientation), so with an
+instances file every image's gold has "boxes" (maybe empty) and ingest keeps its pixels as stored, unturned:
+one rule for the whole split. Without one, gold is {} and ingest applies the EXIF orientation.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pipeline.datasets.base import READERS, make_key, require
+from pipeline.datasets.base import READERS, inside, make_key, read_json
 from pipeline.errors import DatasetError
 
 SPLITS = {"train": "train2017", "val": "val2017"}
 
 
 def load_json(path: Path) -> dict:
-    try:
-        data = json.loads(require(path).read_text())
-    except json.JSONDecodeError as e:
-        raise DatasetError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or "images" not in data or "annotations" not in data:
         raise DatasetError(f"{path}: a COCO file needs 'images' and 'annotations'")
     return data
@@ -30,9 +31,10 @@ def read_coco(root: Path, cfg=None):
         by_image: dict[int, list[str]] = {}
         for a in caps["annotations"]:
             by_image.setdefault(a["image_id"], []).append(a["caption"])
-        boxes: dict[int, list] = {}
+        boxes: dict[int, list] | None = None
         inst_path = root / "annotations" / f"instances_{coco_split}.json"
         if inst_path.exists():
+            boxes = {}
             inst = load_json(inst_path)
             names = {c["id"]: c["name"] for c in inst.get("categories", [])}
             for a in inst["annotations"]:
@@ -40,8 +42,9 @@ def read_coco(root: Path, cfg=None):
                 boxes.setdefault(a["image_id"], []).append(([x, y, x + w, y + h], names.get(a["category_id"], "?")))
         for img in sorted(caps["images"], key=lambda i: i["id"]):
             gold = {}
-            if img["id"] in boxes:
-                gold = {"boxes": [b for b, _ in boxes[img["id"]]], "labels": [n for _, n in boxes[img["id"]]]}
+            if boxes is not None:
+                mine = boxes.get(img["id"], [])
+                gold = {"boxes": [b for b, _ in mine], "labels": [n for _, n in mine]}
             yield {"key": make_key("coco", img["file_name"]), "split": split,
-                   "source": str(root / "images" / coco_split / img["file_name"]),
+                   "source": str(inside(root / "images" / coco_split, cap_path, img["file_name"])),
                    "captions": by_image.get(img["id"], []), "gold": gold}

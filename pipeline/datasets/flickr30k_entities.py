@@ -10,7 +10,7 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from pipeline.datasets.base import READERS, make_key, require
+from pipeline.datasets.base import READERS, inside, make_key, read_text, require
 from pipeline.errors import DatasetError
 
 _PHRASE = re.compile(r"\[/EN#(\d+)/(\S+) ([^\]]*)\]")
@@ -45,9 +45,13 @@ def parse_annotation(path: Path) -> dict[int, list[list[float]]]:
         bb = obj.find("bndbox")
         if bb is None:
             continue
-        box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
-        for name in obj.iter("name"):
-            boxes.setdefault(int(name.text), []).append(box)
+        try:
+            box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            ids = [int(name.text) for name in obj.iter("name")]
+        except (TypeError, ValueError) as e:  # a missing or non-numeric coordinate / entity id
+            raise DatasetError(f"{path}: malformed object ({e})") from None
+        for ent in ids:
+            boxes.setdefault(ent, []).append(box)
     return boxes
 
 
@@ -57,13 +61,13 @@ def read_flickr30k_entities(root: Path, cfg=None):
         split_file = root / f"{split}.txt"
         if not split_file.exists():
             continue
-        for image_id in split_file.read_text().split():
-            sent_path = require(root / "Sentences" / f"{image_id}.txt")
-            ent_boxes = parse_annotation(root / "Annotations" / f"{image_id}.xml")
+        for image_id in read_text(split_file).split():
+            sent_path = inside(root / "Sentences", split_file, f"{image_id}.txt")
+            ent_boxes = parse_annotation(inside(root / "Annotations", split_file, f"{image_id}.xml"))
             boxes: list[list[float]] = []
             box_index: dict[tuple, int] = {}
             captions, links = [], {}
-            for lineno, line in enumerate(sent_path.read_text(encoding="utf-8").splitlines(), 1):
+            for lineno, line in enumerate(read_text(sent_path).splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -80,5 +84,5 @@ def read_flickr30k_entities(root: Path, cfg=None):
                 links[str(len(captions))] = cap_links
                 captions.append(text)
             yield {"key": make_key("f30k", image_id), "split": split,
-                   "source": str(root / "images" / f"{image_id}.jpg"), "captions": captions,
+                   "source": str(inside(root / "images", split_file, f"{image_id}.jpg")), "captions": captions,
                    "gold": {"boxes": boxes, "labels": [""] * len(boxes), "links": links}}

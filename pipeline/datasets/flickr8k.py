@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.datasets.base import READERS, make_key, require
+from pipeline.datasets.base import READERS, inside, make_key, read_text
 from pipeline.errors import DatasetError
 
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
@@ -13,7 +13,7 @@ SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages
 def parse_token_file(path: Path) -> dict[str, list[str]]:
     """image name -> captions in caption-number order."""
     caps: dict[str, dict[int, str]] = {}
-    for lineno, line in enumerate(require(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for lineno, line in enumerate(read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         head, sep, caption = line.partition("\t")
@@ -31,8 +31,8 @@ def read_flickr8k(root: Path, cfg=None):
         path = root / fname
         if not path.exists():
             continue
-        for name in path.read_text().split():
+        for name in read_text(path).split():
             if name not in captions:
                 raise DatasetError(f"{path}: image {name} has no captions in Flickr8k.token.txt")
-            yield {"key": make_key("flickr8k", name), "split": split, "source": str(root / "images" / name),
-                   "captions": captions[name], "gold": {}}
+            yield {"key": make_key("flickr8k", name), "split": split,
+                   "source": str(inside(root / "images", path, name)), "captions": captions[name], "gold": {}}

@@ -1,10 +1,9 @@
 """Karpathy splits: `dataset_{flickr8k,flickr30k,coco}.json` with images[].filename/split/sentences[].raw."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from pipeline.datasets.base import READERS, make_key
+from pipeline.datasets.base import READERS, inside, make_key, read_json
 from pipeline.errors import DatasetError
 
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
@@ -17,17 +16,17 @@ def read_karpathy(root: Path, cfg=None):
         raise DatasetError(f"no dataset_*.json in {root}")
     path = files[0]
     try:
-        data = json.loads(path.read_text())
+        data = read_json(path)
         images = data["images"]
         name = data.get("dataset", path.stem.removeprefix("dataset_"))
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+    except (KeyError, TypeError) as e:
         raise DatasetError(f"{path}: not a Karpathy split file ({e!r})") from None
     for i, img in enumerate(images):
         try:
             split = SPLIT_NAMES[img["split"]]
             caps = [s["raw"] for s in img["sentences"]]
-            rel = Path(img.get("filepath", "")) / img["filename"]
+            source = inside(root / "images", path, img.get("filepath", ""), img["filename"])
         except (KeyError, TypeError) as e:
             raise DatasetError(f"{path}: images[{i}] lacks {e}") from None
-        yield {"key": make_key(name, img["filename"]), "split": split, "source": str(root / "images" / rel),
+        yield {"key": make_key(name, img["filename"]), "split": split, "source": str(source),
                "captions": caps, "gold": {}}

@@ -8,10 +8,12 @@ the cluster. No shuffle is needed, and a failed task redoes exactly one shard.
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
 import pickle
+import sys
 import time
 from pathlib import Path
 
@@ -20,21 +22,59 @@ from pipeline.preprocess import shards
 from pipeline.preprocess.plan import check_resume, fingerprint, plan
 from pipeline.preprocess.prepare import prepare_stage_models
 from pipeline.raylocal import init_ray
-from stages.base import STAGES
+from stages.base import STAGES, is_transient
 
 log = logging.getLogger("densevse.preprocess")
 STAGE_ORDER = ("ingest", "regions", "features", "parse")
 
 
+# A transient failure (stages.base.is_transient: out of memory, CUDA, I/O, a dead Ray worker) of one `process`
+# call is retried in place this many times in all, waiting RETRY_BACKOFF_S, then twice that, ... in between;
+# bad input is never retried (it is a recorded rejection). Ray then retries a task or actor that died outright.
+RETRY_TRIES = 3
+RETRY_BACKOFF_S = 2.0
+RAY_TASK_RETRIES = 3  # a task stage's worker process that dies (OOM-killed, node lost) is rerun this often
+RAY_ACTOR_RESTARTS = 3  # a model stage's actor that dies is restarted this often, and its shard resubmitted
+
+
 def _run_stage(stage, payload: bytes, batch_size: int) -> bytes:
-    """Apply a stage to one shard's rows, `batch_size` rows per `process` call (one batched forward pass)."""
+    """Apply a stage to one shard's rows, `batch_size` rows per `process` call (one batched forward pass).
+
+    A call failing transiently is rerun on fresh copies of its rows (a stage edits rows in place, and ingest
+    run twice on its own output would reject every caption); if it persists, the shard's task fails with the
+    stage, shard and error, so the shard stays unfinished and a rerun redoes it, instead of being written
+    with machine failures recorded as rejected samples."""
     rows = pickle.loads(payload)
+    shard = rows[0]["shard"] if rows else "?"
     out: list[dict] = []
     for i in range(0, len(rows), batch_size):
-        out.extend(stage.process(rows[i:i + batch_size]))
+        batch = rows[i:i + batch_size]
+        for attempt in range(1, RETRY_TRIES + 1):
+            try:
+                out.extend(stage.process([dict(r) for r in batch]))
+                break
+            except Exception as e:
+                if not is_transient(e):
+                    raise
+                if attempt == RETRY_TRIES:
+                    raise RuntimeError(f"stage {stage.name}: shard {shard}: {type(e).__name__}: {e} "
+                                       f"(after {RETRY_TRIES} tries)") from e
+                wait = RETRY_BACKOFF_S * 2 ** (attempt - 1)
+                log.warning("stage %s: shard %s: %s: %s; retry %d/%d in %.1f s", stage.name, shard,
+                            type(e).__name__, e, attempt, RETRY_TRIES - 1, wait)
+                _free_memory()
+                time.sleep(wait)
     if len(out) != len(rows) or [r["key"] for r in out] != [r["key"] for r in rows]:
-        raise RuntimeError(f"stage {stage.name} changed the rows of shard {rows[0]['shard']}")
+        raise RuntimeError(f"stage {stage.name} changed the rows of shard {shard}")
     return pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _free_memory() -> None:
+    """Before a retry: drop the failed attempt's garbage, and torch's cached GPU blocks (a CUDA OOM leaves them)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
 
 
 class _StageOnShards:
@@ -89,11 +129,20 @@ def node_cpus() -> list[float]:
 
 
 def _add_stage(ds, sc: StageConfig, actors: int | None):
+    """The stage as Ray Data map over shards: an actor pool for a model stage, tasks otherwise.
+
+    Ray's own retries are bounded (its defaults retry forever, so a shard that kills its worker every time, a
+    segfaulting decoder say, would hang the run): a dead worker or actor is retried RAY_TASK_RETRIES /
+    RAY_ACTOR_RESTARTS times. Application errors are not retried by Ray (`retry_exceptions=False`; Ray Data
+    still adds its RaySystemError): _run_stage already retried the transient ones, and bad input never fails.
+    Ray 2.60 takes these only as `**ray_remote_args` (deprecated, removal announced for 2.64; no named form yet)."""
     args = dict(impl=sc.impl, params=sc.params, batch_size=sc.batch_size)
     common = dict(batch_size=1, num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None, batch_format="numpy")
     if actors:
-        return ds.map_batches(_StageOnShards, fn_constructor_kwargs=args, concurrency=actors, **common)
-    return ds.map_batches(_StageOnShards(**args, load=False), concurrency=sc.concurrency, **common)
+        return ds.map_batches(_StageOnShards, fn_constructor_kwargs=args, concurrency=actors, **common,
+                              max_restarts=RAY_ACTOR_RESTARTS, max_task_retries=RAY_ACTOR_RESTARTS)
+    return ds.map_batches(_StageOnShards(**args, load=False), concurrency=sc.concurrency, **common,
+                          max_retries=RAY_TASK_RETRIES, retry_exceptions=False)
 
 
 def _write(batch, shard_dir: str, fingerprint: dict | None = None):

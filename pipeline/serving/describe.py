@@ -49,10 +49,11 @@ def region_proposer(cfg):
 
 
 def load_image(path: str | Path, max_side: int) -> tuple[bytes, int, int]:
-    """JPEG bytes, width, height of an image file, normalised as ingest does; raises Reject for bad files."""
+    """JPEG bytes, width, height of an image file, normalised as ingest does; raises Reject for bad files.
+    EXIF orientation is applied (a phone photo is described the right way up): a new image has no boxes."""
     from stages.images import decode_rgb, read_bytes, to_jpeg
 
-    img, _ = decode_rgb(read_bytes(str(path)), max_side=max_side)
+    img, _ = decode_rgb(read_bytes(str(path)), max_side=max_side, exif_transpose=True)
     return to_jpeg(img), img.width, img.height
 
 
@@ -109,7 +110,8 @@ def draw(result: dict, out: str | Path) -> Path:
 
     from stages.images import decode_rgb, read_bytes
 
-    img, _ = decode_rgb(read_bytes(result["image"]), max_side=max(result["width"], result["height"]))
+    img, _ = decode_rgb(read_bytes(result["image"]), max_side=max(result["width"], result["height"]),
+                        exif_transpose=True)  # as load_image: the boxes are on the upright photo
     fig, ax = plt.subplots(figsize=(7, 7.6))
     ax.imshow(img)
     colors = plt.cm.tab10.colors
