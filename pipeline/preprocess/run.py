@@ -14,11 +14,12 @@ import logging
 import math
 import pickle
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from pipeline.config import PipelineConfig, StageConfig
-from pipeline.preprocess import shards
+from pipeline.preprocess import ship, shards
 from pipeline.preprocess.plan import check_resume, fingerprint, plan
 from pipeline.preprocess.prepare import prepare_stage_models
 from pipeline.raylocal import init_ray
@@ -79,9 +80,17 @@ def _free_memory() -> None:
 
 class _StageOnShards:
     """A stage applied to whole shards. As a Ray actor (a model stage: `load=True`) the stage and its model are
-    built once, in the constructor, and serve many shards; as a task, the stage is built per call."""
+    built once, in the constructor, and serve many shards; as a task, the stage is built per call. `models`
+    (an object ref to ship.pack's tar) is unpacked into this actor's own directory first, so the model files
+    are the driver's, on whichever node the actor runs."""
 
-    def __init__(self, impl: str, params, batch_size: int, load: bool = True):
+    def __init__(self, impl: str, params, batch_size: int, load: bool = True, models=None):
+        if models is not None:
+            import ray
+
+            self._models_dir = tempfile.TemporaryDirectory(prefix="densevse-models-")  # removed with the actor
+            params = ship.unpack(params, ray.get(models) if isinstance(models, ray.ObjectRef) else models,
+                                 self._models_dir.name)
         self.impl, self.params, self.batch_size = impl, params, batch_size
         self.stage = STAGES.get(impl)(params) if load else None
 
@@ -128,7 +137,7 @@ def node_cpus() -> list[float]:
     return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
 
 
-def _add_stage(ds, sc: StageConfig, actors: int | None):
+def _add_stage(ds, sc: StageConfig, actors: int | None, models=None):
     """The stage as Ray Data map over shards: an actor pool for a model stage, tasks otherwise.
 
     Ray's own retries are bounded (its defaults retry forever, so a shard that kills its worker every time, a
@@ -139,6 +148,7 @@ def _add_stage(ds, sc: StageConfig, actors: int | None):
     args = dict(impl=sc.impl, params=sc.params, batch_size=sc.batch_size)
     common = dict(batch_size=1, num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None, batch_format="numpy")
     if actors:
+        args["models"] = models
         return ds.map_batches(_StageOnShards, fn_constructor_kwargs=args, concurrency=actors, **common,
                               max_restarts=RAY_ACTOR_RESTARTS, max_task_retries=RAY_ACTOR_RESTARTS)
     return ds.map_batches(_StageOnShards(**args, load=False), concurrency=sc.concurrency, **common,
@@ -185,7 +195,8 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False) 
         stage_cfgs = {name: getattr(cfg.stages, name) for name in STAGE_ORDER}
         actors = actor_pool_sizes(stage_cfgs, node_cpus())
         for name, sc in stage_cfgs.items():
-            ds = _add_stage(ds, sc, actors.get(name))
+            packed = ship.pack(sc.params) if actors.get(name) else None
+            ds = _add_stage(ds, sc, actors.get(name), ray.put(packed) if packed else None)
         written = ds.map_batches(_write, fn_kwargs={"shard_dir": str(shard_dir), "fingerprint": fp}, batch_size=1,
                                  batch_format="numpy").take_all()
         missing = set(planned) - set(done) - {w["shard"] for w in written}
