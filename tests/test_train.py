@@ -1,5 +1,6 @@
 """Distributed training end to end: 2 Ray Train workers on CPU (gloo), an injected crash recovered from the
-latest checkpoint, a real MLflow server, the registered model loaded back, and --resume."""
+latest checkpoint (DENSEVSE_FAIL_AT_EPOCH), a real MLflow server, the registered model loaded back, --resume,
+and a failed job's MLflow run marked FAILED."""
 from __future__ import annotations
 
 import json
@@ -33,7 +34,7 @@ def ray_local():
     ray.shutdown()
 
 
-def test_two_worker_train_crash_recovery_mlflow_registry_resume(tmp_path, mlflow_server, ray_local):
+def test_two_worker_train_crash_recovery_mlflow_registry_resume(tmp_path, mlflow_server, ray_local, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -51,13 +52,15 @@ def test_two_worker_train_crash_recovery_mlflow_registry_resume(tmp_path, mlflow
     base = {"run": {"output_dir": str(tmp_path / "run")}, "shards": {"dir": str(shards)},
             "ray": {"num_cpus": 2}, "mlflow": {"tracking_uri": mlflow_server, "registered_model": "test-hmlstm"},
             "train": {"epochs": 2, "batch_size": 16, "hidden_dim": 32, "embed_dim": 32, "num_workers": 2,
-                      "fail_at_epoch": 1, "max_failures": 1}}
+                      "max_failures": 1}}
     cfg = parse_config(base)
     t0 = time.time()
     init_ray(cfg)
     wait_server(proc, mlflow_server)
     print(f"ray + mlflow server up: {time.time() - t0:.1f}s")
+    monkeypatch.setenv("DENSEVSE_FAIL_AT_EPOCH", "1")  # rank 0 crashes once, at epoch 1's start
     s = train(cfg)
+    monkeypatch.delenv("DENSEVSE_FAIL_AT_EPOCH")
     print(f"train: {time.time() - t0:.1f}s")
 
     # both epochs ran (epoch 1 after the injected crash, restored from epoch 0's checkpoint), all pairs each epoch
@@ -94,8 +97,31 @@ def test_two_worker_train_crash_recovery_mlflow_registry_resume(tmp_path, mlflow
 
     # --resume: continue the finished run to 3 epochs; only epoch 2 is trained
     last = latest_checkpoint(cfg)
-    cfg3 = parse_config({**base, "train": {**base["train"], "epochs": 3, "fail_at_epoch": None}})
+    cfg3 = parse_config({**base, "train": {**base["train"], "epochs": 3}})
     s3 = train(cfg3, resume=True)
     assert [h["epoch"] for h in s3["history"]] == [0, 1, 2]
     assert s3["mlflow_run_id"] == s["mlflow_run_id"] and latest_checkpoint(cfg) != last
     print(f"total: {time.time() - t0:.1f}s")
+
+
+def test_failed_job_marks_its_mlflow_run_failed(tmp_path, mlflow_server, ray_local, monkeypatch):
+    """A job that fails (an injected crash, no restarts allowed) ends its MLflow run as FAILED, not RUNNING."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import wait_server
+    from pipeline.training.embedding import train
+
+    proc, uri = mlflow_server
+    shards = write_fixture_shards(tmp_path / "shards", n_train=12, n_val=0, n_test=0, per_shard=6)
+    cfg = parse_config({"run": {"output_dir": str(tmp_path / "run"), "name": "failing"}, "shards": {"dir": str(shards)},
+                        "ray": {"num_cpus": 2}, "mlflow": {"tracking_uri": uri},
+                        "train": {"epochs": 1, "batch_size": 8, "hidden_dim": 8, "embed_dim": 8,
+                                  "word_vectors": "random", "max_failures": 0}})
+    wait_server(proc, uri)
+    monkeypatch.setenv("DENSEVSE_FAIL_AT_EPOCH", "0")
+    with pytest.raises(Exception, match="DENSEVSE_FAIL_AT_EPOCH=0"):
+        train(cfg)
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("densevse").experiment_id],
+                                "tags.mlflow.runName = 'failing-hmlstm'")
+    assert run.info.status == "FAILED"

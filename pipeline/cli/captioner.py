@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def cmd_describe(args) -> int:
     cfg = load(args)
     try:
         cap = Captioner.load(args.model or default_checkpoint(cfg))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, pickle.UnpicklingError) as e:  # missing, or refused (would run code)
         print(f"densevse describe: {e}", file=sys.stderr)
         return 2
     propose, note = region_proposer(cfg)
@@ -52,7 +53,7 @@ def cmd_train(args) -> int:
     """Train the m-RNN captioner on the run's train shards (Ray Train; MLflow when configured)."""
     from pipeline.training.captioner import train_captioner
 
-    print(json.dumps(train_captioner(load(args)), indent=1, default=str))
+    print(json.dumps(train_captioner(load(args), resume=args.resume), indent=1, default=str))
     return 0
 
 
@@ -79,6 +80,7 @@ def register(subparsers) -> None:
     sub = c.add_subparsers(dest="captioner_command", required=True)
     t = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
     common_args(t)
+    t.add_argument("--resume", action="store_true", help="resume from the latest captioner checkpoint")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("evaluate", help=cmd_evaluate.__doc__, description=cmd_evaluate.__doc__)
     common_args(e)

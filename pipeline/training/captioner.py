@@ -1,6 +1,7 @@
-"""The description model: training pairs from the shards, Ray Train training, loading, and its MLflow model.
+"""The description model's training: its pairs from the shards, and its task for the shared Ray Train loop.
 
     summary = train_captioner(cfg)      # best epoch -> <output_dir>/models/captioner/best.pt (+ MLflow model)
+    summary = train_captioner(cfg, resume=True)  # continue from the latest checkpoint
     cap = Captioner.load(path)          # cap.describe(feats, kind) -> [(text, score)]
 
 Training pairs (one decoder, two kinds of output, see models/mrnn.py):
@@ -11,18 +12,14 @@ Training pairs (one decoder, two kinds of output, see models/mrnn.py):
     links (Flickr8k) there are no phrase pairs; region descriptions then come from the sentence decoder run
     on the region feature (`Captioner.phrase_kind`).
 
-Ray Train runs `captioner_loop` like pipeline/train.py runs the embedding model: cfg.train.num_workers workers
-(cfg.train.use_gpu), each reading its rank's shards (pipeline.training.data.rank_shards), DDP join for uneven shares,
-a checkpoint per epoch, FailureConfig(cfg.train.max_failures). Rank 0 computes the val loss each epoch; the best
-epoch (lowest val loss, else the last) is kept.
+Training is the shared Ray Train loop (pipeline/training/loop.py: cfg.train.num_workers workers,
+cfg.train.use_gpu, a checkpoint per epoch, FailureConfig(cfg.train.max_failures), `resume`) with the task
+`CaptionerTask`: each rank holds its pairs in memory, rank 0 computes the val loss each epoch; the best epoch
+(lowest val loss, else lowest train loss) is kept and registered as cfg.captioner.registered_model.
 """
 from __future__ import annotations
 
 import contextlib
-import json
-import shutil
-import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -31,11 +28,11 @@ import torch
 
 from models.batch import caption_tokens, gold_nodes
 from models.captioner import build_model, pad_images
-from models.checkpoint import load_checkpoint
 from models.metrics import box_iou
 from models.mrnn import MRNN, PHRASE, SENTENCE, SPECIALS
 from models.vocab import Vocab, normalize
 from pipeline.training.data import iter_samples
+from pipeline.training.loop import Task, best_path, fit
 
 MODEL_NAME = "mrnn"
 
@@ -139,143 +136,64 @@ def run_epoch(model, pairs: Pairs, batch_size: int, opt=None, seed: int | None =
     return total / max(n, 1), n
 
 
-# ---------------------------------------------------------------- Ray Train
-
-
-def _storage(cfg) -> Path:
-    return (Path(cfg.run.output_dir) / "ray_train").resolve()
+# ---------------------------------------------------------------- training (pipeline/training/loop.py)
 
 
 def default_checkpoint(cfg) -> Path:
-    return Path(cfg.run.output_dir) / "models" / "captioner" / "best.pt"
+    return best_path(cfg, CaptionerTask.name)
 
 
-def train_captioner(cfg) -> dict:
-    """Train the captioner on the train shards with Ray Train; returns a summary (also <output_dir>/train-captioner.json)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipeline import tracking
-    from pipeline.preprocess.shards import shard_paths
-    from pipeline.raylocal import REPO, init_ray
-    from pipeline.training.embedding import for_workers, save_best
-
-    t0 = time.time()
-    cfg = for_workers(cfg)
-    paths = shard_paths(cfg.shard_dir, "train")
-    if not paths:
-        raise FileNotFoundError(f"no finished train shards in {cfg.shard_dir}; run `densevse preprocess` first")
-    c = cfg.captioner
-    vocab = build_vocab(paths, c.region_phrases, c.max_len, c.min_word_count)
-    if len(vocab) <= len(SPECIALS):
-        raise ValueError(f"the train shards in {cfg.shard_dir} hold no caption of at most {c.max_len} tokens")
-    feat_dim = next(iter_samples(paths[:1]))["feats"].shape[1]
-    init_ray(cfg)  # first: a Ray that fails to start leaves no empty MLflow run behind
-    run_id = None
-    if cfg.mlflow.tracking_uri:
-        run_id = tracking.start_run(cfg)
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(cfg.mlflow.tracking_uri)
-        client.set_tag(run_id, "mlflow.runName", f"{cfg.run.name}-captioner")
-        client.set_tag(run_id, "model", MODEL_NAME)
-
-    use_gpu = cfg.train.use_gpu
-    trainer = TorchTrainer(
-        captioner_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "words": vocab.words, "feat_dim": feat_dim,
-                           "mlflow_run_id": run_id},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
-        run_config=RunConfig(name=f"{cfg.run.name}-captioner-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=str(_storage(cfg)),
-                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=None),
-                             worker_runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}}),
-    )
-    result = trainer.fit()
-    best_path = default_checkpoint(cfg)
-    history, best_epoch = save_best(result, best_path, lambda h: -h.get("val_loss", h["train_loss"]))
-    summary = {"model": MODEL_NAME, "epochs": len(history), "best_epoch": best_epoch, "vocab": len(vocab),
-               "best": next(h for h in history if h["epoch"] == best_epoch), "history": history,
-               "best_model": str(best_path), "seconds": round(time.time() - t0, 1), "mlflow_run_id": run_id}
-    if run_id:
-        summary["registered_version"] = tracking.register_captioner(cfg, run_id, history, best_path)
-    (cfg.run.output_dir / "train-captioner.json").write_text(json.dumps(summary, indent=1, default=str))
-    return summary
+def train_captioner(cfg, resume: bool = False) -> dict:
+    """Train the captioner on the train shards with Ray Train (`resume`: from its latest checkpoint); returns a
+    summary (also <output_dir>/train-captioner.json)."""
+    return fit(cfg, CaptionerTask(cfg), resume)
 
 
-def captioner_loop(config: dict) -> None:
-    """One Ray Train worker: its rank's pairs in memory, Adam, a checkpoint (rank 0) every epoch."""
-    import ray.train
-    import ray.train.torch
-    import torch.distributed as dist
+class CaptionerTask(Task):
+    """Each rank holds its pairs in memory (Pairs); the val loss picks the best epoch."""
 
-    from pipeline import tracking
-    from pipeline.config import parse_config
-    from pipeline.training.data import rank_shards
-    from pipeline.preprocess.shards import shard_paths
+    name, model_name = "captioner", MODEL_NAME
+    no_pairs_hint = " (every caption longer than captioner.max_len?)"
 
-    cfg = parse_config(config["cfg"])
-    c, tc = cfg.captioner, cfg.train
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if tc.use_gpu else torch.device("cpu")
-    torch.manual_seed(tc.seed)
-    vocab = Vocab(config["words"])
-    state, restored = None, ray.train.get_checkpoint()
-    if restored is not None:
-        with restored.as_directory() as d:
-            state = load_checkpoint(Path(d) / "model.pt")
-    core = MRNN(**state["hparams"]) if state else build_model(cfg, vocab, config["feat_dim"])
-    if state:
-        core.load_state_dict(state["state_dict"])
-    core.to(device)
-    model = ray.train.torch.prepare_model(core, move_to_device=device) if world > 1 else core
-    opt = torch.optim.Adam(core.parameters(), lr=c.lr)
-    if state:
-        opt.load_state_dict(state["optimizer"])
-    history = state["history"] if state else []
-    run_id = config["mlflow_run_id"]
+    def __init__(self, cfg):
+        self.epochs, self.lr = cfg.captioner.epochs, cfg.captioner.lr
 
-    all_train = shard_paths(cfg.shard_dir, "train")
-    train = Pairs(rank_shards(all_train, rank, world), vocab, c.region_phrases, c.max_len)
-    val_paths = shard_paths(cfg.shard_dir, "val")
-    val = Pairs(val_paths, vocab, c.region_phrases, c.max_len) if rank == 0 and val_paths else None
-    for epoch in range(state["epoch"] + 1 if state else 0, c.epochs):
-        t = time.time()
-        with model.join() if world > 1 else contextlib.nullcontext():
-            loss, n = run_epoch(model, train, c.batch_size, opt, seed=tc.seed * 1000 + epoch, device=device,
-                                grad_clip=tc.grad_clip)
-        sums = torch.tensor([loss * n, n], dtype=torch.float64)
-        if world > 1:
-            dist.all_reduce(sums)
-        if sums[1] == 0:
-            raise RuntimeError(f"epoch {epoch}: no captioner training pairs on {world} worker(s) in {cfg.shard_dir}")
-        metrics = {"epoch": epoch, "train_loss": float(sums[0] / sums[1]), "train_pairs": int(sums[1]),
-                   "epoch_seconds": time.time() - t}
-        checkpoint = None
-        if rank == 0:
-            if val is not None and len(val):
-                metrics["val_loss"] = run_epoch(core, val, 256, device=device)[0]
-            history.append(metrics)
-            if run_id and cfg.mlflow.tracking_uri:
-                tracking.log_epoch(cfg.mlflow.tracking_uri, run_id, metrics, step=epoch)
-            tmp = tempfile.mkdtemp(prefix="densevse-captioner-")
-            torch.save({"model_name": MODEL_NAME, "hparams": core.hparams, "state_dict": core.state_dict(),
-                        "optimizer": opt.state_dict(), "vocab": vocab.words, "epoch": epoch, "history": history,
-                        "phrase_pairs": int((train.kind == PHRASE).sum()), "mlflow_run_id": run_id,
-                        "config": config["cfg"]}, Path(tmp) / "model.pt")
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=checkpoint)
-        if checkpoint is not None:
-            shutil.rmtree(checkpoint.path, ignore_errors=True)
+    def prepare(self, cfg, paths: list[Path], state: dict | None) -> dict:
+        c = cfg.captioner
+        if state is not None:
+            self.words = state["vocab"]
+        else:
+            self.words = build_vocab(paths, c.region_phrases, c.max_len, c.min_word_count).words
+        if len(self.words) <= len(SPECIALS):
+            raise ValueError(f"the train shards in {cfg.shard_dir} hold no caption of at most {c.max_len} tokens")
+        self.feat_dim = next(iter_samples(paths[:1]))["feats"].shape[1]
+        return {"vocab": len(self.words)}
 
+    def setup(self, cfg, train_paths: list, val_paths: list[Path], device) -> None:
+        c = cfg.captioner
+        self.cfg, self.device, self.vocab = cfg, device, Vocab(self.words)
+        self.train = Pairs(train_paths, self.vocab, c.region_phrases, c.max_len)
+        self.val = Pairs(val_paths, self.vocab, c.region_phrases, c.max_len) if val_paths else None
 
-# ---------------------------------------------------------------- the trained model
+    def build_model(self, hparams: dict | None) -> torch.nn.Module:
+        return MRNN(**hparams) if hparams is not None else build_model(self.cfg, self.vocab, self.feat_dim)
 
+    def train_epoch(self, model, core, opt, epoch: int) -> tuple[dict[str, float], int]:
+        tc = self.cfg.train
+        loss, n = run_epoch(model, self.train, self.cfg.captioner.batch_size, opt, seed=tc.seed * 1000 + epoch,
+                            device=self.device, grad_clip=tc.grad_clip)
+        return {"loss": loss * n}, n
 
-# ---------------------------------------------------------------- MLflow
+    def evaluate(self, core) -> dict:
+        return {"val_loss": run_epoch(core, self.val, 256, device=self.device)[0]} if self.val else {}
 
+    def checkpoint_extra(self) -> dict:
+        return {"vocab": self.vocab.words, "phrase_pairs": int((self.train.kind == PHRASE).sum())}
 
+    def best_score(self, entry: dict) -> float:
+        return -entry.get("val_loss", entry["train_loss"])
+
+    def register(self, cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
+        from pipeline import tracking
+
+        return tracking.register_captioner(cfg, run_id, history, best_path)

@@ -1,0 +1,330 @@
+"""The one Ray Train loop of every trained model, parameterised by a Task (torchtitan's "train spec").
+
+    summary = fit(cfg, EmbeddingTask(cfg))               # pipeline/training/embedding.py
+    summary = fit(cfg, CaptionerTask(cfg), resume=True)  # pipeline/training/captioner.py
+
+The loop owns what the models share, so that it cannot drift apart between them:
+  * driver: absolute paths for the workers (`for_workers`), Ray (pipeline.raylocal.init_ray), the MLflow run
+    (continued on resume; marked FAILED when anything fails), a TorchTrainer with cfg.train.num_workers
+    workers (DDP over gloo on CPU, NCCL on GPU), FailureConfig(cfg.train.max_failures), every checkpoint kept;
+    afterwards the best epoch without optimizer state (`save_best`), the summary, the registered model.
+  * worker: restore (Ray's latest checkpoint after a worker-group restart, else the one `resume` found), DDP
+    with join() for ranks with unequal shares, the all-reduce of the epoch's loss sums (an epoch of 0 training
+    pairs is an error, not a zero loss), rank 0 evaluates, logs the epoch to MLflow and reports the checkpoint.
+
+A Task (below) is what differs: data, model, loss, validation metric, checkpoint extras, registration.
+The config travels to the workers as the validated PipelineConfig object, the task as the pickled instance
+that `Task.prepare` filled in on the driver. Checkpoints hold plain values only (the config as its JSON dump):
+they are read with models.checkpoint.load_checkpoint (weights_only).
+
+Paths: <output_dir>/ray_train/<run.name>-<task.name>-<stamp>/checkpoint_*/model.pt (one per epoch),
+<output_dir>/models/<task.name>/best.pt, <output_dir>/train-<task.name>.json (the summary).
+
+Recovery tests: DENSEVSE_FAIL_AT_EPOCH=N makes rank 0 raise at the start of epoch N unless it restored from a
+Ray checkpoint: one crash, which FailureConfig recovers from (with train.max_failures=0: a failed job). Read on
+the driver when `fit` is called and handed to the workers in their runtime env.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from models.checkpoint import load_checkpoint
+from pipeline.raylocal import REPO, init_ray
+
+FAIL_AT_EPOCH = "DENSEVSE_FAIL_AT_EPOCH"
+
+
+class Task:
+    """What one model's training needs; the loop calls these and nothing else. Built on the driver, filled in
+    by `prepare`, then pickled to every worker, which calls `setup` before the rest. The optimizer is Adam
+    over all parameters with learning rate `lr`."""
+
+    name: str            # run names and output paths (module docstring)
+    model_name: str      # the checkpoint's "model_name" and the summary's "model"
+    epochs: int
+    lr: float
+    no_pairs_hint = ""   # the likely cause, appended to the "0 training pairs" error
+
+    def prepare(self, cfg, paths: list[Path], state: dict | None) -> dict:
+        """Driver, once: check the train shards, build what every worker needs (vocabularies...), from `state`
+        (the checkpoint being resumed) when given. Returns entries for the summary."""
+        raise NotImplementedError
+
+    def setup(self, cfg, train_paths: list, val_paths: list[Path], device) -> None:
+        """Worker: load this rank's train data (reads from pipeline.training.data.rank_shards); val_paths are
+        the val shards on rank 0 (which evaluates) and [] elsewhere."""
+        raise NotImplementedError
+
+    def build_model(self, hparams: dict | None) -> torch.nn.Module:
+        """A fresh model (None) or a checkpoint's architecture (the loop loads its weights)."""
+        raise NotImplementedError
+
+    def train_epoch(self, model, core, opt, epoch: int) -> tuple[dict[str, float], int]:
+        """One pass over this rank's data through `model` (`core` DDP-wrapped when world > 1): (the losses summed
+        over pairs, e.g. {"loss": sum of loss * batch pairs}, pairs). The epoch's train_<key> is sum / pairs
+        over all ranks."""
+        raise NotImplementedError
+
+    def evaluate(self, core) -> dict:
+        """Rank 0, after each epoch: validation metrics ("val_..." floats) for the epoch's entry."""
+        return {}
+
+    def checkpoint_extra(self) -> dict:
+        """The checkpoint's task-specific entries (vocabularies...); plain values only."""
+        return {}
+
+    def best_score(self, entry: dict) -> float:
+        """Which epoch is best: the highest score over the history entries."""
+        raise NotImplementedError
+
+    def register(self, cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
+        """Log best.pt to the MLflow run as a model and register it; returns the version."""
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------- driver
+
+
+def storage(cfg) -> Path:
+    return (Path(cfg.run.output_dir) / "ray_train").resolve()
+
+
+def best_path(cfg, name: str) -> Path:
+    return Path(cfg.run.output_dir) / "models" / name / "best.pt"
+
+
+def latest_checkpoint(cfg, name: str | None = None) -> Path | None:
+    """The newest checkpoint dir reported by any earlier run of task `name` (default: cfg.train.model, the
+    embedding model) under this output dir."""
+    found = sorted(storage(cfg).glob(f"{cfg.run.name}-{name or cfg.train.model}-*/checkpoint_*/model.pt"),
+                   key=lambda p: p.stat().st_mtime)
+    return found[-1].parent if found else None
+
+
+def for_workers(cfg):
+    """A copy of cfg with absolute paths: Ray Train workers run in another directory, so a relative shard dir,
+    output dir or sqlite/file tracking URI would point somewhere else there (an empty MLflow store, say)."""
+    from pipeline.tracking import absolute_uri
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.shards.dir = Path(cfg.shard_dir).resolve()
+    cfg.run.output_dir = Path(cfg.run.output_dir).resolve()
+    cfg.mlflow.tracking_uri = absolute_uri(cfg.mlflow.tracking_uri)
+    return cfg
+
+
+def fit(cfg, task: Task, resume: bool = False) -> dict:
+    """Train `task` on cfg's train shards; `resume`: continue from its latest checkpoint (and MLflow run).
+    Returns the summary, also written to <output_dir>/train-<task.name>.json."""
+    from pipeline import tracking
+    from pipeline.preprocess.shards import shard_paths
+
+    t0 = time.time()
+    cfg = for_workers(cfg)
+    paths = shard_paths(cfg.shard_dir, "train")
+    if not paths:
+        raise FileNotFoundError(f"no finished train shards in {cfg.shard_dir}; run `densevse preprocess` first")
+    resume_from = latest_checkpoint(cfg, task.name) if resume else None
+    if resume and resume_from is None:
+        raise FileNotFoundError(f"--resume: no checkpoint of {task.name} under {storage(cfg)}")
+    state = load_checkpoint(resume_from / "model.pt") if resume_from else None
+    info = task.prepare(cfg, paths, state)
+    env = {"PYTHONPATH": str(REPO), **_fail_env()}
+    init_ray(cfg)  # before the MLflow run: a Ray that fails to start leaves no empty run behind
+    run_id = _mlflow_run(cfg, task, state)
+    try:
+        result = _trainer(cfg, task, run_id, resume_from, env).fit()
+        summary = {**_summary(cfg, task, result, info), "seconds": round(time.time() - t0, 1), "mlflow_run_id": run_id}
+        if run_id:
+            summary["registered_version"] = task.register(cfg, run_id, summary["history"], best_path(cfg, task.name))
+    except BaseException:
+        if run_id:  # a failed job shows as FAILED in MLflow, not as a run forever RUNNING
+            tracking.end_run(cfg.mlflow.tracking_uri, run_id, "FAILED")
+        raise
+    (Path(cfg.run.output_dir) / f"train-{task.name}.json").write_text(json.dumps(summary, indent=1, default=str))
+    return summary
+
+
+def _summary(cfg, task: Task, result, info: dict) -> dict:
+    """best.pt written (save_best), and what the job did: the history, its best epoch, where things are."""
+    best = best_path(cfg, task.name)
+    history, best_epoch = save_best(result, best, task.best_score)
+    return {"model": task.model_name, "epochs": len(history), "best_epoch": best_epoch, **info,
+            "best": next(h for h in history if h["epoch"] == best_epoch), "history": history,
+            "checkpoint": result.checkpoint.path, "best_model": str(best)}
+
+
+def _fail_env() -> dict:
+    """The fault injection for the workers' env, always set ("" when off): workers inherit the env the local Ray
+    was started with, which may hold an older value. A malformed value fails here, not in a worker."""
+    value = os.environ.get(FAIL_AT_EPOCH, "").strip()
+    if value and not value.isdigit():
+        raise ValueError(f"{FAIL_AT_EPOCH}={value!r}: expected an epoch number")
+    return {FAIL_AT_EPOCH: value}
+
+
+def _mlflow_run(cfg, task: Task, state: dict | None) -> str | None:
+    """The resumed checkpoint's MLflow run, else a new one named <run.name>-<task.name>; None without tracking."""
+    from pipeline import tracking
+
+    if not cfg.mlflow.tracking_uri:
+        return None
+    if state is not None and state.get("mlflow_run_id"):
+        return state["mlflow_run_id"]
+    from mlflow.tracking import MlflowClient
+
+    run_id = tracking.start_run(cfg)
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    client.set_tag(run_id, "mlflow.runName", f"{cfg.run.name}-{task.name}")
+    client.set_tag(run_id, "model", task.model_name)
+    return run_id
+
+
+def _trainer(cfg, task: Task, run_id: str | None, resume_from: Path | None, env: dict):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    use_gpu = cfg.train.use_gpu
+    return TorchTrainer(
+        worker,
+        train_loop_config={"cfg": cfg, "task": task, "mlflow_run_id": run_id,
+                           "resume_from": str(resume_from) if resume_from else None},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
+        run_config=RunConfig(name=f"{cfg.run.name}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                             storage_path=str(storage(cfg)),
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=None),
+                             worker_runtime_env={"env_vars": env}),
+    )
+
+
+def save_best(result, best_path: Path, score) -> tuple[list[dict], int]:
+    """Copy the best epoch's checkpoint (highest `score(history entry)`), without optimizer state, to best_path.
+
+    The history comes from the last checkpoint, which carries every epoch's metrics (resumed runs included)."""
+    with result.checkpoint.as_directory() as d:
+        history = load_checkpoint(Path(d) / "model.pt")["history"]
+    best_epoch = max(history, key=score)["epoch"]
+    best_path.parent.mkdir(parents=True, exist_ok=True)
+    for ckpt, _ in result.best_checkpoints:
+        with ckpt.as_directory() as d:
+            ck = load_checkpoint(Path(d) / "model.pt")
+        if ck["epoch"] == best_epoch:
+            ck.pop("optimizer", None)
+            torch.save(ck, best_path)
+    return history, best_epoch
+
+
+# ---------------------------------------------------------------- worker
+
+
+def worker(config: dict) -> None:
+    """One Ray Train worker: restore, then per epoch train, all-reduce, (rank 0) evaluate, log and checkpoint."""
+    import ray.train
+    import ray.train.torch
+
+    from pipeline import tracking
+
+    cfg, task, run_id = config["cfg"], config["task"], config["mlflow_run_id"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
+    torch.manual_seed(cfg.train.seed)
+    state, from_ray = _restore(config["resume_from"])
+    _setup_data(cfg, task, rank, world, device)
+    core, model, opt = _build(task, state, world, device)
+    history = state["history"] if state else []
+    fail_at = int(os.environ.get(FAIL_AT_EPOCH) or -1) if rank == 0 and not from_ray else -1
+
+    for epoch in range(state["epoch"] + 1 if state else 0, task.epochs):
+        if epoch == fail_at:
+            raise RuntimeError(f"{FAIL_AT_EPOCH}={epoch}: injected crash (recovery test)")
+        metrics = _train_epoch(cfg, task, model, core, opt, epoch, world)
+        checkpoint = None
+        if rank == 0:
+            metrics.update(task.evaluate(core))
+            history.append(metrics)
+            if run_id:
+                tracking.log_epoch(cfg.mlflow.tracking_uri, run_id, metrics, step=epoch)
+            checkpoint = _checkpoint(cfg, task, core, opt, epoch, history, run_id)
+        ray.train.report(metrics, checkpoint=checkpoint)
+        if checkpoint is not None:  # Ray has copied it to the run's storage
+            shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+
+def _restore(resume_from: str | None) -> tuple[dict | None, bool]:
+    """(checkpoint, whether Ray restored it): Ray's latest after a worker-group restart, else --resume's."""
+    import ray.train
+
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            return load_checkpoint(Path(d) / "model.pt"), True
+    return (load_checkpoint(Path(resume_from) / "model.pt") if resume_from else None), False
+
+
+def _setup_data(cfg, task: Task, rank: int, world: int, device) -> None:
+    """Every task shards the same way: rank r gets its reads of the train shards; rank 0 the val shards."""
+    from pipeline.preprocess.shards import shard_paths
+    from pipeline.training.data import rank_shards
+
+    train = shard_paths(cfg.shard_dir, "train")
+    if not train:
+        raise FileNotFoundError(f"worker {rank}: no train shards in {cfg.shard_dir}")
+    task.setup(cfg, rank_shards(train, rank, world), shard_paths(cfg.shard_dir, "val") if rank == 0 else [], device)
+
+
+def _build(task: Task, state: dict | None, world: int, device):
+    """(core model, the model to train: core or its DDP wrapper, Adam), restored from `state` when given."""
+    import ray.train.torch
+
+    core = task.build_model(state["hparams"] if state else None)
+    if state:
+        core.load_state_dict(state["state_dict"])
+    core.to(device)
+    model = ray.train.torch.prepare_model(core, move_to_device=device) if world > 1 else core
+    opt = torch.optim.Adam(core.parameters(), lr=task.lr)
+    if state:
+        opt.load_state_dict(state["optimizer"])
+    return core, model, opt
+
+
+def _train_epoch(cfg, task: Task, model, core, opt, epoch: int, world: int) -> dict:
+    """Train one epoch on every rank; the epoch's metrics, summed over all ranks."""
+    import torch.distributed as dist
+
+    model.train()
+    t = time.time()
+    with model.join() if world > 1 else contextlib.nullcontext():  # ranks may have unequal batch counts
+        sums, pairs = task.train_epoch(model, core, opt, epoch)
+    seconds = time.time() - t
+    total = torch.tensor([*sums.values(), pairs], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(total)
+    n = float(total[-1])
+    if n == 0:  # never report an epoch that trained on nothing as a success
+        raise RuntimeError(f"epoch {epoch}: 0 training pairs on {world} worker(s) from the train shards in "
+                           f"{cfg.shard_dir}{task.no_pairs_hint}")
+    return {"epoch": epoch, **{f"train_{k}": float(v) / n for k, v in zip(sums, total)}, "train_pairs": int(n),
+            "pairs_per_s": n / max(seconds, 1e-9), "epoch_seconds": seconds}
+
+
+def _checkpoint(cfg, task: Task, core, opt, epoch: int, history: list[dict], run_id: str | None):
+    """model.pt in a temp dir, as a Ray checkpoint (the caller removes the dir once reported)."""
+    import ray.train
+
+    tmp = Path(tempfile.mkdtemp(prefix=f"densevse-{task.name}-"))
+    torch.save({"model_name": task.model_name, "hparams": core.hparams, "state_dict": core.state_dict(),
+                "optimizer": opt.state_dict(), **task.checkpoint_extra(), "epoch": epoch, "history": history,
+                "mlflow_run_id": run_id, "config": cfg.model_dump(mode="json")}, tmp / "model.pt")
+    return ray.train.Checkpoint.from_directory(str(tmp))

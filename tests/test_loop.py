@@ -1,0 +1,79 @@
+"""The shared Ray Train loop (pipeline/training/loop.py) with the captioner task: a failed job ends its MLflow
+run as FAILED, --resume continues it; and the loop's fault-injection and path helpers. The embedding
+task's crash recovery, resume and failed run are in test_train.py."""
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import load_config
+from tests.shard_fixture import write_fixture_shards
+
+
+def _cfg(tmp_path, *extra):
+    shards = tmp_path / "shards"
+    if not shards.exists():
+        write_fixture_shards(shards, n_train=24, n_val=6, n_test=0, feat_dim=16, per_shard=12)
+    return load_config(None, [f"run.output_dir={tmp_path / 'run'}", f"shards.dir={shards}", "ray.num_cpus=2",
+                              "train.word_vectors=random", "captioner.hidden_dim=16", "captioner.epochs=1",
+                              "mlflow.tracking_uri=sqlite:///mlflow.db", *extra])
+
+
+def _client_runs(cfg, run_name):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.mlflow.experiment)
+    return client, client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name}'")
+
+
+@pytest.mark.slow
+def test_captioner_failed_job_is_failed_in_mlflow_and_resumes(tmp_path, monkeypatch):
+    """A crash at epoch 1 with no restarts allowed: the job fails and its MLflow run is FAILED. --resume then
+    trains epoch 1 only, from epoch 0's checkpoint, into the same run, which ends FINISHED with each epoch once.
+    (One test for both: each Ray Train job costs about a minute on a 2-core machine.)"""
+    from pipeline.training.captioner import train_captioner
+
+    monkeypatch.chdir(tmp_path)  # the relative sqlite URI: the workers must log into this same store
+    cfg = _cfg(tmp_path, "captioner.epochs=2", "train.max_failures=0")
+    monkeypatch.setenv("DENSEVSE_FAIL_AT_EPOCH", "1")
+    with pytest.raises(Exception, match="DENSEVSE_FAIL_AT_EPOCH=1"):
+        train_captioner(cfg)
+    client, (run,) = _client_runs(cfg, "default-captioner")
+    assert run.info.status == "FAILED" and run.data.tags["model"] == "mrnn"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0]
+
+    monkeypatch.delenv("DENSEVSE_FAIL_AT_EPOCH")  # (the local Ray, started above, still has it in its env)
+    s = train_captioner(cfg, resume=True)
+    assert [h["epoch"] for h in s["history"]] == [0, 1] and s["best_epoch"] in (0, 1)
+    assert s["mlflow_run_id"] == run.info.run_id and int(s["registered_version"]) == 1
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")] == [0, 1]
+
+
+def test_fail_at_epoch_must_be_an_epoch(monkeypatch):
+    from pipeline.training.loop import _fail_env
+
+    monkeypatch.delenv("DENSEVSE_FAIL_AT_EPOCH", raising=False)
+    assert _fail_env() == {"DENSEVSE_FAIL_AT_EPOCH": ""}  # set, empty: off even where Ray started with it set
+    monkeypatch.setenv("DENSEVSE_FAIL_AT_EPOCH", " 2")
+    assert _fail_env() == {"DENSEVSE_FAIL_AT_EPOCH": "2"}
+    monkeypatch.setenv("DENSEVSE_FAIL_AT_EPOCH", "one")
+    with pytest.raises(ValueError, match="DENSEVSE_FAIL_AT_EPOCH='one'"):
+        _fail_env()
+
+
+def test_resume_finds_its_own_tasks_checkpoint(tmp_path):
+    """Each task resumes from its own runs only; a resume with nothing to resume from fails before Ray starts."""
+    from pipeline.training.captioner import CaptionerTask, default_checkpoint
+    from pipeline.training.loop import fit, latest_checkpoint, storage
+
+    cfg = _cfg(tmp_path)
+    for run in ("default-hmlstm-20260101-000000", "default-captioner-20260101-000000"):
+        (storage(cfg) / run / "checkpoint_000000").mkdir(parents=True)
+        (storage(cfg) / run / "checkpoint_000000" / "model.pt").write_bytes(b"")
+    assert latest_checkpoint(cfg).parent.name.startswith("default-hmlstm-")
+    assert latest_checkpoint(cfg, "captioner").parent.name.startswith("default-captioner-")
+    assert default_checkpoint(cfg) == tmp_path / "run" / "models" / "captioner" / "best.pt"
+    with pytest.raises(FileNotFoundError, match="--resume: no checkpoint of captioner"):
+        fit(_cfg(tmp_path, "run.name=other"), CaptionerTask(cfg), resume=True)
