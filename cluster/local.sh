@@ -137,6 +137,11 @@ case $CMD in
   up)
     [ ! -s "$DIR/nodes" ] || { echo "local.sh: a cluster is already recorded in $DIR (down it first)" >&2; exit 1; }
     mkdir -p "$DIR"
+    # Token auth needs a token before the head starts (`ray start` does not make one): on a new machine create
+    # ~/.ray/auth_token, where the nodes and every client (densevse submit, the state API) read it.
+    if [ -z "${RAY_AUTH_TOKEN:-}" ] && [ -z "${RAY_AUTH_TOKEN_PATH:-}" ] && [ ! -s "$HOME/.ray/auth_token" ]; then
+      "$BIN/ray" get-auth-token --generate >/dev/null
+    fi
     echo "127.0.0.1:$BASE" >"$DIR/address"
     echo "http://127.0.0.1:$((BASE + 1))" >"$DIR/dashboard"
     trap 'down' ERR

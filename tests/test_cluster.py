@@ -284,7 +284,7 @@ def test_preprocessing_survives_killed_worker_node(cluster, tmp_path):
     overrides = SMALL + [f"run.output_dir={out}", "shards.samples_per_shard=5"]  # 7 shards
     job = jobs.submit(ROOT / "pipeline.yaml", overrides, address=dash, command="preprocess")
 
-    actor = _wait("the feature actor", lambda: [a for a in _actors(dash, "_ActorStage") if a.state == "ALIVE"],
+    actor = _wait("the feature actor", lambda: [a for a in _actors(dash, "_StageOnShards") if a.state == "ALIVE"],
                   timeout=1200, poll=1)[0]
     shard_dir = out / "shards"
     _wait("a first shard", lambda: list(shard_dir.glob("*.stats.json")), 900, 0.2)
