@@ -57,6 +57,7 @@ def stage(cfg, dest: Path) -> Path:
     from pipeline.config import dump_config
 
     shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(*EXCLUDES), dirs_exist_ok=True)
+    (dest / ".gitignore").unlink(missing_ok=True)  # Ray's upload honours it, and it ignores .cache/
     for _, rel in local_stage_models(cfg):
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -71,3 +71,4 @@ def test_submitted_job_carries_the_stage_models_it_names(tmp_path, repo_model):
     assert jobs.unshipped_paths(cfg) == [("stages.parse.params.model_dir", ".cache/not-trained-here")]
     assert load_config(staged / jobs.JOB_CONFIG).stages.regions.params.config == repo_model
     assert ".cache" not in jobs.runtime_env(staged)["excludes"]  # Ray uploads what `stage` put there
+    assert not (staged / ".gitignore").exists()  # Ray's upload honours .gitignore, which ignores .cache/
