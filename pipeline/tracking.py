@@ -190,10 +190,21 @@ def log_epoch(uri: str, run_id: str, metrics: dict, step: int) -> None:
     MlflowClient(uri).log_batch(run_id, metrics=ms)
 
 
-def end_run(uri: str, run_id: str, status: str = "FAILED") -> None:
+def end_run(uri: str, run_id: str, status: str = "FAILED", reason: str | None = None) -> None:
+    """Terminate the run; a failed one carries why in its "failure" tag (the UI shows it beside FAILED)."""
     from mlflow.tracking import MlflowClient
 
-    MlflowClient(uri).set_terminated(run_id, status)
+    client = MlflowClient(uri)
+    if reason:
+        client.set_tag(run_id, "failure", reason[:5000])
+    client.set_terminated(run_id, status)
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    """A resumed run is RUNNING again while it trains (it was FAILED, or KILLED)."""
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).update_run(run_id, status="RUNNING")
 
 
 def finish_run(cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:

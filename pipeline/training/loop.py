@@ -145,9 +145,9 @@ def fit(cfg, task: Task, resume: bool = False) -> dict:
         summary = {**_summary(cfg, task, result, info), "seconds": round(time.time() - t0, 1), "mlflow_run_id": run_id}
         if run_id:
             summary["registered_version"] = task.register(cfg, run_id, summary["history"], best_path(cfg, task.name))
-    except BaseException:
-        if run_id:  # a failed job shows as FAILED in MLflow, not as a run forever RUNNING
-            tracking.end_run(cfg.mlflow.tracking_uri, run_id, "FAILED")
+    except BaseException as e:
+        if run_id:  # a failed job shows as FAILED in MLflow (with why), not as a run forever RUNNING
+            tracking.end_run(cfg.mlflow.tracking_uri, run_id, "FAILED", f"{type(e).__name__}: {e}")
         raise
     (Path(cfg.run.output_dir) / f"train-{task.name}.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -178,6 +178,7 @@ def _mlflow_run(cfg, task: Task, state: dict | None) -> str | None:
     if not cfg.mlflow.tracking_uri:
         return None
     if state is not None and state.get("mlflow_run_id"):
+        tracking.reopen_run(cfg.mlflow.tracking_uri, state["mlflow_run_id"])
         return state["mlflow_run_id"]
     from mlflow.tracking import MlflowClient
 
