@@ -8,3 +8,11 @@ class ConfigError(ValueError):
 
 class DatasetError(ValueError):
     """A dataset's files are missing or malformed; the message names the file."""
+
+
+class BadInput(ValueError):
+    """An input item to embed or search with that the stages reject (its reason in the message)."""
+
+
+class ModelMismatch(ValueError):
+    """A query model that is not the one an index was built with."""

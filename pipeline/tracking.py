@@ -207,8 +207,11 @@ def reopen_run(uri: str, run_id: str) -> None:
     MlflowClient(uri).update_run(run_id, status="RUNNING")
 
 
-def finish_run(cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
-    """Curves, alignment figure, and the best embedding model logged + registered; returns the version."""
+def finish_run(cfg, run_id: str, history: list[dict], best_path: Path, score: float | None = None) -> int | None:
+    """Curves, alignment figure, and the best embedding model logged + registered with the stage models it
+    needs for raw input (pipeline/serving/pyfunc.py); the version becomes `champion` when its validation
+    `score` beats the current champion's. Returns the version."""
+    from pipeline.serving.embedder import bundled_paths
     from pipeline.serving.pyfunc import EmbeddingPyfunc, signature
 
     def figures(client):
@@ -219,8 +222,27 @@ def finish_run(cfg, run_id: str, history: list[dict], best_path: Path) -> int | 
         except Exception as e:  # noqa: BLE001 - a figure must not lose the trained model
             client.set_tag(run_id, "alignment_figure_error", repr(e)[:500])
 
+    stages = {name: (sc.impl, sc.params) for name, sc in cfg.stages}
+    bundle = {k: str(p.resolve()) for k, p in bundled_paths(stages).items()}
     return _log_model(cfg.mlflow.tracking_uri, run_id, history, best_path, EmbeddingPyfunc(), signature(),
-                      cfg.mlflow.registered_model, figures)
+                      cfg.mlflow.registered_model, figures, extra_artifacts=bundle,
+                      input_example=example_input(cfg.shard_dir), score=score)
+
+
+def example_input(shard_dir: Path):
+    """One image (base64 JPEG) and one caption of the first val (else train) sample: the logged input_example."""
+    import base64
+
+    import pandas as pd
+
+    from pipeline.preprocess.shards import shard_paths
+    from pipeline.training.data import iter_samples
+
+    for split in ("val", "train"):
+        for s in iter_samples(shard_paths(shard_dir, split)[:1], with_image=True):
+            text = s["meta"]["captions"][0]["text"]
+            return pd.DataFrame({"image": [base64.b64encode(s["jpg"]).decode(), None], "text": [None, text]})
+    return None
 
 
 def register_captioner(cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
@@ -231,10 +253,17 @@ def register_captioner(cfg, run_id: str, history: list[dict], best_path: Path) -
                       cfg.captioner.registered_model)
 
 
+CHAMPION = "champion"  # the alias users load: models:/<name>@champion
+REQUIREMENTS = ["torch", "torchvision", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml", "mlflow", "pillow",
+                "stanza", "webdataset", "efficientnet-lite-pytorch"]  # + Detectron2: cluster/install_detectron2.py
+
+
 def _log_model(uri: str, run_id: str, history: list[dict], best_path: Path, python_model, signature, name: str,
-               figures=None) -> int | None:
-    """The run's curves (+ `figures(client)`), then the checkpoint as an mlflow.pyfunc model registered as `name`,
-    shipping the project's library code so the model loads where the project is not installed."""
+               figures=None, extra_artifacts: dict | None = None, input_example=None,
+               score: float | None = None) -> int | None:
+    """The run's curves (+ `figures(client)`), then the checkpoint (+ `extra_artifacts`) as an mlflow.pyfunc
+    model registered as `name`, shipping the project's library code so the model loads where the project is
+    not installed; then `promote` it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,12 +278,34 @@ def _log_model(uri: str, run_id: str, history: list[dict], best_path: Path, pyth
         figures(client)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=python_model, artifacts={"checkpoint": str(best_path)},
-            signature=signature, registered_model_name=name,
-            code_paths=[str(REPO / "models"), str(REPO / "pipeline")],
-            pip_requirements=["torch", "numpy", "pandas", "pyarrow", "pydantic", "pyyaml", "mlflow"])
+            name="model", python_model=python_model,
+            artifacts={"checkpoint": str(best_path), **(extra_artifacts or {})},
+            signature=signature, registered_model_name=name, input_example=input_example,
+            code_paths=[str(REPO / "models"), str(REPO / "pipeline"), str(REPO / "stages")],
+            pip_requirements=REQUIREMENTS)
         mlflow.set_tag("best_model", str(best_path))
-    return info.registered_model_version
+    version = info.registered_model_version
+    if version is not None:
+        promote(client, name, str(version), score, run_id)
+    return version
+
+
+def promote(client, name: str, version: str, score: float | None, run_id: str) -> bool:
+    """Tag the version with its validation score; give it the `champion` alias when there is no champion yet
+    or its score is at least the champion's (a version without a score never displaces one with a score)."""
+    if score is not None:
+        client.set_model_version_tag(name, version, "score", repr(float(score)))
+    client.set_model_version_tag(name, version, "run_id", run_id)
+    try:
+        current = client.get_model_version_by_alias(name, CHAMPION)
+    except Exception:  # noqa: BLE001 - MlflowException RESOURCE_DOES_NOT_EXIST: no champion yet
+        current = None
+    if current is not None and current.version != version:
+        theirs = current.tags.get("score")
+        if theirs is not None and (score is None or float(score) < float(theirs)):
+            return False
+    client.set_registered_model_alias(name, CHAMPION, version)
+    return True
 
 
 def curves(history: list[dict]) -> dict:

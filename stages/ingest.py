@@ -4,9 +4,11 @@ The image becomes an RGB JPEG no larger than `max_side` (gold boxes are scaled w
 cleaned by `check_caption`, a pure function; rejected captions are kept in `caption_rejects` with a reason,
 and a sample with no usable caption, or no readable image, is rejected as a whole.
 
-Images over `max_image_bytes` or `max_pixels` are rejected before decoding (stages/images.py). EXIF orientation
-is applied only to samples without gold boxes (`gold` has no "boxes" key): a dataset's boxes are in the stored
-pixels as annotated (COCO, Flickr30k Entities), so turning those pixels would misplace every box.
+A row that already holds image bytes (serving a new image, pipeline/serving/embedder.py) is decoded from
+those instead of reading `source`. Images over `max_image_bytes` or `max_pixels` are rejected before
+decoding (stages/images.py). EXIF orientation is applied only to samples without gold boxes (`gold` has no
+"boxes" key): a dataset's boxes are in the stored pixels as annotated (COCO, Flickr30k Entities), so turning
+those pixels would misplace every box.
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ class Ingest(Stage):
                 accepted.append({"index": i, "text": text})
         row["captions"], row["caption_rejects"] = json.dumps(accepted), json.dumps(rejects)
         p, gold = self.params, json.loads(row["gold"])
-        img, scale = decode_rgb(read_bytes(row["source"], p.max_image_bytes), p.max_side, max_pixels=p.max_pixels,
+        data = row["image"] or read_bytes(row["source"], p.max_image_bytes)  # bytes given in-process (serving)
+        img, scale = decode_rgb(data, p.max_side, max_pixels=p.max_pixels,
                                 max_bytes=p.max_image_bytes, exif_transpose="boxes" not in gold)
         row["image"] = to_jpeg(img, p.jpeg_quality)
         row["width"], row["height"] = img.width, img.height

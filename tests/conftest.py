@@ -25,3 +25,76 @@ def _ray_ends_with_its_module():
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         ray.shutdown()
+
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_MODELS = Path(".cache") / "test-stage-models"  # relative, like the defaults; cached between runs
+
+
+@pytest.fixture(scope="session")
+def stage_models():
+    """A tiny Detectron2 detector and Stanza parser, trained by the project's trainers (cached in .cache/):
+    the real model stages, fast. Returns their dirs relative to the repo root, as the defaults are named."""
+    from pipeline.stage_models.detector import DetectorSpec
+    from pipeline.stage_models.detector import train as train_detector
+    from pipeline.stage_models.parser import TrainSpec
+    from pipeline.stage_models.parser import train as train_parser
+
+    train_detector(ROOT / STAGE_MODELS / "detector", DetectorSpec(iters=4, num_images=16, eval_images=0,
+                                                                  ims_per_batch=2))
+    train_parser(ROOT / STAGE_MODELS / "parser", TrainSpec(n_trees=300, tagger_steps=40, parser_epochs=2))
+    return STAGE_MODELS / "detector", STAGE_MODELS / "parser"
+
+
+def tiny_overrides(stage_models, out: Path) -> list[str]:
+    """A small synthetic run through the real Detectron2 + EfficientNet-Lite0 + Stanza stages."""
+    detector, parser = stage_models
+    return ["dataset.synthetic.num_images=40", "dataset.synthetic.test_images=8", "shards.samples_per_shard=16",
+            f"run.output_dir={out}", f"stages.regions.params.config={detector}", "stages.regions.params.score_thresh=0",
+            "stages.regions.params.top_k=5", f"stages.parse.params.model_dir={parser}",
+            "stages.features.params.input_size=96", "train.epochs=2", "train.batch_size=16", "train.embed_dim=32",
+            "train.hidden_dim=32", "train.word_vectors=random", "ray.num_cpus=2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(stage_models, tmp_path_factory):
+    """`densevse run` on 40 synthetic images with the tiny stage models, tracked in a real MLflow server on
+    127.0.0.1 (stopped at the end of the session), so the HM-LSTM is registered there with its stage models.
+    Yields (config, tracking URI)."""
+    from pipeline import tracking
+    from pipeline.cli.main import main
+    from pipeline.config import load_config
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    proc, uri = tracking.start_server(tmp / "mlflow")
+    try:
+        over = [*tiny_overrides(stage_models, tmp / "run"), f"mlflow.tracking_uri={uri}"]
+        cwd = os.getcwd()
+        os.chdir(ROOT)  # the stage model paths are relative to the repo root
+        try:
+            assert main(["run", "pipeline.yaml", "--quiet", *[a for o in over for a in ("-s", o)]]) == 0
+        finally:
+            os.chdir(cwd)
+        yield load_config(ROOT / "pipeline.yaml", over), uri
+    finally:
+        tracking.stop_server(proc)
+        ray = sys.modules.get("ray")
+        if ray is not None and ray.is_initialized():
+            ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def search_index(tiny_run, tmp_path_factory):
+    """`densevse index` of the tiny run's shards with its best checkpoint: the index dir."""
+    from pipeline.cli.main import main
+
+    cfg, _ = tiny_run
+    out = tmp_path_factory.mktemp("index") / "index"
+    model = Path(cfg.run.output_dir) / "models" / cfg.train.model / "best.pt"
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        assert main(["index", "--shards", str(cfg.shard_dir), "--model", str(model), "--out", str(out)]) == 0
+    finally:
+        os.chdir(cwd)
+    return out

@@ -2,9 +2,9 @@
 
 A head (0 CPUs: the job driver) and two worker nodes from cluster/local.sh, each node with its own temp dir,
 so each unpacks the job into a working dir of its own: nothing is shared by accident. The job runs the
-Detectron2 + EfficientNet-Lite0 + Stanza stages on models trained here (small, under the git-ignored
-.cache/, named by relative path as the defaults are): `submit` ships them with the job, the job's driver checks
-them, and every actor gets them through Ray's object store (pipeline/preprocess/ship.py).
+Detectron2 + EfficientNet-Lite0 + Stanza stages on models trained here (conftest's stage_models: small, under
+the git-ignored .cache/, named by relative path as the defaults are): `submit` ships them with the job, the
+job's driver checks them, and every actor gets them through Ray's object store (pipeline/preprocess/ship.py).
 """
 from __future__ import annotations
 
@@ -19,21 +19,8 @@ from cluster import jobs
 from cluster.local import local_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = Path(".cache") / "test-cluster-models"  # relative, like the defaults; cached between runs
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stage_models():
-    from pipeline.stage_models.detector import DetectorSpec
-    from pipeline.stage_models.detector import train as train_detector
-    from pipeline.stage_models.parser import TrainSpec
-    from pipeline.stage_models.parser import train as train_parser
-
-    train_detector(ROOT / MODELS / "detector", DetectorSpec(iters=4, num_images=16, eval_images=0, ims_per_batch=2))
-    train_parser(ROOT / MODELS / "parser", TrainSpec(n_trees=300, tagger_steps=40, parser_epochs=2))
-    return MODELS / "detector", MODELS / "parser"
 
 
 def test_default_model_stages_run_on_every_node(stage_models, tmp_path, capsys):

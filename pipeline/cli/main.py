@@ -6,10 +6,10 @@ import logging
 import pickle
 import sys
 
-from pipeline.cli import captioner, cluster, core, mlflow, models
-from pipeline.errors import ConfigError
+from pipeline.cli import captioner, cluster, core, mlflow, models, search
+from pipeline.errors import BadInput, ConfigError, ModelMismatch
 
-VERB_GROUPS = (core, models, mlflow, captioner, cluster)  # each: register(subparsers), sets args.func
+VERB_GROUPS = (core, models, mlflow, captioner, search, cluster)  # each: register(subparsers), sets args.func
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, pickle.UnpicklingError) as e:  # a bad config, a refused checkpoint: one line, no traceback
+    except (ConfigError, pickle.UnpicklingError, ModelMismatch, BadInput) as e:  # a bad config, checkpoint,
+        # query model or query input: one line, no traceback
         print(f"densevse: {e}", file=sys.stderr)
         return 2
 

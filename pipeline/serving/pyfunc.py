@@ -1,20 +1,31 @@
-"""The registered MLflow model: a trained checkpoint behind mlflow.pyfunc, embedding images and sentences.
+"""The registered MLflow models: a trained checkpoint behind mlflow.pyfunc.
 
-Input: a DataFrame, one row per item: an image (feats and boxes) or a sentence (tree)
+EmbeddingPyfunc (registered as cfg.mlflow.registered_model; the best version has the alias `champion`) embeds
+raw inputs, or features for users who have them. Input: a DataFrame, one row per item, one of
+    image  str                base64 JPEG/PNG (optionally a data: URI), or a local path / file:// URI
+    text   str                a raw caption
     feats  list[list[float]]  (R, D) region features of an image, row 0 = the whole image (as in the shards)
-    boxes  list[list[float]]  (R, 4) their xyxy pixel boxes, row 0 = the whole image (as in the shards)
-    tree   str                a caption's constituency tree as JSON (pipeline/trees.py format)
-Output: embedding (list[float]: the image / sentence vector) and parts (list[list[float]]: the region vectors
-of an image, rows 1.. of feats; or the phrase vectors of a sentence, in trees.phrases(tree) order).
+    boxes  list[list[float]]  (R, 4) their xyxy pixel boxes, row 0 = the whole image
+    tree   str                a caption's constituency tree as JSON (models/trees.py format)
+Output, per row: embedding (the image / sentence vector), parts (the region vectors of an image, boxes rows
+1..; or the phrase vectors of a sentence), boxes (an image's (R, 4) boxes, row 0 = the whole image), tokens,
+tree (JSON) and spans ([{start, end, label, text}] per phrase) of a text row.
 
-    m = mlflow.pyfunc.load_model("models:/densevse-hmlstm/1")
-    m.predict(pd.DataFrame({"feats": [feats.tolist(), None], "boxes": [boxes.tolist(), None],
-                            "tree": [None, json.dumps(tree)]}))
+A raw image runs through the detector, feature extractor and (for text) parser of the training run, bundled
+with the model as artifacts ("<stage>.<field>", see pipeline/serving/embedder.py): the same stage code as
+preprocessing, so the vectors match the shards'. Bad input (not an image, too large, an empty caption) raises
+MlflowException INVALID_PARAMETER_VALUE naming the row, which `mlflow models serve` answers with HTTP 400.
+
+    m = mlflow.pyfunc.load_model("models:/densevse-hmlstm@champion")
+    m.predict(pd.DataFrame({"image": [b64_jpeg, None], "text": [None, "a red circle left of a blue square"]}))
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
+from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
@@ -22,78 +33,138 @@ import numpy as np
 from models.captioner import Captioner
 from models.mrnn import SENTENCE
 
+INPUTS = ("image", "text", "feats", "boxes", "tree")
+
 
 def signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, Schema
 
-    inputs = Schema([ColSpec(Array(Array("double")), "feats", required=False),
+    inputs = Schema([ColSpec("string", "image", required=False), ColSpec("string", "text", required=False),
+                     ColSpec(Array(Array("double")), "feats", required=False),
                      ColSpec(Array(Array("double")), "boxes", required=False),
                      ColSpec("string", "tree", required=False)])
-    outputs = Schema([ColSpec(Array("double"), "embedding"), ColSpec(Array(Array("double")), "parts")])
+    outputs = Schema([ColSpec(Array("double"), "embedding"), ColSpec(Array(Array("double")), "parts"),
+                      ColSpec(Array(Array("double")), "boxes", required=False),
+                      ColSpec(Array("string"), "tokens", required=False), ColSpec("string", "tree", required=False),
+                      ColSpec("string", "spans", required=False)])
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
+def image_bytes(value: str, row: int) -> bytes | str:
+    """An `image` cell -> bytes (base64, data: URI) or a local path (path, file:// URI)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"row {row}: image must be a non-empty string (base64 or a path)")
+    v = value.strip()
+    if v.startswith("file://"):
+        return v[len("file://"):]
+    if v.startswith("data:"):
+        v = v.partition(",")[2]
+    elif "://" in v:
+        raise ValueError(f"row {row}: image URI {v[:80]!r}: only base64, data: and file:// or local paths here")
+    elif len(v) < 1024 and Path(v).expanduser().is_file():
+        return str(Path(v).expanduser())
+    try:
+        return base64.b64decode(v, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"row {row}: image is neither base64 nor an existing file ({v[:60]!r})") from None
+
+
 class EmbeddingPyfunc(mlflow.pyfunc.PythonModel):
-    """mlflow.pyfunc wrapper of a trained checkpoint: rows of `feats` or `tree` -> embeddings."""
+    """mlflow.pyfunc wrapper of a trained checkpoint (module docstring)."""
 
     def load_context(self, context):
         from models.checkpoint import load_model
 
-        self.model, self.vocab, self.labels, _ = load_model(context.artifacts["checkpoint"])
+        self.checkpoint_path = context.artifacts["checkpoint"]
+        self.model, self.vocab, self.labels, self.ck = load_model(self.checkpoint_path)
+        self.stage_artifacts = {k: v for k, v in context.artifacts.items() if k != "checkpoint"}
+        self._embedder = None
+
+    @property
+    def embedder(self):
+        """The raw-input path, built on first use (a features-only caller never loads Detectron2 or Stanza)."""
+        if getattr(self, "_embedder", None) is None:
+            from pipeline.serving.embedder import Embedder, stage_configs, with_paths
+
+            stages = with_paths(stage_configs(self.ck.get("config") or {}), getattr(self, "stage_artifacts", {}))
+            self._embedder = Embedder(self.model, self.vocab, self.labels, stages,
+                                      {"model": self.ck["model_name"]})
+        return self._embedder
 
     def predict(self, context, model_input, params=None):
-        import numpy as np
         import pandas as pd
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        from pipeline.errors import BadInput
+
+        try:
+            return pd.DataFrame(self._predict(pd.DataFrame(model_input)))
+        except (BadInput, ValueError, KeyError) as e:  # the caller's input: 400 behind `mlflow models serve`
+            raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from e
+
+    def _predict(self, df) -> list[dict]:
         import torch
 
         from models import trees
-        from models.batch import collate
-
-        df = pd.DataFrame(model_input)
-        out: list = [None] * len(df)
 
         def get(row, col):
-            v = row.get(col) if col in row else None
+            v = row.get(col)
             return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
         records = df.to_dict("records")
-        img_rows = [(i, get(r, "feats"), get(r, "boxes")) for i, r in enumerate(records) if get(r, "feats") is not None]
-        txt_rows = [(i, get(r, "tree")) for i, r in enumerate(records) if get(r, "tree") is not None]
+        out: list = [None] * len(records)
+        kinds = {}
+        for i, r in enumerate(records):
+            given = [c for c in INPUTS if get(r, c) is not None]
+            kind = next((c for c in ("image", "text", "feats", "tree") if c in given), None)
+            if kind is None:
+                raise ValueError(f"row {i} has none of {list(INPUTS)}")
+            kinds.setdefault(kind, []).append(i)
         with torch.no_grad():
-            if img_rows:
+            if "image" in kinds:
+                rows = kinds["image"]
+                res = self.embedder.images([image_bytes(records[i]["image"], i) for i in rows])
+                for i, e in zip(rows, res):
+                    out[i] = _image_out(e)
+            if "feats" in kinds:
                 items = []
-                for i, f, bx in img_rows:
-                    f = np.asarray([np.asarray(x, np.float32) for x in f], np.float32)
+                for i in kinds["feats"]:
+                    f = np.asarray([np.asarray(x, np.float32) for x in records[i]["feats"]], np.float32)
+                    bx = get(records[i], "boxes")
                     if bx is None:
                         raise ValueError(f"row {i}: an image needs 'boxes' (R, 4) along with 'feats'")
                     bx = np.asarray([np.asarray(x, np.float32) for x in bx], np.float32).reshape(-1, 4)
                     if len(bx) != len(f):
                         raise ValueError(f"row {i}: {len(f)} feature rows but {len(bx)} boxes")
                     items.append(({"key": str(i), "feats": f, "boxes": bx, "meta": {}}, []))
-                b = collate(items, self.vocab, self.labels)
-                e = self.model.encode_images(b)
-                for j, (i, _, _) in enumerate(img_rows):
-                    n = int(b.valid[j].sum())
-                    out[i] = (e["image"][j].tolist(), e["regions"][j, 1:n].tolist())
-            if txt_rows:
+                for i, e in zip(kinds["feats"], self.embedder.encode_images(items)):
+                    out[i] = _image_out(e)
+            if "text" in kinds:
+                rows = kinds["text"]
+                for i, e in zip(rows, self.embedder.texts([records[i]["text"] for i in rows])):
+                    out[i] = _text_out(e)
+            if "tree" in kinds:
                 caps = []
-                for k, (i, t) in enumerate(txt_rows):
+                for i in kinds["tree"]:
+                    t = records[i]["tree"]
                     tree = json.loads(t) if isinstance(t, str) else t
                     trees.validate(tree)
-                    caps.append({"index": k, "text": " ".join(tree["tokens"]), "tree": tree,
-                                 "phrases": trees.phrases(tree)})
-                dim = self.model.hparams["feat_dim"]
-                dummy = {"key": "text", "feats": np.zeros((1, dim), np.float32),
-                         "boxes": np.zeros((1, 4), np.float32), "meta": {}}
-                b = collate([(dummy, caps)], self.vocab, self.labels)
-                e = self.model.encode_texts(b)
-                for k, (i, _) in enumerate(txt_rows):
-                    out[i] = (e["sentence"][k].tolist(), e["phrases"][b.phrase_caption == k].tolist())
-        missing = [i for i, o in enumerate(out) if o is None]
-        if missing:
-            raise ValueError(f"rows {missing[:5]} have neither 'feats' nor 'tree'")
-        return pd.DataFrame({"embedding": [o[0] for o in out], "parts": [o[1] for o in out]})
+                    caps.append({"tree": tree, "phrases": trees.phrases(tree)})
+                for i, e in zip(kinds["tree"], self.embedder.encode_captions(caps)):
+                    out[i] = _text_out(e)
+        return out
+
+
+def _image_out(e: dict) -> dict:
+    return {"embedding": e["image"].tolist(), "parts": e["regions"].tolist(), "boxes": e["boxes"].tolist(),
+            "tokens": None, "tree": None, "spans": None}
+
+
+def _text_out(e: dict) -> dict:
+    return {"embedding": e["sentence"].tolist(), "parts": e["phrases"].tolist(), "boxes": None,
+            "tokens": e["tokens"], "tree": json.dumps(e["tree"]), "spans": json.dumps(e["spans"])}
 
 
 def pyfunc_signature():

@@ -111,7 +111,8 @@ class EmbeddingTask(Task):
     def register(self, cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
         from pipeline import tracking
 
-        return tracking.finish_run(cfg, run_id, history, best_path)
+        best = max(history, key=self.best_score)
+        return tracking.finish_run(cfg, run_id, history, best_path, score=self.best_score(best))
 
 
 def _float32(out: dict) -> dict:
