@@ -25,8 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, pickle.UnpicklingError, ModelMismatch, BadInput) as e:  # a bad config, checkpoint,
-        # query model or query input: one line, no traceback
+    except (ConfigError, pickle.UnpicklingError, ModelMismatch, BadInput, FileNotFoundError) as e:  # a bad config,
+        # checkpoint, query model or query input, a missing file: one line naming it, no traceback
         print(f"densevse: {e}", file=sys.stderr)
         return 2
 

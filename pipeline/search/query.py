@@ -31,6 +31,9 @@ class Index:
         self.meta = pq.read_table(root / "metadata" / "metadata_0.parquet").to_pylist()
         self.captions_t = pq.read_table(root / "captions.parquet").to_pylist()
         self.regions_t = pq.read_table(root / "regions.parquet").to_pylist()
+        self.image_captions: dict[int, list[str]] = {}
+        for c in self.captions_t:
+            self.image_captions.setdefault(c["image"], []).append(c["text"])
         self._faiss: dict = {}
 
     @classmethod
@@ -70,10 +73,7 @@ class Index:
     def images(self, text: str, k: int = 10) -> list[dict]:
         """Images for a sentence, with their captions."""
         q = self.embedder.texts([text])[0]["sentence"]
-        caps: dict[int, list[str]] = {}
-        for c in self.captions_t:
-            caps.setdefault(c["image"], []).append(c["text"])
-        return [{"rank": r, "score": s, **self._image(i), "captions": caps.get(i, [])}
+        return [{"rank": r, "score": s, **self._image(i), "captions": self.image_captions.get(i, [])}
                 for r, (s, i) in enumerate(self._search("image", q, k), 1)]
 
     def similar(self, image, k: int = 10) -> list[dict]:
