@@ -6,8 +6,11 @@ cd "$(dirname "$0")"
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 
-if ! command -v java >/dev/null; then  # pycocoevalcap's METEOR and tokenizer run on Java
-  apt-get update -qq && apt-get install -y -qq default-jre-headless >/dev/null
+apt=()
+command -v java >/dev/null || apt+=(default-jre-headless)  # pycocoevalcap's METEOR and tokenizer run on Java
+command -v chromium >/dev/null || apt+=(chromium)  # the search page's browser test (Playwright drives Debian's)
+if [ ${#apt[@]} -gt 0 ]; then
+  apt-get update -qq && apt-get install -y -qq "${apt[@]}" >/dev/null
 fi
 command -v uv >/dev/null || "$PY" -m pip install -q uv
 [ -x .venv/bin/python ] || uv venv -q --python "$PY" .venv
