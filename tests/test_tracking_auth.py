@@ -10,7 +10,7 @@ import urllib.request
 import pytest
 
 from pipeline.cli.main import main
-from pipeline.cli.mlflow import is_loopback
+from pipeline.serving.rest import is_loopback
 from pipeline.tracking import server_command, server_env
 
 

@@ -7,11 +7,11 @@ without it.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import subprocess
 import sys
 from pathlib import Path
 
+from pipeline.serving.rest import is_loopback
 from pipeline.tracking import server_command, server_env
 
 NO_AUTH = """densevse mlflow: refusing to serve on {host} without authentication: anyone who can reach it could read,
@@ -33,17 +33,6 @@ def register(subparsers) -> None:
     p.add_argument("--auth-config", type=Path, default=None, metavar="FILE",
                    help="the basic-auth app's own config file (MLflow's basic_auth.ini format); implies --auth")
     p.set_defaults(func=_serve)
-
-
-def is_loopback(host: str) -> bool:
-    """Only this machine can connect: localhost, 127.0.0.0/8 or ::1 (a host name other than localhost may resolve to
-    anything, so it counts as non-loopback)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -12,7 +12,6 @@ be safe to call from several threads at once; a search takes milliseconds, a pho
 """
 from __future__ import annotations
 
-import ipaddress
 import sys
 import threading
 from pathlib import Path
@@ -23,6 +22,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from pipeline.search.query import Index
+from pipeline.serving.rest import is_loopback
 
 MAX_PHOTO = 20 * 1024 * 1024
 MODES = ("images", "regions")
@@ -135,15 +135,6 @@ async def read_photo(request: Request) -> bytes:
     if not data:
         raise ValueError("no photo: send it as the request body or as the multipart field 'photo'")
     return data
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def serve(root, model: str | None = None, host: str = "127.0.0.1", port: int = 8008) -> None:

@@ -20,6 +20,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
+def is_loopback(host: str) -> bool:
+    """Only this machine can connect: localhost, 127.0.0.0/8 or ::1 (a host name other than localhost may resolve to
+    anything, so it counts as non-loopback)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def serve_command(model_uri: str, host: str = "127.0.0.1", port: int = 5001) -> list[str]:
     return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
             "-h", host, "-p", str(port)]
