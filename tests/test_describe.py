@@ -233,6 +233,7 @@ def test_train_evaluate_register_end_to_end(tmp_path, monkeypatch):
     import pandas as pd
 
     from pipeline.evaluation.captions import evaluate_captioner
+    from pipeline.tracking import absolute_uri
     from pipeline.training.captioner import train_captioner
 
     shard_dir = write_fixture_shards(tmp_path / "shards", n_train=60, n_val=10, n_test=20, feat_dim=32)
@@ -247,9 +248,9 @@ def test_train_evaluate_register_end_to_end(tmp_path, monkeypatch):
     # so NN retrieval is strong here; the README compares with it on the real synthetic set.
     assert out["caption_CIDEr"] > 0.5 and out["nn_CIDEr"] > 0 and out["caption_object_precision"] >= 50.0, out
     assert out["dense_object_precision"] >= 80.0 and out["dense_object_recall"] >= 80.0, out
-    run = mlflow.MlflowClient(cfg.mlflow.tracking_uri).get_run(summary["mlflow_run_id"])
+    run = mlflow.MlflowClient(absolute_uri(cfg.mlflow.tracking_uri)).get_run(summary["mlflow_run_id"])
     assert "test_caption_CIDEr" in run.data.metrics and "train_loss" in run.data.metrics
-    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    mlflow.set_tracking_uri(absolute_uri(cfg.mlflow.tracking_uri))
     model = mlflow.pyfunc.load_model("models:/densevse-captioner/1")
     s = next(iter_samples(shard_paths(shard_dir, "test")))
     pred = model.predict(pd.DataFrame({"feats": [s["feats"][0].tolist(), s["feats"][1].tolist()],

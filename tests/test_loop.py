@@ -19,9 +19,13 @@ def _cfg(tmp_path, *extra):
 
 
 def _client_runs(cfg, run_name):
+    """The runs named `run_name`, read through the absolute URI: MLflow caches a store per URI string for the
+    whole process, so another test's "sqlite:///mlflow.db" (relative, other cwd) would answer for this one."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(cfg.mlflow.tracking_uri)
+    from pipeline.tracking import absolute_uri
+
+    client = MlflowClient(absolute_uri(cfg.mlflow.tracking_uri))
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
     return client, client.search_runs([exp.experiment_id], f"tags.mlflow.runName = '{run_name}'")
 
@@ -40,7 +44,7 @@ def test_captioner_failed_job_is_failed_in_mlflow_and_resumes(tmp_path, monkeypa
         train_captioner(cfg)
     client, (run,) = _client_runs(cfg, "default-captioner")
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
-    why = f"status {run.info.status}, epochs logged {steps}, tags {sorted(run.data.tags)}"  # (seen once: FINISHED)
+    why = f"status {run.info.status}, epochs logged {steps}, tags {sorted(run.data.tags)}"
     assert run.info.status == "FAILED" and run.data.tags["model"] == "mrnn", why
     assert "DENSEVSE_FAIL_AT_EPOCH=1" in run.data.tags["failure"] and steps == [0], why
 
