@@ -24,6 +24,14 @@ def _numpy_globals() -> list:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, core.multiarray.scalar, *dtypes]
 
 
+def is_complete(path: str | Path) -> bool:
+    """Whether `path` is a whole torch checkpoint (a zip archive with its central directory, which is written
+    last): a copy cut short, e.g. a worker killed while Ray persisted its checkpoint, is not."""
+    import zipfile
+
+    return Path(path).is_file() and zipfile.is_zipfile(path)
+
+
 def load_checkpoint(path: str | Path, device="cpu") -> dict:
     """The checkpoint dict at `path`, loaded with weights_only=True (numpy arrays allowed, code never)."""
     try:

@@ -201,10 +201,12 @@ def _wait(what: str, fn, timeout: float, poll: float = 0.5):
 
 
 def _checkpoints(run_dir: Path) -> list[dict]:
-    import torch
+    """Every complete checkpoint written; a copy the kill cut short (seen in CI: the worker died while Ray
+    persisted its checkpoint) was never committed, and resume passes over it (loop.latest_checkpoint)."""
+    from models.checkpoint import is_complete, load_checkpoint
 
-    cks = [torch.load(p, map_location="cpu", weights_only=False) for p in run_dir.glob("ray_train/*/checkpoint_*/model.pt")]
-    return sorted(cks, key=lambda c: c["epoch"])
+    paths = [p for p in run_dir.glob("ray_train/*/checkpoint_*/model.pt") if is_complete(p)]
+    return sorted((load_checkpoint(p) for p in paths), key=lambda c: c["epoch"])
 
 
 def _epochs_committed(run_dir: Path) -> int | None:

@@ -74,10 +74,21 @@ def test_resume_finds_its_own_tasks_checkpoint(tmp_path):
     from pipeline.training.captioner import CaptionerTask, default_checkpoint
     from pipeline.training.loop import fit, latest_checkpoint, storage
 
+    import os
+
+    import torch
+
     cfg = _cfg(tmp_path)
     for run in ("default-hmlstm-20260101-000000", "default-captioner-20260101-000000"):
         (storage(cfg) / run / "checkpoint_000000").mkdir(parents=True)
-        (storage(cfg) / run / "checkpoint_000000" / "model.pt").write_bytes(b"")
+        torch.save({"epoch": 0}, storage(cfg) / run / "checkpoint_000000" / "model.pt")
+    # A newer copy cut short (a worker killed while Ray persisted it) is passed over.
+    cut = storage(cfg) / "default-hmlstm-20260101-000000" / "checkpoint_000001" / "model.pt"
+    cut.parent.mkdir()
+    whole = (storage(cfg) / "default-hmlstm-20260101-000000" / "checkpoint_000000" / "model.pt").read_bytes()
+    cut.write_bytes(whole[: len(whole) // 2])
+    os.utime(cut, (2e9, 2e9))
+    assert latest_checkpoint(cfg).name == "checkpoint_000000"
     assert latest_checkpoint(cfg).parent.name.startswith("default-hmlstm-")
     assert latest_checkpoint(cfg, "captioner").parent.name.startswith("default-captioner-")
     assert default_checkpoint(cfg) == tmp_path / "run" / "models" / "captioner" / "best.pt"

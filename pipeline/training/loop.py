@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import is_complete, load_checkpoint
 from pipeline.raylocal import REPO, init_ray
 
 FAIL_AT_EPOCH = "DENSEVSE_FAIL_AT_EPOCH"
@@ -102,10 +102,12 @@ def best_path(cfg, name: str) -> Path:
 
 
 def latest_checkpoint(cfg, name: str | None = None) -> Path | None:
-    """The newest checkpoint dir reported by any earlier run of task `name` (default: cfg.train.model, the
-    embedding model) under this output dir."""
+    """The newest complete checkpoint dir reported by any earlier run of task `name` (default: cfg.train.model,
+    the embedding model) under this output dir. A partial copy (a worker killed while its checkpoint was being
+    persisted) is passed over: resuming from it would fail, and the epoch before it is whole."""
     found = sorted(storage(cfg).glob(f"{cfg.run.name}-{name or cfg.train.model}-*/checkpoint_*/model.pt"),
                    key=lambda p: p.stat().st_mtime)
+    found = [p for p in found if is_complete(p)]
     return found[-1].parent if found else None
 
 
