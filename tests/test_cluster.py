@@ -99,8 +99,9 @@ def test_staged_job_carries_project_and_resolved_config(tmp_path):
     staged = jobs.stage(cfg, tmp_path / "project")
     assert (staged / "pipeline" / "cli" / "main.py").is_file() and (staged / "cluster" / "jobs.py").is_file()
     assert not any((staged / d).exists() for d in (".venv", "runs", ".git"))
-    shipped = {str(p.relative_to(staged)) for p in (staged / ".cache").glob("*/*")} if (staged / ".cache").exists() else set()
-    assert shipped <= {rel for _, rel in jobs.local_stage_models(cfg)}  # only the stage models the config names
+    named = [Path(rel) for _, rel in jobs.local_stage_models(cfg)]
+    shipped = [p.relative_to(staged) for p in (staged / ".cache").rglob("*") if p.is_file()]
+    assert all(any(p.is_relative_to(n) for n in named) for p in shipped), (shipped, named)  # only those the config names
     shipped = load_config(staged / jobs.JOB_CONFIG)
     assert shipped.train.epochs == 3 and shipped.run.name == "staged" and shipped.ray.address == "auto"
     assert jobs.entrypoint("run") == f"python -m pipeline.cli run {jobs.JOB_CONFIG} --quiet"
