@@ -25,6 +25,7 @@ import torch
 
 from models.batch import collate
 from pipeline.errors import BadInput
+from pipeline.preprocess.shards import file_sha256
 
 STAGE_ORDER = ("ingest", "regions", "features", "parse")
 
@@ -61,16 +62,6 @@ def with_paths(stages: dict[str, tuple[str, Any]], paths: dict[str, str]) -> dic
             impl, params = out[name]
             out[name] = (impl, params.model_copy(update={field: str(path)}))
     return out
-
-
-def file_sha256(path: str | Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load(source: str | Path) -> Embedder:
