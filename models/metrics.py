@@ -99,6 +99,26 @@ def proposal_recall(gold_boxes, pred_boxes, iou: float = 0.5, top_k: int = 19) -
     return hit / total if total else float("nan")
 
 
+AR_IOUS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))  # COCO's 0.5:0.95
+
+
+def recall_table(gold_boxes, pred_boxes, ks=(19, 100), ious=(0.5, 0.7), ar_k: int = 100) -> dict[str, float]:
+    """Proposal recall for every (top k, IoU) pair, `recall@{iou}_top{k}`, and `AR@{ar_k}`: the recall at the
+    top ar_k averaged over IoU 0.5:0.95 (COCO's average recall). Per-image sequences as in proposal_recall
+    (score order, micro-averaged over gold boxes); each image's IoU matrix is computed once."""
+    best: dict[int, list] = {k: [] for k in {*ks, ar_k}}
+    for g, p in zip(gold_boxes, pred_boxes, strict=True):
+        g = np.asarray(g, np.float64).reshape(-1, 4)
+        iou = box_iou(g, np.asarray(p, np.float64).reshape(-1, 4)[:max(best)])
+        for k in best:
+            best[k].append(iou[:, :k].max(axis=1) if iou[:, :k].size else np.zeros(len(g)))
+    best = {k: np.concatenate(v) if v else np.zeros(0) for k, v in best.items()}
+    rec = lambda k, t: float((best[k] >= t).mean()) if best[k].size else float("nan")  # noqa: E731
+    out = {f"recall@{t:g}_top{k}": rec(k, t) for k in ks for t in ious}
+    out[f"AR@{ar_k}"] = float(np.mean([rec(ar_k, t) for t in AR_IOUS]))
+    return out
+
+
 # ---------------------------------------------------------------- captions
 
 METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")

@@ -76,7 +76,8 @@ def missing_models(p) -> str | None:
         from stanza.resources.common import DEFAULT_MODEL_DIR as d
     else:
         d = Path(p.model_dir).expanduser()
-    hint = "run `densevse models download` (online) or `densevse parser train` (offline)"
+    hint = (f"run `densevse models download` (online) or `densevse parser train [--treebank PATH] --out {d}` "
+            "(offline; e.g. --treebank ../shared/data/gum)")
     if not Path(d).is_dir():
         return f"model_dir: no such directory {d}; {hint}"
     if (Path(d) / MODELS_JSON).is_file():

@@ -14,6 +14,7 @@ the root is last. A model can therefore sweep the list once, bottom-up, without 
 from __future__ import annotations
 
 import re
+from collections import Counter
 
 PHRASE_LABELS = frozenset({"NP", "VP", "PP", "ADJP", "ADVP", "S", "SBAR", "QP", "NX", "PRN", "UCP", "WHNP", "SQ"})
 
@@ -169,6 +170,38 @@ def brackets(tree: dict) -> set[tuple[str, int, int]]:
     """Labelled spans of the phrase nodes (evalb-style, pre-terminals excluded), for bracket F1."""
     n = len(tree["tokens"])
     return {(tree["labels"][i], *tree["spans"][i]) for i in range(n, len(tree["labels"]))}
+
+
+PUNCT_TAGS = frozenset({",", ":", "``", "''", ".", "-LRB-", "-RRB-", "HYPH", "NFP"})  # evalb drops punctuation
+
+
+def evalb_brackets(tree: dict, punct: frozenset[str] = PUNCT_TAGS) -> Counter:
+    """Labelled brackets as evalb's COLLINS.prm counts them: punctuation words deleted (spans counted over the
+    remaining words), brackets left empty dropped, ADVP = PRT, duplicates (unary chains) counted."""
+    n = len(tree["tokens"])
+    keep = [tree["labels"][i] not in punct for i in range(n)]
+    before = [0]
+    for k in keep:
+        before.append(before[-1] + k)
+    out: Counter = Counter()
+    for i in range(n, len(tree["labels"])):
+        s, e = tree["spans"][i]
+        if before[e] > before[s]:
+            label = "ADVP" if tree["labels"][i] == "PRT" else tree["labels"][i]
+            out[(label, before[s], before[e])] += 1
+    return out
+
+
+def evalb(gold: list[dict], pred: list[dict]) -> dict:
+    """Corpus-level labelled precision / recall / F1, evalb-style (see evalb_brackets); the words must match."""
+    match = n_gold = n_pred = 0
+    for g, p in zip(gold, pred, strict=True):
+        gb, pb = evalb_brackets(g), evalb_brackets(p)
+        match += sum((gb & pb).values())
+        n_gold += sum(gb.values())
+        n_pred += sum(pb.values())
+    prec, rec = match / max(1, n_pred), match / max(1, n_gold)
+    return {"precision": prec, "recall": rec, "f1": 2 * prec * rec / (prec + rec) if match else 0.0}
 
 
 def bracket_f1(gold: list[dict], pred: list[dict]) -> float:

@@ -166,6 +166,11 @@ class StanzaParse(Stage):
         except Exception as e:  # noqa: BLE001 - becomes this caption's rejection reason
             return e
 
+    def parse_tokens(self, sentences: list[list[str]]) -> list:
+        """A tree (or the Exception) per already-tokenized sentence, without the caption checks: for scoring
+        against a treebank's own words."""
+        return self._run(sentences)
+
     def parse_texts(self, texts: list) -> tuple[list[dict | None], list[str | None]]:
         """Parse many captions at once: (tree or None, rejection reason or None) per text.
 

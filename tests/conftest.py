@@ -13,6 +13,21 @@ COCO = SHARED / "coco-mini"
 
 needs_flickr8k = pytest.mark.skipif(not (FLICKR8K / "Flickr8k.token.txt").is_file(), reason="../shared/data absent")
 needs_coco = pytest.mark.skipif(not (COCO / "annotations").is_dir(), reason="../shared/data absent")
+GUM = SHARED / "gum"
+needs_gum = pytest.mark.skipif(not (GUM / "const").is_dir(), reason="../shared/data/gum absent")
+GUM_SLICE_DOCS = ("GUM_academic_art", "GUM_academic_exposure", "GUM_academic_discrimination")  # train/dev/test
+
+
+def gum_slice(dst: Path, n: int = 20) -> Path:
+    """A treebank dir with the first n real GUM trees of one train, one dev and one test document."""
+    from pipeline.stage_models.treebank import split_trees
+
+    (dst / "const").mkdir(parents=True)
+    (dst / "splits.md").write_text((GUM / "splits.md").read_text())
+    for d in GUM_SLICE_DOCS:
+        trees, _ = split_trees((GUM / "const" / f"{d}.ptb").read_text())
+        (dst / "const" / f"{d}.ptb").write_text("\n\n".join(trees[:n]) + "\n")
+    return dst
 
 # A loaded 2-core CI box can take more than Ray's default 30 s to register a local raylet.
 os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from models import detector as det
@@ -15,14 +16,22 @@ from pipeline.stage_models.parser import PROCESSORS, TrainSpec
 def cmd_parser_train(args) -> int:
     overrides = {k: getattr(args, k) for k in ("n_trees", "seed", "parser_epochs", "tagger_steps")
                  if getattr(args, k) is not None}
-    spec = TrainSpec(**overrides)
-    m = parser_train.train(args.out, spec, force=args.force, quiet=not args.verbose)
-    status = "cached (inputs unchanged)" if m["cached"] else f"trained in {m['train_seconds']['total_s']}s"
-    print(f"parser models in {args.out}: {status}")
-    print(f"held-out synthetic bracket F1 = {m['bracket_f1']:.4f}  "
-          f"(POS acc {m['eval']['test']['pos_accuracy']:.4f}, exact trees {m['eval']['test']['exact_match']:.4f}, "
-          f"{m['eval']['test']['n_trees']} trees)")
-    print(f"use it: stages.parse = {{impl: stanza, params: {{model_dir: {args.out}}}}}")
+    spec = TrainSpec.for_treebank(str(args.treebank), **overrides) if args.treebank else TrainSpec(**overrides)
+    out = args.out or (parser_train.treebank_dir(args.treebank) if args.treebank else DEFAULT_DIR)
+    t0 = time.perf_counter()
+    m = parser_train.train(out, spec, force=args.force, quiet=not args.verbose)
+    took = time.perf_counter() - t0
+    status = (f"cached (inputs unchanged; trained in {m['train_seconds']['total_s']}s)" if m["cached"] else
+              f"trained in {m['train_seconds']['total_s']}s + {m['eval_seconds']}s evaluation")
+    print(f"parser models in {out}: {status}; this command took {took:.0f}s")
+    tb = m["treebank"]
+    if isinstance(tb, dict) and tb.get("rejected"):
+        print("trees skipped: " + ", ".join(f"{n} {why}" for why, n in tb["rejected"].items()))
+    test = m["eval"]["test"]
+    print(f"{tb.get('source', 'synthetic') if isinstance(tb, dict) else 'synthetic'} test: bracket F1 "
+          f"{test['bracket_f1']:.4f} (evalb, punctuation excluded), POS acc {test['pos_accuracy']:.4f}, "
+          f"exact trees {test['exact_match']:.4f}, {test['n_trees']} trees")
+    print(f"use it: stages.parse = {{impl: stanza, params: {{model_dir: {out}}}}}")
     return 0
 
 
@@ -60,10 +69,16 @@ def register_parser(subparsers) -> None:
 
     p = subparsers.add_parser("parser", help="Stanza parser models")
     sub = p.add_subparsers(dest="parser_command", required=True)
-    t = sub.add_parser("train", help="train a small Stanza POS tagger + constituency parser on synthetic captions "
-                                     "(offline; skipped when the model dir already holds models for the same inputs)")
-    t.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"model dir (default {DEFAULT_DIR})")
-    t.add_argument("--n-trees", dest="n_trees", type=int, default=None, help=f"synthetic trees generated (default {TrainSpec().n_trees})")
+    t = sub.add_parser("train", help="train a Stanza POS tagger + constituency parser on a real treebank or the "
+                                     "synthetic captions (offline; skipped when the model dir already holds models "
+                                     "for the same inputs)")
+    t.add_argument("--treebank", type=Path, default=None,
+                   help="a PTB-bracket treebank dir (e.g. ../shared/data/gum: *.ptb + splits.md); default: the "
+                        "synthetic caption grammar")
+    t.add_argument("--out", type=Path, default=None,
+                   help=f"model dir (default {DEFAULT_DIR}; with --treebank .cache/parser/stanza-<its dir name>)")
+    t.add_argument("--n-trees", dest="n_trees", type=int, default=None,
+                   help=f"synthetic trees generated (default {TrainSpec().n_trees})")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--parser-epochs", dest="parser_epochs", type=int, default=None)
     t.add_argument("--tagger-steps", dest="tagger_steps", type=int, default=None)
@@ -73,29 +88,73 @@ def register_parser(subparsers) -> None:
 
 
 def cmd_regions_train(args) -> int:
-    fields = ("iters", "num_images", "seed", "eval_images", "threads", "ims_per_batch")
-    spec = detector_train.DetectorSpec(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
-    r = detector_train.train(args.out, spec, force=args.force, quiet=not args.verbose)
+    from pydantic import ValidationError
+
+    from pipeline.errors import DatasetError
+    from pipeline.evaluation.proposals import format_table
+
+    fields = ("dataset", "roots", "holdout", "backbone", "input_size", "freeze_stages", "base_lr", "iters",
+              "num_images", "seed", "eval_images", "threads", "ims_per_batch")
+    try:
+        spec = detector_train.DetectorSpec(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
+    except ValidationError as e:
+        print(f"densevse: regions train: {'; '.join(err['msg'] for err in e.errors())}", file=sys.stderr)
+        return 2
+    out = args.out or detector_train.default_out(spec)
+    synthetic = det.default_detector_dir()  # today's detector: a baseline for the real-photo one, when trained
+    baselines = {"synthetic detector": synthetic} if spec.dataset == "coco" and \
+        detector_train.is_trained(synthetic, detector_train.DetectorSpec()) else {}
+    try:
+        r = detector_train.train(out, spec, force=args.force, quiet=not args.verbose, baselines=baselines)
+    except DatasetError as e:
+        print(f"densevse: regions train: {e}", file=sys.stderr)
+        return 2
     status = "cached (same spec)" if r["cached"] else f"trained in {r['train_s']}s ({r['threads']} threads)"
-    print(f"detector in {args.out}: {status}")
-    if "recall@0.5_top19" in r:
+    print(f"detector in {out}: {status}")
+    if "data" in r:
+        d = r["data"]
+        print(f"training: {d['train_images']} photos, {d['train_boxes']} boxes; held out ({spec.holdout}): "
+              f"{d['holdout_images']} photos, {d['holdout_boxes']} boxes")
+        for reason, n in d["report"].items():
+            print(f"  {n:6d}  {reason}")
+    if spec.dataset == "coco" and "recall@0.5_top19" in r:
+        print(f"held-out real photos, class-agnostic proposal recall ({r['eval_images']} photos; top K by score):")
+        print(format_table({f"coco {spec.backbone}": r, **r["baselines"]}))
+        if not baselines:
+            print(f"(synthetic detector baseline: {synthetic} not trained; `densevse regions train` makes it)")
+    elif "recall@0.5_top19" in r:
         print(f"held-out synthetic proposal recall (IoU 0.5, top 19) = {r['recall@0.5_top19']:.4f}  "
               f"(IoU 0.7: {r['recall@0.7_top19']:.4f}, {r['eval_images']} images)")
-    print(f"use it: stages.regions = {{impl: detectron2, params: {{config: {args.out}}}}}")
+    print(f"use it: stages.regions = {{impl: detectron2, params: {{config: {out}}}}}")
     return 0
 
 
 def register_regions(subparsers) -> None:
     p = subparsers.add_parser("regions", help="Detectron2 region detector")
     sub = p.add_subparsers(dest="regions_command", required=True)
-    t = sub.add_parser("train", help="train the Faster R-CNN (EfficientNet-Lite0 FPN) on synthetic gold boxes with "
-                                     "Detectron2's DefaultTrainer (skipped when the dir holds a model of the same spec)")
-    t.add_argument("--out", type=Path, default=det.default_detector_dir(),
-                   help=f"model dir (default {det.default_detector_dir()})")
+    t = sub.add_parser("train", help="train the Faster R-CNN (EfficientNet-Lite FPN) on synthetic or real COCO boxes "
+                                     "with Detectron2's DefaultTrainer (skipped when the dir holds a model of the "
+                                     "same spec)")
+    t.add_argument("--out", type=Path, default=None,
+                   help=f"model dir (default {det.default_detector_dir()}; coco: .cache/detector-coco[-lite2])")
+    t.add_argument("--dataset", choices=("synthetic", "coco"), default=None, help="training boxes (default synthetic)")
+    t.add_argument("--root", dest="roots", action="append", default=None,
+                   help="coco: a COCO root (annotations/instances_*.json + images/<split>/); repeat to merge "
+                        "(default ../shared/data/coco-det and coco-mini)")
+    t.add_argument("--holdout", default=None,
+                   help="coco: held-out '<root dir name>/<split>' (default coco-det/val2017)")
+    t.add_argument("--backbone", choices=("efficientnet-lite0", "efficientnet-lite2"), default=None)
+    t.add_argument("--input-size", dest="input_size", type=int, default=None,
+                   help="short side (px) at test and centre of the training jitter (default: 224 synthetic, 512 coco)")
+    t.add_argument("--freeze-stages", dest="freeze_stages", type=int, default=None,
+                   help="EfficientNet stages kept at ImageNet weights (0-5)")
+    t.add_argument("--base-lr", dest="base_lr", type=float, default=None)
     t.add_argument("--iters", type=int, default=None, help="solver iterations (default 150)")
     t.add_argument("--ims-per-batch", dest="ims_per_batch", type=int, default=None, help="default 4")
-    t.add_argument("--num-images", dest="num_images", type=int, default=None, help="synthetic scenes (default 1500)")
-    t.add_argument("--eval-images", dest="eval_images", type=int, default=None, help="held-out scenes (default 200)")
+    t.add_argument("--num-images", dest="num_images", type=int, default=None,
+                   help="synthetic scenes (default 1500); coco: at most this many training photos (default all)")
+    t.add_argument("--eval-images", dest="eval_images", type=int, default=None,
+                   help="held-out scenes / at most this many held-out photos (default 200)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
     t.add_argument("--force", action="store_true", help="retrain even when cached")

@@ -251,4 +251,7 @@ def summarize_shards(shard_dir: Path, shards: list[str] | None = None) -> dict:
             s[f"reject: {reason}"] += n
         for reason, n in st["caption_reject_reasons"].items():
             s[f"caption reject: {reason}"] += n
+    for c in out.values():  # what a reader asks first: did the detector and the parser find anything?
+        c["regions_per_image"] = round(c["n_regions"] / max(1, c["n_ok"]), 2)
+        c["phrases_per_caption"] = round(c["n_phrases"] / max(1, c["n_captions"]), 2)
     return {split: dict(c) for split, c in sorted(out.items())}

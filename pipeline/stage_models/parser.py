@@ -1,21 +1,25 @@
-"""`densevse parser train`: a small Stanza POS tagger + constituency parser, trained offline on synthetic captions.
+"""`densevse parser train`: a Stanza POS tagger + constituency parser, trained offline.
 
 Why: this machine cannot download Stanza's English models, so the parse stage needs models we can make here.
-We train them with Stanza's OWN training code (stanza.models.tagger, stanza.models.constituency), on the gold
-PTB trees of the synthetic caption grammar (pipeline.datasets.synthetic.treebank), with GloVe 6B-50d as the
-pretrained word vectors (converted to Stanza's pretrain .pt format). The result is an ordinary Stanza model
-set, loaded by `stanza.Pipeline(..., pos_model_path=..., constituency_model_path=..., *_pretrain_path=...)`.
+We train them with Stanza's OWN training code (stanza.models.tagger, stanza.models.constituency) on either
+  - a real PTB-bracket treebank (`--treebank PATH`, e.g. GUM: pipeline/stage_models/treebank.py reads and
+    normalises it, with its own train/dev/test split): the parser for real captions; or
+  - the gold trees of the synthetic caption grammar (pipeline.datasets.synthetic.treebank): the default, for
+    the embedded synthetic set, whose grammar it parses almost perfectly;
+with GloVe 6B-50d as the pretrained word vectors (converted to Stanza's pretrain .pt format; the only word
+vectors a registry ships here). The result is an ordinary Stanza model set, loaded by
+`stanza.Pipeline(..., pos_model_path=..., constituency_model_path=..., *_pretrain_path=...)`.
 
 Tokenization: we do NOT train Stanza's tokenizer. Captions are tokenized by our deterministic rule tokenizer
 (`stages.parse.tokenize`, PTB-style) and fed to Stanza with `tokenize_pretokenized=True`: one caption is one
 sentence, and the treebank's tokens are exactly what that tokenizer produces for the caption text.
 
-Output, in the model dir (default `.cache/parser/stanza-synthetic`):
+Output, in the model dir (default `.cache/parser/stanza-synthetic`; `.cache/parser/stanza-<treebank dir>`):
     pretrain.pt      GloVe 6B-50d (top `max_vocab` words) in Stanza's pretrain format
     tagger.pt        Stanza POS tagger (UPOS + PTB XPOS)
     parser.pt        Stanza constituency parser (in-order transitions; uses the tagger's XPOS tags)
-    models.json      paths (relative to the dir), bracket F1 on held-out trees, POS accuracy, training time,
-                     and the hash of every input; a second run with unchanged inputs skips training.
+    models.json      paths (relative to the dir), evalb bracket F1 on held-out trees, POS accuracy, training
+                     time, and the hash of every input; a second run with unchanged inputs skips training.
     data/            the generated treebank splits (PTB .mrg, CoNLL-U) for inspection and re-training
 
 Point the parse stage at it:  stages.parse = {impl: stanza, params: {model_dir: .cache/parser/stanza-synthetic}}.
@@ -27,6 +31,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import shutil
 import sys
 import time
@@ -46,6 +51,8 @@ PTB_TO_UPOS = {
     "IN": "ADP", "TO": "PART", "RP": "ADP", "RB": "ADV", "RBR": "ADV", "RBS": "ADV", "WRB": "ADV",
     "CC": "CCONJ", "CD": "NUM", "POS": "PART", "UH": "INTJ", ".": "PUNCT", ",": "PUNCT", ":": "PUNCT",
     "``": "PUNCT", "''": "PUNCT", "-LRB-": "PUNCT", "-RRB-": "PUNCT", "HYPH": "PUNCT", "SYM": "SYM",
+    "WP$": "PRON", "FW": "X", "LS": "X", "$": "SYM", "#": "SYM", "NFP": "PUNCT", "ADD": "X", "AFX": "ADJ",
+    "GW": "X", "XX": "X", "-LSB-": "PUNCT", "-RSB-": "PUNCT", "-LCB-": "PUNCT", "-RCB-": "PUNCT",
 }
 
 
@@ -53,6 +60,7 @@ class TrainSpec(BaseModel):
     """Everything that determines the trained models; its JSON (with the treebank's hash) is the cache key."""
     model_config = ConfigDict(extra="forbid")
 
+    treebank: str | None = None  # a PTB treebank dir (not in the key: its trees are); None: the synthetic grammar
     n_trees: int = Field(800, ge=30)  # the grammar has 5 templates: ~640 training trees reach F1 ~0.99
     seed: int = 1234
     dev_fraction: float = Field(0.1, gt=0, lt=0.5)
@@ -63,9 +71,20 @@ class TrainSpec(BaseModel):
     max_vocab: int = Field(100_000, ge=1000)  # GloVe words kept (GloVe is frequency-ordered)
     tagger_steps: int = Field(80, ge=10)
     tagger_hidden: int = Field(64, ge=8)
+    tagger_batch: int = Field(250, ge=10)  # words per step
+    tagger_char: bool = False  # Stanza's character BiLSTM: open-vocabulary words (real text), not the grammar's
     parser_epochs: int = Field(5, ge=1)
     parser_hidden: int = Field(128, ge=16)
+    parser_layers: int = Field(1, ge=1)
     parser_batch: int = Field(30, ge=1)
+
+    @classmethod
+    def for_treebank(cls, path: str, **overrides) -> "TrainSpec":
+        """Sizes for a real treebank of a few thousand trees, chosen so GUM (3,700 trees) trains in ~20 min on
+        one CPU core: Stanza's transition parser runs ~100 s per GUM epoch here, its tagger ~30 s."""
+        return cls(**{"treebank": str(path), "tagger_steps": 600, "tagger_hidden": 128, "tagger_batch": 64,
+                      "parser_epochs": 10, "parser_hidden": 192, "parser_layers": 1, "parser_batch": 60,
+                      "capitalize_prob": 0.0, "final_period_prob": 0.0, **overrides})
 
 
 # ---------------------------------------------------------------- data
@@ -80,6 +99,17 @@ def _augment(ptb: str, rng: random.Random, spec: TrainSpec) -> str:
     if rng.random() < spec.final_period_prob:  # sentence-final period, attached to the root as in PTB
         out = out[:-1] + " (. .))"
     return out
+
+
+def load_splits(spec: TrainSpec) -> tuple[dict[str, list[str]], dict]:
+    """(train/dev/test PTB strings, report): the spec's real treebank, else the synthetic grammar's trees."""
+    if spec.treebank:
+        from pipeline.stage_models.treebank import read_treebank
+
+        splits, report = read_treebank(spec.treebank)
+        return splits, {**report, "source": str(spec.treebank)}
+    splits = make_treebank(spec)
+    return splits, {"trees": {k: len(v) for k, v in splits.items()}, "source": "synthetic grammar", "rejected": {}}
 
 
 def make_treebank(spec: TrainSpec) -> dict[str, list[str]]:
@@ -148,7 +178,8 @@ class _PyEvalb:
     """Stand-in for stanza.server.parser_eval.EvaluateParser, which runs CoreNLP's Java EVALB.
 
     Why: CoreNLP's jars cannot be downloaded here. Stanza's training loop only needs `.process(results)` to
-    return an object with f1 / treeF1 / HasField, so we score its dev parses with models.trees.bracket_f1.
+    return an object with f1 / treeF1 / HasField, so we score its dev parses with models.trees.evalb (the same
+    evalb rules: punctuation excluded).
     """
 
     def __init__(self, *a, **k):
@@ -161,11 +192,11 @@ class _PyEvalb:
         return False
 
     def process(self, results):
-        from models.trees import bracket_f1, from_ptb
+        from models.trees import evalb, from_ptb
 
         gold = [from_ptb(str(r.gold)) for r in results]
         pred = [from_ptb(str(r.predictions[0].tree)) for r in results]
-        f1 = bracket_f1(gold, pred)
+        f1 = evalb(gold, pred)["f1"]
         exact = sum(g == p for g, p in zip(gold, pred)) / max(1, len(gold))
 
         class Resp:
@@ -186,16 +217,17 @@ def train_tagger(data: Path, out: Path, pretrain: Path, spec: TrainSpec) -> None
 
     h = spec.tagger_hidden
     tagger.main([
-        "--mode", "train", "--lang", "en", "--shorthand", "en_synthetic",
+        "--mode", "train", "--lang", "en", "--shorthand", _shorthand(spec),
         "--train_file", str(data / "train.conllu"), "--eval_file", str(data / "dev.conllu"),
         "--output_file", str(data / "dev.pred.conllu"),
         "--wordvec_pretrain_file", str(pretrain), "--save_dir", str(out.parent), "--save_name", out.name,
-        # No character model: the synthetic vocabulary is closed, and GloVe covers unseen real words.
-        "--no_char", "--hidden_dim", str(h), "--word_emb_dim", "32", "--tag_emb_dim", "16",
+        # No character model on the synthetic grammar (a closed vocabulary); on real text it tags unseen words.
+        *([] if spec.tagger_char else ["--no_char"]), "--hidden_dim", str(h), "--word_emb_dim", "32",
+        "--tag_emb_dim", "16",
         "--transformed_dim", str(h), "--deep_biaff_hidden_dim", str(h),
         "--composite_deep_biaff_hidden_dim", str(h // 2), "--num_layers", "1", "--dropout", "0.2",
         "--max_steps", str(spec.tagger_steps), "--eval_interval", str(max(10, spec.tagger_steps // 4)),
-        "--batch_size", "250", "--log_step", "1000", "--seed", str(spec.seed), "--cpu",
+        "--batch_size", str(spec.tagger_batch), "--log_step", "1000", "--seed", str(spec.seed), "--cpu",
     ])
 
 
@@ -207,13 +239,14 @@ def train_parser(data: Path, out: Path, pretrain: Path, tagger_path: Path, spec:
     from stanza.models.constituency import parser_training
 
     args = constituency_parser.parse_args([
-        "--mode", "train", "--lang", "en", "--shorthand", "en_synthetic",
+        "--mode", "train", "--lang", "en", "--shorthand", _shorthand(spec),
         "--train_file", str(data / "train.mrg"), "--eval_file", str(data / "dev.mrg"),
         "--wordvec_pretrain_file", str(pretrain), "--save_dir", str(out.parent), "--save_name", out.name,
-        "--no_checkpoint", "--retag_package", "synthetic", "--retag_method", "xpos",
+        "--no_checkpoint", "--retag_package", _shorthand(spec).split("_")[1], "--retag_method", "xpos",
         "--epochs", str(spec.parser_epochs), "--epoch_size", "0", "--train_batch_size", str(spec.parser_batch),
         "--hidden_size", str(spec.parser_hidden), "--delta_embedding_dim", "32", "--tag_embedding_dim", "16",
-        "--transition_embedding_dim", "16", "--transition_hidden_size", "16", "--num_lstm_layers", "1",
+        "--transition_embedding_dim", "16", "--transition_hidden_size", "16",
+        "--num_lstm_layers", str(spec.parser_layers),
         "--no_multistage", "--optim", "adamw", "--learning_rate", "0.002", "--oracle_initial_epoch", "4",
         "--seed", str(spec.seed), "--cpu",
     ])
@@ -228,28 +261,42 @@ def train_parser(data: Path, out: Path, pretrain: Path, tagger_path: Path, spec:
         parser_training.EvaluateParser = real_eval
 
 
-def evaluate(model_dir: Path, ptbs: list[str]) -> dict:
-    """Parse held-out trees' token sequences through the full stage pipeline; bracket F1 and POS accuracy."""
-    from models.trees import bracket_f1, from_ptb
+def evaluate(model_dir: Path, ptbs: list[str], stage=None) -> dict:
+    """Parse held-out trees' gold words with the stage's Stanza pipeline: evalb F1 (punctuation excluded, as
+    Stanza's scorer), exact trees, POS accuracy. Gold words go in as they are (no re-tokenising), as evalb wants."""
+    from models.trees import evalb, from_ptb
     from stages.parse import StanzaParse
 
     gold = [from_ptb(s) for s in ptbs]
-    stage = StanzaParse({"model_dir": str(model_dir)})
-    pred, rejects = stage.parse_texts([" ".join(g["tokens"]) for g in gold])
-    pairs = [(g, p) for g, p in zip(gold, pred) if p is not None]
+    stage = stage or StanzaParse({"model_dir": str(model_dir), "max_tokens": 10_000})
+    pred = []
+    for i in range(0, len(gold), 256):
+        pred += stage.parse_tokens([g["tokens"] for g in gold[i:i + 256]])
+    pairs = [(g, p) for g, p in zip(gold, pred) if not isinstance(p, Exception)]
     n_tok = sum(len(g["tokens"]) for g, _ in pairs)
     pos_ok = sum(a == b for g, p in pairs for a, b in zip(g["labels"][:len(g["tokens"])], p["labels"]))
-    return {"bracket_f1": round(bracket_f1([g for g, _ in pairs], [p for _, p in pairs]), 4) if pairs else 0.0,
-            "exact_match": round(sum(g == p for g, p in pairs) / max(1, len(pairs)), 4),
-            "pos_accuracy": round(pos_ok / max(1, n_tok), 4),
-            "n_trees": len(ptbs), "n_rejected": sum(r is not None for r in rejects)}
+    scores = evalb([g for g, _ in pairs], [p for _, p in pairs]) if pairs else {"f1": 0.0}
+    exact = sum(g == p for g, p in pairs) / max(1, len(pairs))
+    return {"bracket_f1": round(scores["f1"], 4), "exact_match": round(exact, 4),
+            "pos_accuracy": round(pos_ok / max(1, n_tok), 4), "n_trees": len(ptbs), "n_failed": len(gold) - len(pairs)}
+
+
+def treebank_dir(treebank: str | Path) -> Path:
+    """Default model dir of a treebank: `.cache/parser/stanza-<dir name>` (GUM: .cache/parser/stanza-gum)."""
+    return DEFAULT_DIR.parent / f"stanza-{Path(treebank).resolve().name.lower()}"
+
+
+def _shorthand(spec: TrainSpec) -> str:
+    if not spec.treebank:
+        return "en_synthetic"
+    return "en_" + (re.sub(r"\W+", "", Path(spec.treebank).resolve().name.lower()) or "treebank")
 
 
 def _inputs_hash(spec: TrainSpec, splits: dict[str, list[str]]) -> str:
     import stanza
 
     h = hashlib.sha256()
-    h.update(spec.model_dump_json().encode())
+    h.update(spec.model_dump_json(exclude={"treebank"}).encode())  # the trees are hashed, not their path
     h.update(stanza.__version__.encode())
     for name in sorted(splits):
         h.update(name.encode())
@@ -268,7 +315,7 @@ def cached_manifest(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = 
     spec = spec or TrainSpec()
     out = Path(out_dir)
     old = load_manifest(out)
-    if not old or old.get("inputs_hash") != _inputs_hash(spec, splits or make_treebank(spec)):
+    if not old or old.get("inputs_hash") != _inputs_hash(spec, splits or load_splits(spec)[0]):
         return None
     if not all((out / old[k]).is_file() for k in ("pos_model_path", "constituency_model_path", "pretrain_path")):
         return None
@@ -282,7 +329,7 @@ def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, forc
 
     spec = spec or TrainSpec()
     out = Path(out_dir)
-    splits = make_treebank(spec)
+    splits, report = load_splits(spec)
     key = _inputs_hash(spec, splits)
     old = None if force else cached_manifest(out, spec, splits)
     if old:
@@ -294,7 +341,8 @@ def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, forc
     shutil.rmtree(data, ignore_errors=True)
     data.mkdir()
     for name, trees in splits.items():
-        (data / f"{name}.mrg").write_text("".join(f"(ROOT {t})\n" for t in trees))
+        (data / f"{name}.mrg").write_text("".join((t if t.startswith("(ROOT ") else f"(ROOT {t})") + "\n"
+                                                  for t in trees))
         (data / f"{name}.conllu").write_text(to_conllu(trees))
 
     log_level = logging.WARNING if quiet else logging.INFO
@@ -317,7 +365,7 @@ def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, forc
         "lang": "en", "tokenize_pretokenized": True,
         "pos_model_path": "tagger.pt", "constituency_model_path": "parser.pt", "pretrain_path": "pretrain.pt",
         "stanza_version": stanza.__version__, "inputs_hash": key, "spec": spec.model_dump(),
-        "treebank": {k: len(v) for k, v in splits.items()}, "pretrain_vocab": n_vocab,
+        "treebank": report, "pretrain_vocab": n_vocab,
         "train_seconds": {**times, "total_s": round(sum(times.values()), 1)},
     }
     (out / MODELS_JSON).write_text(json.dumps(manifest, indent=2))  # evaluate() loads the models through it
