@@ -25,7 +25,9 @@ class TreeError(ValueError):
     """A bracket string or tree dict that is not a well-formed constituency tree."""
 
 
-def _parse_brackets(s: str):
+def parse_brackets(s: str, unwrap: bool = True):
+    """Nested (label, children) tuples of a bracket string; children are tuples or words. `unwrap` removes
+    single-child ( ... ) / (ROOT ...) / (TOP ...) wrappers. Raises TreeError."""
     toks = _TOKEN_RE.findall(s)
     if not toks:
         raise TreeError("empty tree string")
@@ -57,14 +59,14 @@ def _parse_brackets(s: str):
     if pos != len(toks):
         raise TreeError(f"trailing text after tree in {s!r}")
     # PTB files often wrap the tree in an unlabeled ( ... ) or (ROOT ...): unwrap single-child wrappers.
-    while root[0] in ("", "ROOT", "TOP") and len(root[1]) == 1 and isinstance(root[1][0], tuple):
+    while unwrap and root[0] in ("", "ROOT", "TOP") and len(root[1]) == 1 and isinstance(root[1][0], tuple):
         root = root[1][0]
     return root
 
 
 def from_ptb(s: str) -> dict:
     """Parse a PTB bracket string into the tree format above."""
-    root = _parse_brackets(s)
+    root = parse_brackets(s)
     tokens: list[str] = []
     labels: list[str] = []
     internal: list[tuple[str, int, int, list[int]]] = []  # label, start, end, child refs

@@ -113,6 +113,17 @@ def test_reader_fails_up_front_on_a_malformed_file_or_an_empty_root(roots, tmp_p
         cb.read_coco_boxes([tmp_path / "nowhere"])
 
 
+def test_reader_refuses_an_image_path_that_climbs_out(tmp_path):
+    """As the dataset readers do: a hostile file_name stops the read, naming the annotation file."""
+    root = _root(tmp_path, "coco-x", {"train2017": ([_im(1)], [])})
+    f = root / "annotations" / "instances_train2017.json"
+    d = json.loads(f.read_text())
+    d["images"][0]["file_name"] = "../../../../etc/passwd"
+    f.write_text(json.dumps(d))
+    with pytest.raises(DatasetError, match="instances_train2017.json.*leaves the dataset folder"):
+        cb.read_coco_boxes([root], holdout="coco-x/val2017")
+
+
 def test_fingerprint_follows_the_files_not_the_spelling(roots, monkeypatch):
     det, mini = roots
     fp = cb.fingerprint([det, mini])

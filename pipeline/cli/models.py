@@ -24,11 +24,11 @@ def cmd_parser_train(args) -> int:
     status = (f"cached (inputs unchanged; trained in {m['train_seconds']['total_s']}s)" if m["cached"] else
               f"trained in {m['train_seconds']['total_s']}s + {m['eval_seconds']}s evaluation")
     print(f"parser models in {out}: {status}; this command took {took:.0f}s")
-    tb = m["treebank"]
-    if isinstance(tb, dict) and tb.get("rejected"):
+    tb = m["treebank"]  # the treebank report (older manifests: trees per split only)
+    if tb.get("rejected"):
         print("trees skipped: " + ", ".join(f"{n} {why}" for why, n in tb["rejected"].items()))
     test = m["eval"]["test"]
-    print(f"{tb.get('source', 'synthetic') if isinstance(tb, dict) else 'synthetic'} test: bracket F1 "
+    print(f"{tb.get('source', 'synthetic')} test: bracket F1 "
           f"{test['bracket_f1']:.4f} (evalb, punctuation excluded), POS acc {test['pos_accuracy']:.4f}, "
           f"exact trees {test['exact_match']:.4f}, {test['n_trees']} trees")
     print(f"use it: stages.parse = {{impl: stanza, params: {{model_dir: {out}}}}}")

@@ -9,8 +9,9 @@ Bad input never crashes and is never dropped silently: each skipped box or image
 in `report` (a Counter). A box partly outside its image is clipped and kept (counted too); crowd boxes are
 skipped (they mark a group, not one object); a listed image that is missing, unreadable, of another size than
 its entry says, or EXIF-rotated is skipped (COCO boxes are in stored pixels, while Detectron2's reader turns
-EXIF-rotated images), as is an image left with no usable box. A file that is not a COCO instances JSON fails
-up front, naming the file (pipeline/datasets/coco.py's `load_json`).
+EXIF-rotated images), as is an image left with no usable box. A file that is not a COCO instances JSON, or an
+image path that climbs out of its folder, fails up front naming the file (the dataset readers' `load_json` and
+`inside`).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.datasets.base import inside
 from pipeline.datasets.coco import load_json
 from pipeline.errors import DatasetError
 
@@ -158,7 +160,7 @@ def read_coco_boxes(roots, holdout: str = "coco-det/val2017", classes: str = "ob
                     out.report[DUPLICATE] += 1
                     continue
             w, h = im["width"], im["height"]
-            path = root / "images" / split / im["file_name"]
+            path = inside(root / "images" / split, f, im["file_name"])  # a hostile name stops here, as in the readers
             problem = _image_problem(path, w, h)
             if problem:
                 out.report[problem] += 1

@@ -16,6 +16,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from models.trees import TreeError, parse_brackets
+
 # Penn Treebank POS tags, with the OntoNotes/GUM additions (HYPH, NFP, ADD, AFX, GW, XX).
 POS_TAGS = frozenset("""CC CD DT EX FW IN JJ JJR JJS LS MD NN NNS NNP NNPS PDT POS PRP PRP$ RB RBR RBS RP SYM TO UH
     VB VBD VBG VBN VBP VBZ WDT WP WP$ WRB $ # `` '' , . : -LRB- -RRB- -LSB- -RSB- -LCB- -RCB- HYPH NFP ADD AFX GW
@@ -52,35 +54,6 @@ def split_trees(text: str) -> tuple[list[str], list[str]]:
     if cur:
         reasons.append("unbalanced brackets (missing ')')")
     return trees, reasons
-
-
-def _parse(tokens: list[str]):
-    """Nested (label, children) from bracket tokens; raises ValueError with the reason."""
-    pos = 0
-
-    def node():
-        nonlocal pos
-        pos += 1  # "("
-        label = ""
-        if pos < len(tokens) and tokens[pos] not in "()":
-            label = tokens[pos]
-            pos += 1
-        kids = []
-        while pos < len(tokens) and tokens[pos] != ")":
-            if tokens[pos] == "(":
-                kids.append(node())
-            else:
-                kids.append(tokens[pos])
-                pos += 1
-        if pos >= len(tokens):
-            raise ValueError("unbalanced brackets")
-        pos += 1
-        return label, kids
-
-    tree = node()
-    if pos != len(tokens):
-        raise ValueError("unbalanced brackets")
-    return tree
 
 
 def base_label(label: str) -> str:
@@ -125,7 +98,10 @@ def normalise(tree: str) -> tuple[str | None, str | None]:
     if len(tokens) < 2 or tokens == ["(", ")"]:
         return None, "empty tree"
     try:
-        node = _parse(tokens)
+        node = parse_brackets(tree, unwrap=False)
+    except TreeError:  # its message quotes the tree; the report counts one reason for all such trees
+        return None, "unbalanced brackets"
+    try:
         label, kids = node
         if label in ROOT_LABELS:  # (ROOT ...), (TOP ...) and ( ... ) wrappers: one ROOT is added back
             if len(kids) != 1 or isinstance(kids[0], str):
