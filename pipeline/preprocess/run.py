@@ -36,6 +36,10 @@ RETRY_TRIES = 3
 RETRY_BACKOFF_S = 2.0
 RAY_TASK_RETRIES = 3  # a task stage's worker process that dies (OOM-killed, node lost) is rerun this often
 RAY_ACTOR_RESTARTS = 3  # a model stage's actor that dies is restarted this often, and its shard resubmitted
+# Calls to a model stage's actor are retried this often. Higher than the restarts: while a lost node is not yet
+# declared dead, each call fails at once as "actor unavailable" and uses up a retry (seen in CI: 3 were gone
+# before the actor restarted elsewhere, and the run failed). A crash loop stays bounded by RAY_ACTOR_RESTARTS.
+RAY_ACTOR_TASK_RETRIES = 20
 
 
 def _run_stage(stage, payload: bytes, batch_size: int) -> bytes:
@@ -142,7 +146,8 @@ def _add_stage(ds, sc: StageConfig, actors: int | None, models=None):
 
     Ray's own retries are bounded (its defaults retry forever, so a shard that kills its worker every time, a
     segfaulting decoder say, would hang the run): a dead worker or actor is retried RAY_TASK_RETRIES /
-    RAY_ACTOR_RESTARTS times. Application errors are not retried by Ray (`retry_exceptions=False`; Ray Data
+    RAY_ACTOR_RESTARTS times (calls to a restarting actor RAY_ACTOR_TASK_RETRIES times).
+    Application errors are not retried by Ray (`retry_exceptions=False`; Ray Data
     still adds its RaySystemError): _run_stage already retried the transient ones, and bad input never fails.
     Ray 2.60 takes these only as `**ray_remote_args` (deprecated, removal announced for 2.64; no named form yet)."""
     args = dict(impl=sc.impl, params=sc.params, batch_size=sc.batch_size)
@@ -150,7 +155,7 @@ def _add_stage(ds, sc: StageConfig, actors: int | None, models=None):
     if actors:
         args["models"] = models
         return ds.map_batches(_StageOnShards, fn_constructor_kwargs=args, concurrency=actors, **common,
-                              max_restarts=RAY_ACTOR_RESTARTS, max_task_retries=RAY_ACTOR_RESTARTS)
+                              max_restarts=RAY_ACTOR_RESTARTS, max_task_retries=RAY_ACTOR_TASK_RETRIES)
     return ds.map_batches(_StageOnShards(**args, load=False), concurrency=sc.concurrency, **common,
                           max_retries=RAY_TASK_RETRIES, retry_exceptions=False)
 
