@@ -153,7 +153,8 @@ class Detectron2Regions(DetectorStage):
         boxes = boxes.reshape(-1, 4).astype(np.float32)
         boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
         boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
-        ok = ((boxes[:, 2] - boxes[:, 0]) >= self.params.min_size) & ((boxes[:, 3] - boxes[:, 1]) >= self.params.min_size)
+        side = self.params.min_size
+        ok = ((boxes[:, 2] - boxes[:, 0]) >= side) & ((boxes[:, 3] - boxes[:, 1]) >= side)
         order = np.argsort(-scores[ok], kind="stable")[: self.params.top_k]
         whole = np.array([[0, 0, w, h]], dtype=np.float32)
         return np.concatenate([whole, boxes[ok][order]]).astype(np.float32)

@@ -46,7 +46,7 @@ TRAIN_SETS = {"synthetic": "densevse_synthetic_det_train", "coco": "densevse_coc
 SHARED = Path("../shared/data")  # the real data, relative to the repo root (as the CLI is run)
 # What a coco spec changes from the defaults (photos: bigger inputs, fewer and costlier iterations).
 COCO_DEFAULTS = {"roots": [str(SHARED / "coco-det"), str(SHARED / "coco-mini")], "num_images": None,
-                 "input_size": 512, "iters": 600, "ims_per_batch": 2, "base_lr": 0.02}
+                 "input_size": 512, "iters": 500, "ims_per_batch": 2, "base_lr": 0.005}
 BASE_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"  # for the RPN/ROI-head layout; backbone replaced
 
 
