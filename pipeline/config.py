@@ -43,17 +43,51 @@ class SyntheticConfig(Strict):
         return self
 
 
+TABLE_FORMATS = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+
+class TableConfig(Strict):
+    """dataset.kind=table (pipeline/datasets/table.py): one row per (image, caption); option names as
+    img2dataset's. The columns themselves are checked when the table is read (DatasetError naming them)."""
+    file: str | None = None  # the table, relative to dataset.root; image paths in it are relative to its folder
+    input_format: Literal["csv", "tsv", "jsonl", "parquet"] | None = None  # None: from the file's suffix
+    url_col: str = "url"  # an http(s) URL or a local path
+    caption_col: str = "caption"
+    split_col: str | None = None  # None: every row is in default_split
+    default_split: str = "train"  # also for a row whose split cell is empty
+    save_additional_columns: list[str] = []  # kept per image in gold["columns"] (the shard's json)
+
+    @model_validator(mode="after")
+    def _format(self):
+        if self.file is not None and self.input_format is None \
+                and Path(self.file).suffix.lower() not in TABLE_FORMATS:
+            raise ValueError(f"input_format: cannot tell the format of {self.file!r} from its suffix; set "
+                             f"input_format to one of {sorted(TABLE_FORMATS.values())}")
+        return self
+
+
+class Img2datasetConfig(Strict):
+    """dataset.kind=img2dataset (pipeline/datasets/img2dataset.py): img2dataset's webdataset output folder."""
+    split: str = "train"  # img2dataset output has no splits: every sample goes here
+    save_additional_columns: list[str] = []  # columns of its <shard>.parquet kept in gold["columns"]
+
+
 class DatasetConfig(Strict):
-    kind: Literal["synthetic", "flickr8k", "coco", "karpathy", "flickr30k_entities"] = "synthetic"
+    kind: Literal["synthetic", "flickr8k", "coco", "karpathy", "flickr30k_entities", "table",
+                  "img2dataset"] = "synthetic"
     root: Path | None = None  # the dataset folder; for synthetic, where the generated set is written
     splits: list[str] = ["train", "val", "test"]
     limit: int | None = Field(None, ge=1)  # at most this many images per split (quick runs)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    table: TableConfig = Field(default_factory=TableConfig)
+    img2dataset: Img2datasetConfig = Field(default_factory=Img2datasetConfig)
 
     @model_validator(mode="after")
     def _root(self):
         if self.kind != "synthetic" and self.root is None:
             raise ValueError(f"dataset.root is required for dataset.kind={self.kind!r}")
+        if self.kind == "table" and self.table.file is None:
+            raise ValueError("table.file: required for dataset.kind='table' (the table, relative to dataset.root)")
         return self
 
 
@@ -68,6 +102,7 @@ class StageConfig(Strict):
     num_gpus: float = Field(0, ge=0)
     batch_size: int = Field(16, ge=1)
     concurrency: int | None = Field(None, ge=1)  # actors (model stages; null: as many as fit) or max parallel tasks (null: no cap)
+    memory_mb: int | None = Field(None, ge=1)  # Ray logical memory per task / actor (null: Ray's default)
 
 
 class StagesConfig(Strict):

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from stages.base import Reject, is_transient
+from stages.fetch import DownloadParams, download_url, img2dataset_failure, read_tar_member, source_kind
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is rejected, not silently grey-filled
 # 32 MiB: far above a dataset photo (COCO's largest is ~1 MB), far below what hurts a worker's memory.
@@ -30,9 +31,18 @@ Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degrees
 
 
-def read_bytes(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """The file's bytes; a missing, empty, unreadable or over-`max_bytes` file is a Reject (an input problem),
-    a transient I/O error (EIO, a dropped network mount ...: stages.base.is_transient) is raised on."""
+def read_bytes(path: str, max_bytes: int = MAX_IMAGE_BYTES, download: DownloadParams | None = None) -> bytes:
+    """The bytes of a sample's source: a local file, or one of stages/fetch.py's source URIs (an http(s) URL,
+    downloaded with `download`; a member of an img2dataset tar; img2dataset's record of a failed download).
+    A missing, empty, unreadable or over-`max_bytes` image is a Reject (an input problem), a transient I/O
+    error (EIO, a dropped network mount ...: stages.base.is_transient) is raised on."""
+    kind = source_kind(path)
+    if kind == "url":
+        return download_url(path, max_bytes, download)
+    if kind == "tar":
+        return read_tar_member(path, max_bytes)
+    if kind == "img2dataset_failed":
+        raise img2dataset_failure(path)
     p = Path(path)
     if not p.is_file():
         raise Reject(f"missing image file {path}")

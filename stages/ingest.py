@@ -5,7 +5,9 @@ cleaned by `check_caption`, a pure function; rejected captions are kept in `capt
 and a sample with no usable caption, or no readable image, is rejected as a whole.
 
 A row that already holds image bytes (serving a new image, pipeline/serving/embedder.py) is decoded from
-those instead of reading `source`. Images over `max_image_bytes` or `max_pixels` are rejected before
+those instead of reading `source`; `source` may be a local path, an http(s) URL (downloaded: timeout,
+retries, byte cap, content type, user agent; a failure is "ingest: download failed: <why>") or an img2dataset
+tar member (stages/fetch.py). Images over `max_image_bytes` or `max_pixels` are rejected before
 decoding (stages/images.py). EXIF orientation is applied only to samples without gold boxes (`gold` has no
 "boxes" key): a dataset's boxes are in the stored pixels as annotated (COCO, Flickr30k Entities), so turning
 those pixels would misplace every box.
@@ -13,10 +15,12 @@ those pixels would misplace every box.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import Field
 
-from stages.base import STAGES, Params, Reject, Stage
+from stages.base import STAGES, Reject, Stage, guarded
+from stages.fetch import DownloadParams, source_kind
 from stages.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_rgb, read_bytes, to_jpeg
 from stages.text import clean_caption
 
@@ -31,7 +35,9 @@ def check_caption(text, max_words: int) -> tuple[str, str | None]:
     return clean, None
 
 
-class IngestParams(Params):
+class IngestParams(DownloadParams):
+    """Image and caption limits, and (inherited) how http(s) sources are downloaded: timeout_s, retries,
+    backoff_s, max_redirects, user_agent, threads (stages/fetch.py)."""
     max_side: int = Field(640, ge=32)  # longer image side after ingest; larger images are downscaled
     max_caption_words: int = Field(60, ge=1)
     jpeg_quality: int = Field(92, ge=50, le=100)
@@ -45,7 +51,25 @@ class Ingest(Stage):
     name = "ingest"
     Params = IngestParams
 
-    def process_row(self, row: dict) -> None:
+    def process(self, rows: list[dict]) -> list[dict]:
+        """Row by row, with the batch's http(s) sources downloaded first, `threads` at a time (a download
+        waits on the network, not the CPU); each download's failure is raised in its own row's process_row."""
+        urls = [r["source"] for r in rows if not r["reject"] and not r["image"] and source_kind(r["source"]) == "url"]
+        fetched: dict[str, bytes | Exception] = {}
+        if urls:
+            def get(url):
+                try:
+                    return read_bytes(url, self.params.max_image_bytes, self.params)
+                except Exception as e:  # noqa: BLE001 - raised again in the row's process_row (guarded)
+                    return e
+            with ThreadPoolExecutor(min(self.params.threads, len(urls))) as pool:
+                fetched = dict(zip(urls, pool.map(get, urls)))
+        for row in rows:
+            if not row["reject"]:
+                guarded(self.name, row, lambda r: self.process_row(r, fetched.get(r["source"])))
+        return rows
+
+    def process_row(self, row: dict, fetched: bytes | Exception | None = None) -> None:
         accepted, rejects = [], json.loads(row["caption_rejects"])
         for i, raw in enumerate(json.loads(row["captions"])):
             text, reason = check_caption(raw, self.params.max_caption_words)
@@ -55,7 +79,9 @@ class Ingest(Stage):
                 accepted.append({"index": i, "text": text})
         row["captions"], row["caption_rejects"] = json.dumps(accepted), json.dumps(rejects)
         p, gold = self.params, json.loads(row["gold"])
-        data = row["image"] or read_bytes(row["source"], p.max_image_bytes)  # bytes given in-process (serving)
+        if isinstance(fetched, Exception):
+            raise fetched
+        data = row["image"] or fetched or read_bytes(row["source"], p.max_image_bytes, p)  # serving gives bytes
         img, scale = decode_rgb(data, p.max_side, max_pixels=p.max_pixels,
                                 max_bytes=p.max_image_bytes, exif_transpose="boxes" not in gold)
         row["image"] = to_jpeg(img, p.jpeg_quality)

@@ -1,6 +1,8 @@
 """Shared fixtures. Real data lives in ../shared/data (read in place); tests needing it skip when absent."""
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from pathlib import Path
@@ -87,7 +89,10 @@ def tiny_run(stage_models, tmp_path_factory):
         cwd = os.getcwd()
         os.chdir(ROOT)  # the stage model paths are relative to the repo root
         try:
-            assert main(["run", "pipeline.yaml", "--quiet", *[a for o in over for a in ("-s", o)]]) == 0
+            console = io.StringIO()  # what a person sees (tests/test_report.py reads it from console.txt)
+            with contextlib.redirect_stdout(console), contextlib.redirect_stderr(console):
+                assert main(["run", "pipeline.yaml", *[a for o in over for a in ("-s", o)]]) == 0
+            (tmp / "console.txt").write_text(console.getvalue())
         finally:
             os.chdir(cwd)
         yield load_config(ROOT / "pipeline.yaml", over), uri

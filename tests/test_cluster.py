@@ -273,14 +273,16 @@ def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster,
     params = runs[0].data.params
     assert params["train.epochs"] == "4" and params["run.output_dir"] == str(run_dir) and params["ray.address"] == "auto"
     assert {m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")} == {0, 1, 2, 3}
-    assert '"evaluate"' in jobs.client(dash).get_job_logs(job)  # the run's last step printed its summary
+    logs = jobs.client(dash).get_job_logs(job)  # the run ended with its table, the detail in run.log
+    assert "image->text" in logs and "text->image" in logs and str(run_dir / "run.log") in logs, logs[-2000:]
+    assert "evaluate" in json.loads((run_dir / "summary.json").read_text())
 
 
 @pytest.mark.slow
 def test_preprocessing_survives_killed_worker_node(cluster, tmp_path):
     """A worker node (the one running the feature actor) is SIGKILLed, all its processes, mid-preprocessing:
     the job still finishes, with every planned sample in the manifest and the tars exactly once."""
-    from pipeline.preprocess.run import plan
+    from pipeline.preprocess.plan import plan_dir, plan_rows
     from ray.util.state import list_nodes
 
     dash, out = cluster.dashboard, tmp_path / "pre"
@@ -305,7 +307,7 @@ def test_preprocessing_survives_killed_worker_node(cluster, tmp_path):
     assert _finish(dash, job, 1800) == "SUCCEEDED"
     assert {n.node_id: n.state for n in list_nodes(address=dash)}[actor.node_id] == "DEAD"
 
-    planned = sorted(r["key"] for r in plan(load_config(ROOT / "pipeline.yaml", overrides)))
+    planned = sorted(r["key"] for r in plan_rows(plan_dir(shard_dir)))  # the job's plan
     manifest = pq.read_table(shard_dir / "manifest.parquet").to_pylist()
     assert sorted(r["key"] for r in manifest) == planned  # every planned sample, once
     in_tars = Counter(m.name.split(".", 1)[0] for t in shard_dir.glob("*.tar") for m in tarfile.open(t).getmembers()

@@ -2,6 +2,7 @@
 and a Flickr8k-format set with broken inputs, where every bad sample is recorded with its reason."""
 import io
 import json
+import os
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -10,7 +11,8 @@ import pytest
 from pipeline.preprocess import shards
 from pipeline.config import load_config
 from pipeline.datasets import synthetic
-from pipeline.preprocess.run import plan, preprocess
+from pipeline.preprocess.plan import plan, plan_dir, plan_rows
+from pipeline.preprocess.run import preprocess
 from stages.base import npy_load
 
 pytestmark = pytest.mark.slow
@@ -104,8 +106,9 @@ def test_resume_redoes_only_damaged_shards(run):
 
 def test_plan_is_stable_and_rejects_duplicates(run, tmp_path):
     cfg, _ = run
-    a, b = plan(cfg), plan(cfg)
-    assert [(r["key"], r["shard"]) for r in a] == [(r["key"], r["shard"]) for r in b]
+    a = [(r["key"], r["shard"]) for r in plan_rows(plan_dir(cfg.shard_dir))]  # the run's plan, on disk
+    assert plan(cfg) == plan(cfg) and [(r["key"], r["shard"]) for r in plan_rows(plan_dir(cfg.shard_dir))] == a
+    assert len(a) == 48 and a == sorted(a, key=lambda r: (r[1].split("-")[0], r[0]))
 
 
 def test_bad_inputs_are_recorded_not_dropped(tmp_path, ray_local, capsys):
@@ -175,12 +178,13 @@ def test_resume_never_mixes_configs_or_reads_stale_tars(tmp_path, ray_local, cap
     assert shards.shard_paths(sd, "train") == train and shards.dataset_sha256(sd) == digest
 
     changed = tiny + ["stages.features.params.input_size=96"]
-    mtimes = {p.name: p.stat().st_mtime_ns for p in sd.iterdir()}
+    # refused before any work: no shard file is touched (plan/ is re-derived from the dataset on every run)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in sd.iterdir() if p.name != "plan"}
     with pytest.raises(ConfigError, match=rf"{n} of {n} finished shards .*stages\.features\.params \({n} shards\)"):
         preprocess(load_config("pipeline.yaml", changed), progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in sd.iterdir()} == mtimes  # refused before any work
+    assert {p.name: p.stat().st_mtime_ns for p in sd.iterdir() if p.name != "plan"} == mtimes
 
-    args = ["preprocess", "pipeline.yaml", "--quiet", "--force"] + [a for o in changed for a in ("-s", o)]
+    args = ["preprocess", "pipeline.yaml", "--quiet", "--json", "--force"] + [a for o in changed for a in ("-s", o)]
     assert main(args) == 0
     forced = json.loads(capsys.readouterr().out.split("==\n", 1)[1])
     assert forced["shards_written"] == forced["shards_redone_config_changed"] == n
@@ -198,3 +202,72 @@ def test_resume_never_mixes_configs_or_reads_stale_tars(tmp_path, ray_local, cap
     again = preprocess(load_config("pipeline.yaml", changed), progress=False)
     assert again["shards_written"] == 1 and again["shards_skipped"] == n - 1
     assert shards.shard_paths(sd, "train") == train
+
+
+def test_retry_rejected_redoes_only_the_shards_with_matching_rejections(tmp_path, ray_local, caplog):
+    """A missing and a corrupt image are rejected; once both files are fixed, `--retry-rejected 'ingest: missing'`
+    redoes the missing one's shard only (now holding the sample), every other shard file keeps its bytes; a prefix
+    that matches nothing redoes nothing and says so; the flag without a prefix takes any rejection."""
+    import hashlib
+    import logging
+    import webdataset as wds
+
+    from pipeline.cli.main import main
+
+    tiny = SMALL + ["dataset.synthetic.num_images=12", "dataset.synthetic.test_images=4", "shards.samples_per_shard=4",
+                    "stages.features.params.input_size=64", f"run.output_dir={tmp_path}"]
+    cfg = load_config("pipeline.yaml", tiny)
+    sd = cfg.shard_dir
+    synthetic.generate(cfg.dataset_root, cfg.dataset.synthetic)
+    plan(cfg)
+    first = {}
+    for r in plan_rows(plan_dir(sd)):
+        first.setdefault(r["shard"], r)
+    (s_missing, missing), (s_corrupt, corrupt) = sorted(first.items())[0], sorted(first.items())[-1]
+    assert s_missing != s_corrupt
+    saved = {r["source"]: open(r["source"], "rb").read() for r in (missing, corrupt)}
+    os.remove(missing["source"])
+    with open(corrupt["source"], "wb") as f:
+        f.write(b"not a jpeg" * 20)
+
+    def status():
+        return {r["key"]: r for r in pq.read_table(sd / shards.MANIFEST).to_pylist()}
+
+    def digests():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sd.iterdir()
+                if p.name.endswith((".tar", ".stats.json"))}
+
+    preprocess(cfg, progress=False)
+    assert status()[missing["key"]]["reason"].startswith("ingest: missing image file")
+    reason = status()[corrupt["key"]]["reason"]
+    assert reason.startswith("ingest:") and "missing" not in reason
+    before = digests()
+    for path, data in saved.items():  # the inputs fixed
+        with open(path, "wb") as f:
+            f.write(data)
+
+    summary = preprocess(cfg, progress=False, retry_rejected="ingest: missing")
+    assert summary["retry_rejected"] == {"prefix": "ingest: missing", "shards_redone": 1, "samples_retried": 1,
+                                         "shards": [s_missing]}
+    assert summary["shards_written"] == 1 and summary["shards_skipped"] == summary["shards"] - 1
+    after = digests()
+    redone = {f"{s_missing}.tar", f"{s_missing}.stats.json"}
+    assert {n for n in after if after[n] != before[n]} == redone and set(after) == set(before)
+    assert status()[missing["key"]]["status"] == "ok" and status()[corrupt["key"]]["status"] == "rejected"
+    keys = [s["__key__"] for s in wds.WebDataset(str(sd / f"{s_missing}.tar"), shardshuffle=False)]
+    assert missing["key"] in keys
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="densevse.preprocess"):
+        nothing = preprocess(cfg, progress=False, retry_rejected="regions:")
+    assert nothing["retry_rejected"]["shards_redone"] == 0 and nothing["shards_written"] == 0
+    assert "no finished shard holds a sample rejected with a reason starting with 'regions:'" in caplog.text
+    assert digests() == after
+
+    args = ["preprocess", "pipeline.yaml", "--quiet", "--retry-rejected"] + [a for o in tiny for a in ("-s", o)]
+    assert main(args) == 0
+    anyreason = json.loads((sd / "summary.json").read_text())  # the console's format is not this test's business
+    assert anyreason["retry_rejected"]["shards"] == [s_corrupt] and anyreason["shards_written"] == 1
+    final = digests()
+    assert {n for n in final if final[n] != after[n]} == {f"{s_corrupt}.tar", f"{s_corrupt}.stats.json"}
+    assert all(r["status"] == "ok" for r in status().values())

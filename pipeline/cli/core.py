@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import time
 from pathlib import Path
 
 from pipeline.cli.args import common_args, load
@@ -13,25 +15,99 @@ def _print_summary(title: str, summary: dict) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
+def _retry_prefix(args) -> str | None:
+    """--retry-rejected's prefix; `--retry-rejected run.yaml` (the flag before the config) is the config."""
+    from pipeline.cli.args import DEFAULT_CONFIG, is_config
+
+    if args.retry_rejected and is_config(args.retry_rejected) and args.config == DEFAULT_CONFIG:
+        args.config, args.retry_rejected = args.retry_rejected, ""
+    return args.retry_rejected
+
+
+def _console(args, cfg):
+    """The verb's console (pipeline/console.py): progress, real warnings, the final table; the rest in run.log."""
+    from pipeline.console import Console
+
+    return Console(Path(cfg.run.output_dir) / "run.log",
+                   "quiet" if args.quiet else "verbose" if args.verbose else "normal")
+
+
+def _paths(cfg, summary: dict, summary_file: str) -> dict:
+    """Where the outputs of a verb are, for the final table."""
+    from pipeline.evaluation.retrieval import default_checkpoint
+
+    out, tr = Path(cfg.run.output_dir), summary.get("train") or {}
+    best = default_checkpoint(cfg)
+    mlflow = f"run {tr['mlflow_run_id']} at {cfg.mlflow.tracking_uri}" if tr.get("mlflow_run_id") else None
+    return {"shards": str(cfg.shard_dir) if "preprocess" in summary else None,
+            "best model": str(best) if best.is_file() and ("train" in summary or "evaluate" in summary) else None,
+            "mlflow": mlflow, "report": summary.get("report"), "summary": str(out / summary_file),
+            "log": str(out / "run.log")}
+
+
+def _finish(con, args, cfg, verb: str, summary: dict) -> None:
+    """The summary as JSON in <output_dir>/summary.json (`run`) or <verb>-summary.json, and for the person the
+    table (--json: the JSON, as `== verb ==` + JSON, which scripts parse)."""
+    from pipeline.console import summary_table
+
+    name = "summary.json" if verb == "run" else f"{verb}-summary.json"
+    summary["paths"] = _paths(cfg, summary, name)
+    out = Path(cfg.run.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / name).write_text(json.dumps(summary, indent=1, default=str))
+    con.print(f"\n== {verb} ==\n" + json.dumps(summary, indent=2, default=str) if args.json
+              else summary_table(summary))
+
+
+def _report(cfg, summary: dict) -> None:
+    """report.html beside the outputs (pipeline/report.py); a failure to draw it is a warning, not a failed run."""
+    from pipeline.report import write_report
+
+    try:
+        summary["report"] = str(write_report(cfg, summary))
+    except Exception as e:  # noqa: BLE001 -- the metrics are already computed and saved
+        logging.getLogger("densevse.report").warning("report.html not written: %s: %s", type(e).__name__, e)
+
+
 def cmd_preprocess(args) -> int:
     from pipeline.preprocess.run import preprocess
 
-    _print_summary("preprocess", preprocess(load(args), progress=not args.quiet, force=args.force))
+    retry = _retry_prefix(args)  # first: it may name the config
+    cfg = load(args)
+    with _console(args, cfg) as con:
+        summary = {"preprocess": preprocess(cfg, progress=args.verbose, force=args.force, retry_rejected=retry)}
+        _finish(con, args, cfg, "preprocess", summary if not args.json else summary["preprocess"])
     return 0
 
 
 def cmd_train(args) -> int:
     from pipeline.training.embedding import train
 
-    _print_summary("train", train(load(args), resume=args.resume))
+    cfg = load(args)
+    with _console(args, cfg) as con:
+        tr = train(cfg, resume=args.resume)
+        _finish(con, args, cfg, "train", tr if args.json else {"train": tr})
     return 0
 
 
 def cmd_evaluate(args) -> int:
     from pipeline.evaluation.retrieval import evaluate
 
-    _print_summary("evaluate", evaluate(load(args), checkpoint=args.checkpoint))
+    cfg = load(args)
+    with _console(args, cfg) as con:
+        summary = {"evaluate": _timed(evaluate, cfg, checkpoint=args.checkpoint)}
+        if args.checkpoint:  # the report draws with the model evaluated
+            summary["evaluate"]["checkpoint"] = str(args.checkpoint)
+        _report(cfg, summary)
+        _finish(con, args, cfg, "evaluate", summary["evaluate"] if args.json else summary)
     return 0
+
+
+def _timed(fn, *a, **kw) -> dict:
+    t0 = time.time()
+    out = fn(*a, **kw)
+    out.setdefault("seconds", round(time.time() - t0, 1))
+    return out
 
 
 def cmd_run(args) -> int:
@@ -40,12 +116,15 @@ def cmd_run(args) -> int:
     from pipeline.preprocess.run import preprocess
     from pipeline.training.embedding import train
 
+    retry = _retry_prefix(args)  # first: it may name the config
     cfg = load(args)
-    summary = {"preprocess": preprocess(cfg, progress=not args.quiet, force=args.force)}
-    # Short: the per-epoch history is in <output_dir>/train-<model>.json (and MLflow).
-    summary["train"] = {k: v for k, v in train(cfg).items() if k != "history"}
-    summary["evaluate"] = evaluate(cfg)
-    _print_summary("run", summary)
+    with _console(args, cfg) as con:
+        summary = {"preprocess": preprocess(cfg, progress=args.verbose, force=args.force, retry_rejected=retry)}
+        # Short: the per-epoch history is in <output_dir>/train-<model>.json (and MLflow).
+        summary["train"] = {k: v for k, v in train(cfg).items() if k != "history"}
+        summary["evaluate"] = _timed(evaluate, cfg)
+        _report(cfg, summary)
+        _finish(con, args, cfg, "run", summary)
     return 0
 
 
@@ -88,10 +167,18 @@ def register(sub) -> None:
         p = sub.add_parser(name, help=help_, description=fn.__doc__ or help_)
         common_args(p)
         p.set_defaults(func=fn)
+        if name in COMMANDS:
+            loud = p.add_mutually_exclusive_group()
+            loud.add_argument("--quiet", action="store_true", help="only the final table and errors")
+            loud.add_argument("--verbose", action="store_true",
+                              help="everything (Ray's, Detectron2's logs) on the console too, not only in run.log")
+            p.add_argument("--json", action="store_true", help="end with the summary as JSON instead of the table")
         if name in ("run", "preprocess"):
-            p.add_argument("--quiet", action="store_true", help="no progress bars")
             p.add_argument("--force", action="store_true",
                            help="redo finished shards made with another config (else such a resume is refused)")
+            p.add_argument("--retry-rejected", nargs="?", const="", default=None, metavar="REASON_PREFIX",
+                           help="also redo the finished shards holding samples rejected with a reason starting "
+                                "with REASON_PREFIX (e.g. 'ingest: download'; none: any rejection)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
         if name == "evaluate":

@@ -7,7 +7,11 @@ A sample spec is a dict::
      "captions": ["A child in a pink dress ...", ...],
      "gold": {} | {"boxes": [[x0, y0, x1, y1], ...], "labels": [...],
                    "trees": {"0": "(S ...)"},                 # gold PTB trees by caption index, if known
-                   "links": {"0": [[start, end, box], ...]}}} # gold phrase token span -> box, if known
+                   "links": {"0": [[start, end, box], ...]},  # gold phrase token span -> box, if known
+                   "columns": {"license": ...}}}            # a table's save_additional_columns (table, img2dataset)
+
+`source` is a local path or one of stages/fetch.py's URIs: an http(s) URL (table), `<shard>.tar#<member>` or
+`<shard>.parquet#<key>` (img2dataset).
 
 Readers check the annotation files and raise DatasetError naming file and line for malformed ones (JSON or XML
 that does not parse, an image path that is absolute or leaves the dataset folder: base.inside); a missing
@@ -19,7 +23,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.datasets import coco, flickr8k, flickr30k_entities, karpathy, synthetic_reader  # noqa: F401 (register)
+from pipeline.datasets import (coco, flickr8k, flickr30k_entities, img2dataset, karpathy,  # noqa: F401 (register)
+                               synthetic_reader, table)
 from pipeline.datasets.base import READERS
 
 

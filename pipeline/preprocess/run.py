@@ -2,6 +2,8 @@
 
 The plan (plan.py: which sample goes to which shard) is fixed up front from the dataset, sorted by key, so a
 re-run finds the same shards, skips the finished ones and redoes the rest whole: no sample is lost or written twice.
+It is Parquet under <shard_dir>/plan/, one row group per shard; the workers read their shard's row group and build
+its rows, so the driver holds per-shard counts and digests only, never the samples.
 The unit of work is a shard (as in img2dataset): each Ray Data row carries one shard's samples, every stage
 maps shard -> shard (model stages as actor pools, the others as tasks) and the last step writes the tar inside
 the cluster. No shuffle is needed, and a failed task redoes exactly one shard.
@@ -19,8 +21,10 @@ import time
 from pathlib import Path
 
 from pipeline.config import PipelineConfig, StageConfig
+from pipeline.console import emit
 from pipeline.preprocess import ship, shards
-from pipeline.preprocess.plan import check_resume, fingerprint, plan
+from pipeline.preprocess.plan import (check_resume, fingerprint, plan, plan_dir, read_shard, retry_shards,
+                                     shard_rows)
 from pipeline.preprocess.prepare import prepare_stage_models
 from pipeline.raylocal import init_ray
 from stages.base import STAGES, is_transient
@@ -151,7 +155,8 @@ def _add_stage(ds, sc: StageConfig, actors: int | None, models=None):
     still adds its RaySystemError): _run_stage already retried the transient ones, and bad input never fails.
     Ray 2.60 takes these only as `**ray_remote_args` (deprecated, removal announced for 2.64; no named form yet)."""
     args = dict(impl=sc.impl, params=sc.params, batch_size=sc.batch_size)
-    common = dict(batch_size=1, num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None, batch_format="numpy")
+    common = dict(batch_size=1, num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None, batch_format="numpy",
+                  **({"memory": sc.memory_mb * 2**20} if sc.memory_mb else {}))
     if actors:
         args["models"] = models
         return ds.map_batches(_StageOnShards, fn_constructor_kwargs=args, concurrency=actors, **common,
@@ -167,43 +172,73 @@ def _write(batch, shard_dir: str, fingerprint: dict | None = None):
             "n_rejected": [st["n_rejected"] for st in stats]}
 
 
-def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False) -> dict:
+def _shard_items(batch):
+    """Plan items (one per shard: its plan file and row group) -> the items the stages take: {"shard", "rows":
+    pickled rows}. On the workers."""
+    out = {"shard": [], "rows": []}
+    for path, rg in zip(batch["file"], batch["row_group"]):
+        r = read_shard(str(path), int(rg))
+        out["shard"].append(r["shard"])
+        out["rows"].append(pickle.dumps(shard_rows(r), protocol=pickle.HIGHEST_PROTOCOL))
+    return out
+
+
+def shard_dataset(ray, plan_path: Path, infos: list[dict], skip: set[str] = frozenset()):
+    """The Ray Dataset of the planned shards not in `skip`, one shard per block (so every actor gets work): the
+    driver's items are (plan file, row group) pairs, O(shards); the rows are read and built on the workers."""
+    items = [{"file": str(plan_path / i["file"]), "row_group": i["row_group"]} for i in infos if i["shard"] not in skip]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
+    return ds.map_batches(_shard_items, batch_size=1, batch_format="numpy")
+
+
+def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
+               retry_rejected: str | None = None) -> dict:
     """Run (or resume) preprocessing; returns the run summary (also written to <shard_dir>/summary.json).
 
     A finished shard made with another config (its stats' fingerprint differs) stops the run before any shard
-    work with a ConfigError naming the changed keys; `force` redoes those shards instead. Stage models are
-    prepared first (trained on first use) so that the fingerprint hashes the model files the run will use."""
+    work with a ConfigError naming the changed keys; `force` redoes those shards instead. `retry_rejected`
+    (a reason prefix, "" for any) also redoes the finished shards holding samples rejected with such a reason
+    (plan.retry_shards), and only those. Stage models are prepared first (trained on first use) so that the
+    fingerprint hashes the model files the run will use."""
     t0 = time.time()
-    rows = plan(cfg)
     shard_dir = cfg.shard_dir
     shard_dir.mkdir(parents=True, exist_ok=True)
-    planned: dict[str, list[str]] = {}
-    for r in rows:
-        planned.setdefault(r["shard"], []).append(r["key"])
+    infos = plan(cfg)
+    planned = {i["shard"]: i["keys_sha256"] for i in infos}
+    n_samples = sum(i["n"] for i in infos)
     done = shards.finished_shards(shard_dir, planned)
     prepare_stage_models(cfg)
     fp = fingerprint(cfg)
     redo = check_resume(fp, done, shard_dir, force)
     done = {s: st for s, st in done.items() if s not in redo}
-    pending = [r for r in rows if r["shard"] not in done]
+    retry = {}
+    if retry_rejected is not None:
+        retry = retry_shards(done, retry_rejected)
+        if retry:
+            log.info("--retry-rejected %r: redoing %d shard(s) holding %d such rejected sample(s): %s",
+                     retry_rejected, len(retry), sum(retry.values()), list(retry)[:5])
+        else:
+            log.warning("--retry-rejected %r: no finished shard holds a sample rejected with a reason starting "
+                        "with %r: no shard redone for it", retry_rejected, retry_rejected)
+        done = {s: st for s, st in done.items() if s not in retry}
     log.info("plan: %d samples in %d shards; %d shards already finished (%d more redone: --force, config "
-             "changed)", len(rows), len(planned), len(done), len(redo))
-    if pending:
+             "changed; %d: --retry-rejected)", n_samples, len(planned), len(done), len(redo), len(retry))
+    if len(done) < len(planned):
         ray = init_ray(cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
-        by_shard: dict[str, list[dict]] = {}
-        for r in pending:
-            by_shard.setdefault(r["shard"], []).append(r)
-        items = [{"shard": s, "rows": pickle.dumps(rs, protocol=pickle.HIGHEST_PROTOCOL)} for s, rs in by_shard.items()]
-        ds = ray.data.from_items(items, override_num_blocks=len(items))
+        ds = shard_dataset(ray, plan_dir(shard_dir), infos, set(done))
         stage_cfgs = {name: getattr(cfg.stages, name) for name in STAGE_ORDER}
         actors = actor_pool_sizes(stage_cfgs, node_cpus())
         for name, sc in stage_cfgs.items():
             packed = ship.pack(sc.params) if actors.get(name) else None
             ds = _add_stage(ds, sc, actors.get(name), ray.put(packed) if packed else None)
-        written = ds.map_batches(_write, fn_kwargs={"shard_dir": str(shard_dir), "fingerprint": fp}, batch_size=1,
-                                 batch_format="numpy").take_all()
+        todo, n, written = sum(i["n"] for i in infos if i["shard"] not in done), 0, []
+        for w in ds.map_batches(_write, fn_kwargs={"shard_dir": str(shard_dir), "fingerprint": fp}, batch_size=1,
+                                batch_format="numpy").iter_rows():
+            written.append(w)  # one row per shard written: the console's samples/s and ETA
+            n += int(w["n_ok"]) + int(w["n_rejected"])
+            emit({"step": "preprocess", "done": n, "total": todo})
         missing = set(planned) - set(done) - {w["shard"] for w in written}
         if missing:
             raise RuntimeError(f"shards not written: {sorted(missing)[:5]}")
@@ -212,9 +247,12 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False) 
         log.warning("%d shard(s) in %s are not in this run's plan: left out of the manifest, so never read: %s",
                     len(stale), shard_dir, stale[:5])
     manifest = shards.write_manifest(shard_dir, sorted(planned))
-    summary = {"samples": len(rows), "shards": len(planned), "shards_skipped": len(done),
+    summary = {"samples": n_samples, "shards": len(planned), "shards_skipped": len(done),
                "shards_written": len(planned) - len(done), "shards_redone_config_changed": len(redo),
                "seconds": round(time.time() - t0, 1), "manifest": str(manifest),
                "fingerprint": fp["sha256"], "splits": shards.summarize_shards(shard_dir, sorted(planned))}
+    if retry_rejected is not None:
+        summary["retry_rejected"] = {"prefix": retry_rejected, "shards_redone": len(retry),
+                                     "samples_retried": sum(retry.values()), "shards": list(retry)}
     shards.write_atomic(shard_dir / "summary.json", json.dumps(summary, indent=1))
     return summary

@@ -18,6 +18,7 @@ import os
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -155,35 +156,53 @@ def tar_problem(shard_dir: Path, st: dict, full: bool) -> str | None:
     return None
 
 
-def finished_shards(shard_dir: Path, planned: dict[str, list[str]]) -> dict[str, dict]:
-    """The stats of each planned shard whose stats list exactly its planned keys and whose tar is the one they
-    describe (size and sha256, always hashed: a resume is where damage is repaired).
+def keys_sha256(keys: list[str]) -> str:
+    """One digest of a shard's sample keys (sorted): what the plan records instead of holding every key."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
+
+
+def finished_shards(shard_dir: Path, planned: dict[str, str]) -> dict[str, dict]:
+    """The stats of each planned shard (name -> keys_sha256 of its planned keys) whose stats list exactly its
+    planned keys and whose tar is the one they describe (size and sha256, always hashed: a resume is where
+    damage is repaired).
 
     Anything else (no stats, truncated or altered tar, a changed plan) is redone whole on the next run."""
     done = {}
-    for shard, keys in planned.items():
+    for shard, digest in planned.items():
         st = read_stats(shard_dir, shard)
         try:
-            listed = sorted(s["key"] for s in st["samples"]) if st else None
+            listed = keys_sha256([s["key"] for s in st["samples"]]) if st else None
         except (KeyError, TypeError):
             continue
-        if listed == sorted(keys) and tar_problem(shard_dir, st, full=True) is None:
+        if listed == digest and tar_problem(shard_dir, st, full=True) is None:
             done[shard] = st
     return done
 
 
-def load_stats(shard_dir: Path, shards: list[str] | None = None) -> list[dict]:
+def iter_stats(shard_dir: Path, shards: list[str] | None = None) -> Iterator[dict]:
+    """Each shard's stats in turn (of `shards`, or every stats file): one in memory at a time."""
     shard_dir = Path(shard_dir)
     paths = [stats_path(shard_dir, s) for s in shards] if shards is not None else sorted(shard_dir.glob("*.stats.json"))
-    return [json.loads(p.read_text()) for p in paths]
+    for p in paths:
+        yield json.loads(p.read_text())
+
+
+def load_stats(shard_dir: Path, shards: list[str] | None = None) -> list[dict]:
+    return list(iter_stats(shard_dir, shards))
 
 
 def write_manifest(shard_dir: Path, shards: list[str]) -> Path:
-    rows = [s for st in load_stats(shard_dir, shards) for s in st["samples"]]
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    """manifest.parquet from the shards' stats, written a shard at a time (its size does not bound memory)."""
     path = Path(shard_dir) / MANIFEST
     tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp)
+    with pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as w:
+        batch: list[dict] = []
+        for st in iter_stats(shard_dir, shards):
+            batch += st["samples"]
+            if len(batch) >= 65536:
+                w.write_table(pa.Table.from_pylist(batch, schema=MANIFEST_SCHEMA))
+                batch = []
+        w.write_table(pa.Table.from_pylist(batch, schema=MANIFEST_SCHEMA))
     os.replace(tmp, path)
     return path
 
@@ -241,7 +260,7 @@ def dataset_sha256(shard_dir: Path) -> str | None:
 def summarize_shards(shard_dir: Path, shards: list[str] | None = None) -> dict:
     """Per split counts, reject reasons and sizes (what `densevse inspect` and a run's summary print)."""
     out: dict = {}
-    for st in load_stats(shard_dir, shards):
+    for st in iter_stats(shard_dir, shards):
         s = out.setdefault(st["split"], Counter())
         for k in ("n_planned", "n_ok", "n_rejected", "n_captions", "n_caption_rejects", "n_phrases",
                   "n_regions", "tar_bytes"):

@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import is_complete, load_checkpoint
+from pipeline.console import emit
 from pipeline.raylocal import REPO, init_ray
 
 FAIL_AT_EPOCH = "DENSEVSE_FAIL_AT_EPOCH"
@@ -260,6 +261,7 @@ def worker(config: dict) -> None:
             if run_id:
                 tracking.log_epoch(cfg.mlflow.tracking_uri, run_id, metrics, step=epoch)
             checkpoint = _checkpoint(cfg, task, core, opt, epoch, history, run_id)
+            emit({"step": "train", "epochs": task.epochs, **metrics})  # the driver's console shows the epoch
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:  # Ray has copied it to the run's storage
             shutil.rmtree(checkpoint.path, ignore_errors=True)

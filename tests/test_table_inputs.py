@@ -1,0 +1,379 @@
+"""The inputs users bring: a table of image URLs / paths + captions (csv, tsv, jsonl, parquet), img2dataset's
+webdataset output (tars + per-shard parquet), and ingest's downloader against a real HTTP server on 127.0.0.1."""
+import csv
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pipeline.config import DatasetConfig, parse_config
+from pipeline.datasets import READERS, read_dataset
+from pipeline.errors import ConfigError, DatasetError
+from stages.base import STAGES, Reject, empty_row
+from stages.fetch import USER_AGENT, DownloadParams, download_url
+from stages.images import read_bytes
+
+
+def _jpeg(seed: int = 0, size=(48, 40)) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------------------ a real HTTP server
+
+class _Handler(BaseHTTPRequestHandler):
+    hits: dict[str, int] = {}
+    agents: list[str] = []
+    later_ok = False  # /later.jpg: 404 until the end-to-end test "fixes" the server
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _send(self, code: int, body: bytes = b"", ctype: str = "image/jpeg", **headers):
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", headers.pop("length", str(len(body))))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        n = _Handler.hits[path] = _Handler.hits.get(path, 0) + 1
+        _Handler.agents.append(self.headers.get("User-Agent", ""))
+        if path.startswith("/img/"):
+            self._send(200, _jpeg(int(path.split("/")[-1].split(".")[0])))
+        elif path == "/redirect.jpg":
+            self._send(302, b"", "text/plain", Location="/img/7.jpg")
+        elif path == "/loop.jpg":
+            self._send(302, b"", "text/plain", Location="/loop.jpg")
+        elif path == "/slow.jpg":
+            time.sleep(1.5)
+            self._send(200, _jpeg())
+        elif path == "/page.html":
+            self._send(200, b"<html>not an image</html>", "text/html; charset=utf-8")
+        elif path == "/flaky.jpg":  # 503 twice, then the image: retried
+            self._send(200, _jpeg(3)) if n > 2 else self._send(503, b"busy", "text/plain")
+        elif path == "/down.jpg":
+            self._send(503, b"busy", "text/plain")
+        elif path == "/later.jpg" and _Handler.later_ok:
+            self._send(200, _jpeg(5))
+        elif path == "/big.jpg":
+            self._send(200, b"x" * 5000)
+        else:
+            self._send(404, b"no such thing", "text/plain")
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # the slow response's client has gone: expected
+        pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    httpd = _Server(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+FAST = DownloadParams(timeout_s=0.5, retries=2, backoff_s=0.01)
+CAP = 32 * 2**20
+
+
+def test_downloads_good_and_redirected_images_with_the_user_agent(server):
+    assert download_url(f"{server}/img/1.jpg", CAP, FAST) == _jpeg(1)
+    assert download_url(f"{server}/redirect.jpg", CAP, FAST) == _jpeg(7)
+    assert _Handler.agents[-1] == USER_AGENT and USER_AGENT.startswith("densevse/")
+    assert read_bytes(f"{server}/img/2.jpg", download=DownloadParams(user_agent="me/1 (+mailto:x@y)")) == _jpeg(2)
+    assert _Handler.agents[-1] == "me/1 (+mailto:x@y)"
+
+
+def test_5xx_is_retried_with_backoff_then_succeeds(server):
+    t0 = time.monotonic()
+    assert download_url(f"{server}/flaky.jpg", CAP, DownloadParams(retries=2, backoff_s=0.1)) == _jpeg(3)
+    assert _Handler.hits["/flaky.jpg"] == 3 and time.monotonic() - t0 >= 0.3  # waits 0.1 + 0.2
+
+
+@pytest.mark.parametrize("path,params,reason,tries", [
+    ("/missing.jpg", FAST, "download failed: HTTP 404 Not Found", 1),  # not retried
+    ("/page.html", FAST, "download failed: content type text/html is not an image", 1),
+    ("/down.jpg", FAST, "download failed: HTTP 503 Service Unavailable (3 tries)", 3),
+    ("/slow.jpg", DownloadParams(timeout_s=0.5, retries=1, backoff_s=0),
+     "download failed: timed out after 0.5 s (2 tries)", 2),
+    ("/loop.jpg", DownloadParams(max_redirects=3), "download failed: more than 3 redirects", 4),
+    ("/big.jpg", FAST, "download failed: 5000 bytes, over the cap of 1000 bytes", 1),
+])
+def test_failed_downloads_are_rejects_with_their_reason(server, path, params, reason, tries):
+    before = _Handler.hits.get(path, 0)
+    with pytest.raises(Reject) as e:
+        download_url(f"{server}{path}", 1000 if path == "/big.jpg" else CAP, params)
+    assert str(e.value) == reason
+    assert _Handler.hits[path] - before == tries
+
+
+def test_connection_refused_and_bad_urls_are_rejects():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now
+    with pytest.raises(Reject, match=r"^download failed: connection error \(.*refused.*\) \(2 tries\)$"):
+        download_url(f"http://127.0.0.1:{port}/a.jpg", CAP, DownloadParams(retries=1, backoff_s=0))
+    with pytest.raises(Reject, match="^download failed: "):
+        download_url("http://127.0.0.1:notaport/a.jpg", CAP, FAST)
+
+
+def test_ingest_records_download_failures_by_prefix(server):
+    """Ingest downloads a batch's URLs in parallel; each failure is that row's "ingest: download failed: ..."."""
+    paths = ["/img/4.jpg", "/missing.jpg", "/page.html", "/redirect.jpg"]
+    rows = [empty_row(key=f"k{i}", source=f"{server}{p}", captions=json.dumps(["A red square on grey."]))
+            for i, p in enumerate(paths)]
+    stage = STAGES.get("image_caption")({"timeout_s": 0.5, "retries": 0, "threads": 4})
+    out = {r["source"].removeprefix(server): r for r in stage.process(rows)}
+    assert out["/img/4.jpg"]["reject"] == "" and out["/img/4.jpg"]["width"] == 48
+    assert out["/redirect.jpg"]["reject"] == ""
+    assert out["/missing.jpg"]["reject"] == "ingest: download failed: HTTP 404 Not Found"
+    assert out["/page.html"]["reject"] == "ingest: download failed: content type text/html is not an image"
+
+
+def test_download_params_are_validated_up_front():
+    with pytest.raises(ConfigError, match=r"stages\.ingest\.params\.timeout_s"):
+        parse_config({"stages": {"ingest": {"impl": "image_caption", "params": {"timeout_s": 0}}}})
+    with pytest.raises(ConfigError, match=r"stages\.ingest\.params\.retrys"):
+        parse_config({"stages": {"ingest": {"impl": "image_caption", "params": {"retrys": 3}}}})
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+
+ROWS = [  # (image, caption, split, license)
+    ("imgs/a.jpg", "A dog runs.", "train", "cc-by"),
+    ("imgs/b.jpg", "A cat sits.", "val", "cc0"),
+    ("imgs/a.jpg", "A brown dog runs on grass.", "train", "other"),
+    ("https://example.org/photos/c.jpg?size=l", "A bird flies.", "", "cc0"),
+]
+
+
+def _write_table(path: Path, rows=ROWS, header=("image", "text", "split", "license")):
+    dicts = [dict(zip(header, r)) for r in rows]
+    if path.suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(dicts), path)
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(d) + "\n" for d in dicts))
+    else:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, header, delimiter="\t" if path.suffix == ".tsv" else ",")
+            w.writeheader()
+            w.writerows(dicts)
+    return path
+
+
+def _table_cfg(file: str, **table) -> DatasetConfig:
+    return DatasetConfig(kind="table", root=".", table={"file": file, "url_col": "image", "caption_col": "text",
+                                                        **table})
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_table_readers_group_captions_per_image(tmp_path, suffix):
+    path = _write_table(tmp_path / f"caps{suffix}")
+    cfg = _table_cfg(path.name, split_col="split", save_additional_columns=["license"])
+    specs = list(READERS.get("table")(tmp_path, cfg))
+    assert [s["captions"] for s in specs] == [["A dog runs.", "A brown dog runs on grass."], ["A cat sits."],
+                                              ["A bird flies."]]
+    assert [s["split"] for s in specs] == ["train", "val", "train"]  # an empty split cell: default_split
+    assert [s["source"] for s in specs] == [str(tmp_path / "imgs/a.jpg"), str(tmp_path / "imgs/b.jpg"),
+                                            "https://example.org/photos/c.jpg?size=l"]
+    assert [s["gold"] for s in specs] == [{"columns": {"license": "cc-by"}}, {"columns": {"license": "cc0"}},
+                                          {"columns": {"license": "cc0"}}]  # the image's first row
+    keys = [s["key"] for s in specs]
+    assert keys[0].startswith("table_caps_a_") and keys[2].startswith("table_caps_c_")
+    assert len(set(keys)) == 3 and not any("." in k for k in keys)
+    assert keys == [s["key"] for s in READERS.get("table")(tmp_path, cfg)]  # stable
+    other = list(read_dataset(_table_cfg(path.name), tmp_path))  # no split_col: every row is "train"
+    assert {s["split"] for s in other} == {"train"} and [s["gold"] for s in other] == [{}, {}, {}]
+
+
+def test_same_file_name_at_two_urls_is_two_samples(tmp_path):
+    _write_table(tmp_path / "t.csv", [("https://a.example/x/1.jpg", "One.", "", ""),
+                                      ("https://b.example/x/1.jpg", "Two.", "", "")])
+    specs = list(READERS.get("table")(tmp_path, _table_cfg("t.csv")))
+    assert len({s["key"] for s in specs}) == 2
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("url_col", "url", r"caps\.csv: dataset\.table\.url_col 'url' is not a column of the table; its columns are "
+                       r"\['image', 'text', 'split', 'license'\]"),
+    ("caption_col", "caption", r"caps\.csv: dataset\.table\.caption_col 'caption' is not a column"),
+    ("split_col", "fold", r"caps\.csv: dataset\.table\.split_col 'fold' is not a column"),
+    ("save_additional_columns", ["license", "width"],
+     r"caps\.csv: dataset\.table\.save_additional_columns\[1\] 'width' is not a column"),
+])
+def test_bad_column_names_name_the_option_column_and_file(tmp_path, option, value, message):
+    _write_table(tmp_path / "caps.csv")
+    with pytest.raises(DatasetError, match=message):
+        list(READERS.get("table")(tmp_path, _table_cfg("caps.csv", **{option: value})))
+
+
+def test_bad_tables_are_dataset_errors_naming_file_and_line(tmp_path):
+    _write_table(tmp_path / "climb.csv", [("../../etc/passwd", "A file.", "", "")])
+    with pytest.raises(DatasetError, match="leaves the dataset folder"):
+        list(READERS.get("table")(tmp_path, _table_cfg("climb.csv")))
+    _write_table(tmp_path / "empty.csv", [("a.jpg", "A.", "", ""), ("", "B.", "", "")])
+    with pytest.raises(DatasetError, match=r"empty\.csv:3: image is empty"):
+        list(READERS.get("table")(tmp_path, _table_cfg("empty.csv")))
+    _write_table(tmp_path / "splits.csv", [("a.jpg", "A.", "train", ""), ("a.jpg", "B.", "test", "")])
+    with pytest.raises(DatasetError, match=r"splits\.csv:3: image 'a\.jpg' is in split 'test' here but in 'train'"):
+        list(READERS.get("table")(tmp_path, _table_cfg("splits.csv", split_col="split")))
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.jpg", "text": "A."}\n{"image": \n')
+    with pytest.raises(DatasetError, match=r"bad\.jsonl:2: not valid JSON"):
+        list(READERS.get("table")(tmp_path, _table_cfg("bad.jsonl")))
+    with pytest.raises(DatasetError, match="missing dataset file"):
+        list(READERS.get("table")(tmp_path, _table_cfg("nowhere.csv")))
+
+
+def test_table_config_is_checked_up_front():
+    with pytest.raises(ConfigError, match=r"dataset\.table\.file: required for dataset\.kind='table'"):
+        parse_config({"dataset": {"kind": "table", "root": "x"}})
+    with pytest.raises(ConfigError, match=r"dataset\.table\.input_format: cannot tell the format of 'caps\.xlsx'"):
+        parse_config({"dataset": {"kind": "table", "root": "x", "table": {"file": "caps.xlsx"}}})
+    with pytest.raises(ConfigError, match=r"dataset\.table\.urlcol: Extra inputs"):
+        parse_config({"dataset": {"kind": "table", "root": "x", "table": {"file": "c.csv", "urlcol": "u"}}})
+    cfg = parse_config({"dataset": {"kind": "table", "root": "x", "table": {"file": "c.txt", "input_format": "tsv"}}})
+    assert cfg.dataset.table.input_format == "tsv"
+
+
+# ------------------------------------------------------------------------------------------------- img2dataset
+
+def write_img2dataset(root: Path) -> Path:
+    """Two img2dataset shards as it writes them: tar (jpg + txt + json), parquet (every input row, with its
+    status) and _stats.json. Shard 00000: 2 downloaded, 1 failed; 00001: 1 downloaded, 1 'success' in the
+    parquet that the tar lacks."""
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    shards = {"00000": [("000000000", "success", None, "A red kite."), ("000000001", "failed_to_download",
+                                                                        "HTTP Error 404: Not Found", "Lost."),
+                        ("000000002", "success", None, "A blue sea.")],
+              "00001": [("000010000", "success", None, "A green field."),
+                        ("000010001", "success", None, "Not in the tar.")]}
+    for shard, rows in shards.items():
+        with wds.TarWriter(str(root / f"{shard}.tar")) as sink:
+            for i, (key, status, _, caption) in enumerate(rows):
+                if status == "success" and caption != "Not in the tar.":
+                    sink.write({"__key__": key, "jpg": _jpeg(i), "txt": caption.encode(),
+                                "json": json.dumps({"key": key, "status": status, "url": f"http://x/{key}.jpg"}).encode()})
+        pq.write_table(pa.table({"url": [f"http://x/{r[0]}.jpg" for r in rows], "caption": [r[3] for r in rows],
+                                 "key": [r[0] for r in rows], "status": [r[1] for r in rows],
+                                 "error_message": [r[2] for r in rows], "width": [48 if r[1] == "success" else None
+                                                                                for r in rows]}),
+                       root / f"{shard}.parquet")
+        (root / f"{shard}_stats.json").write_text(json.dumps({"count": len(rows)}))
+    return root
+
+
+def test_img2dataset_reader_and_its_rejections(tmp_path):
+    root = write_img2dataset(tmp_path / "i2d")
+    cfg = DatasetConfig(kind="img2dataset", root=root, img2dataset={"save_additional_columns": ["url"]})
+    specs = {s["key"]: s for s in read_dataset(cfg, root)}
+    assert sorted(specs) == ["i2d_000000000", "i2d_000000001", "i2d_000000002", "i2d_000010000", "i2d_000010001"]
+    assert specs["i2d_000000000"]["source"] == f"{root}/00000.tar#000000000.jpg"
+    assert specs["i2d_000000001"]["source"] == f"{root}/00000.parquet#000000001"
+    assert specs["i2d_000000002"]["captions"] == ["A blue sea."] and {s["split"] for s in specs.values()} == {"train"}
+    assert specs["i2d_000000000"]["gold"] == {"columns": {"url": "http://x/000000000.jpg"}}
+    rows = [empty_row(key=k, source=s["source"], captions=json.dumps(s["captions"]), gold=json.dumps(s["gold"]))
+            for k, s in specs.items()]
+    out = {r["key"]: r for r in STAGES.get("image_caption")().process(rows)}
+    assert {k: r["reject"] for k, r in out.items()} == {
+        "i2d_000000000": "", "i2d_000000002": "", "i2d_000010000": "",
+        "i2d_000000001": "ingest: download failed in img2dataset: HTTP Error 404: Not Found",
+        "i2d_000010001": f"ingest: no member 000010001.jpg in {root}/00001.tar"}
+    assert out["i2d_000000002"]["width"] == 48
+
+
+def test_img2dataset_bad_folders(tmp_path):
+    with pytest.raises(DatasetError, match="no img2dataset shards"):
+        list(read_dataset(DatasetConfig(kind="img2dataset", root=tmp_path), tmp_path))
+    root = write_img2dataset(tmp_path / "i2d")
+    cfg = DatasetConfig(kind="img2dataset", root=root, img2dataset={"save_additional_columns": ["licence"]})
+    with pytest.raises(DatasetError, match=r"00000\.parquet: no column 'licence' "
+                                           r"\(dataset\.img2dataset\.save_additional_columns\)"):
+        list(read_dataset(cfg, root))
+    (root / "00001.tar").write_bytes(b"not a tar at all" * 64)
+    with pytest.raises(DatasetError, match=r"00001\.tar: not a readable tar file"):
+        list(read_dataset(DatasetConfig(kind="img2dataset", root=root), root))
+
+
+# -------------------------------------------------------------------------------------------------- end to end
+
+@pytest.mark.slow
+def test_preprocess_a_table_of_urls(server, stage_models, tmp_path, capsys, monkeypatch):
+    """`densevse preprocess` on a csv of URLs served on 127.0.0.1 (plus one local file): good images become
+    samples, each failed download is a recorded rejection with its reason, and `--retry-rejected "ingest:
+    download"` redoes them once the server is fixed."""
+    import webdataset as wds
+
+    from conftest import ROOT
+    from pipeline.cli.main import main
+    from pipeline.preprocess import shards
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "local.jpg").write_bytes(_jpeg(20))
+    rows = [(f"{server}/img/10.jpg", "A noisy square of colour."), (f"{server}/img/11.jpg", "A grey photo."),
+            (f"{server}/img/10.jpg", "Another caption of the first photo."),
+            (f"{server}/redirect.jpg", "A photo behind a redirect."), (f"{server}/later.jpg", "Not there yet."),
+            (f"{server}/page.html", "A web page."), (f"{server}/slow.jpg", "A slow photo."),
+            ("images/local.jpg", "A local photo.")]
+    _write_table(tmp_path / "caps.csv", rows, header=("image", "text"))
+    over = ["dataset.kind=table", f"dataset.root={tmp_path}", "dataset.table.file=caps.csv",
+            "dataset.table.url_col=image", "dataset.table.caption_col=text", f"run.output_dir={tmp_path / 'out'}",
+            "stages.ingest.params.timeout_s=0.5", "stages.ingest.params.retries=0", "shards.samples_per_shard=4",
+            "stages.regions.impl=gold_boxes", "stages.regions.params={}", "stages.features.params.input_size=96",
+            f"stages.parse.params.model_dir={stage_models[1]}", "ray.num_cpus=2"]
+    args = ["preprocess", "pipeline.yaml", "--quiet", "--json", *[a for o in over for a in ("-s", o)]]
+    monkeypatch.chdir(ROOT)  # the stage model path is relative to the repo root
+    capsys.readouterr()
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out.split("==\n", 1)[1])
+    assert summary["samples"] == 7 and summary["shards"] == 2
+    sd = tmp_path / "out" / "shards"
+
+    def manifest():
+        return {r["source"].removeprefix(server): r for r in pq.read_table(sd / shards.MANIFEST).to_pylist()}
+
+    m = manifest()
+    assert {s: r["reason"] for s, r in m.items() if r["status"] == "rejected"} == {
+        "/later.jpg": "ingest: download failed: HTTP 404 Not Found",
+        "/page.html": "ingest: download failed: content type text/html is not an image",
+        "/slow.jpg": "ingest: download failed: timed out after 0.5 s"}
+    assert {s for s, r in m.items() if r["status"] == "ok"} == {"/img/10.jpg", "/img/11.jpg", "/redirect.jpg",
+                                                               str(tmp_path / "images" / "local.jpg")}
+    assert m["/img/10.jpg"]["n_captions"] == 2
+    reasons = summary["splits"]["train"]
+    assert reasons["n_rejected"] == 3 and reasons["reject: ingest: download failed: HTTP 404 Not Found"] == 1
+    samples = [s for tar in shards.shard_paths(sd, "train") for s in wds.WebDataset(str(tar), shardshuffle=False)]
+    assert len(samples) == 4
+    first = next(json.loads(s["json"]) for s in samples if s["__key__"] == m["/img/10.jpg"]["key"])
+    assert [c["text"].replace(" .", ".") for c in first["captions"]] == [rows[0][1], rows[2][1]]  # tokenized
+
+    _Handler.later_ok = True  # the server fixed: /later.jpg now serves an image
+    capsys.readouterr()
+    assert main([*args, "--retry-rejected", "ingest: download"]) == 0
+    retried = json.loads(capsys.readouterr().out.split("==\n", 1)[1])
+    assert retried["retry_rejected"]["samples_retried"] == 3 and retried["shards_written"] >= 1
+    m = manifest()
+    assert m["/later.jpg"]["status"] == "ok" and m["/page.html"]["status"] == "rejected"
