@@ -98,10 +98,13 @@ def build_detector(cfg, weights: str | None, device: str = "cpu"):
 
 def _stage_ends(stem, blocks) -> tuple[list[int], list[int], list[int]]:
     """(last block index, stride, channels) of each resolution stage, found with a dry run: the block before
-    each halving of the resolution ends a stage."""
+    each halving of the resolution ends a stage. The dry run is in eval mode: in training mode it would move
+    every BatchNorm's running statistics towards those of a zero image, away from the ImageNet ones."""
     import torch
 
     ends, strides, chans = [], [], []
+    modes = [(m, m.training) for m in [*stem.modules(), *blocks.modules()]]
+    stem.eval(), blocks.eval()
     with torch.no_grad():
         x = stem(torch.zeros(1, 3, 64, 64))
         prev = x.shape[-1]
@@ -115,6 +118,8 @@ def _stage_ends(stem, blocks) -> tuple[list[int], list[int], list[int]]:
         ends.append(len(blocks) - 1)
         strides.append(64 // prev)
         chans.append(x.shape[1])
+    for m, training in modes:
+        m.train(training)
     return ends, strides, chans
 
 

@@ -5,13 +5,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline import storage
 from pipeline.errors import ConfigError
 from stages import STAGES
+
+
+# A local path (Path) or an object-store URI kept intact as a string (pipeline/storage.py); a bad scheme is an error
+# naming the key.
+Location = Annotated[Path | str, BeforeValidator(storage.location)]
 
 
 class Strict(BaseModel):
@@ -20,8 +26,16 @@ class Strict(BaseModel):
 
 class RunConfig(Strict):
     name: str = "default"
-    output_dir: Path = Path("runs/default")
+    output_dir: Location = Path("runs/default")  # local (a URI is refused, see _local below)
     seed: int = 0
+
+    @field_validator("output_dir")
+    @classmethod
+    def _local(cls, v):
+        if storage.is_uri(v):  # models, reports and the synthetic dataset are still written with local file I/O
+            raise ValueError(f"must be a local path for now, not {v!r} (put shards.dir and train.storage_path "
+                             f"in object storage instead)")
+        return v
 
 
 class SyntheticConfig(Strict):
@@ -75,7 +89,7 @@ class Img2datasetConfig(Strict):
 class DatasetConfig(Strict):
     kind: Literal["synthetic", "flickr8k", "coco", "karpathy", "flickr30k_entities", "table",
                   "img2dataset"] = "synthetic"
-    root: Path | None = None  # the dataset folder; for synthetic, where the generated set is written
+    root: Location | None = None  # the dataset folder; for synthetic, where the generated set is written
     splits: list[str] = ["train", "val", "test"]
     limit: int | None = Field(None, ge=1)  # at most this many images per split (quick runs)
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
@@ -86,6 +100,9 @@ class DatasetConfig(Strict):
     def _root(self):
         if self.kind != "synthetic" and self.root is None:
             raise ValueError(f"dataset.root is required for dataset.kind={self.kind!r}")
+        if self.root is not None and storage.is_uri(self.root):  # the readers (pipeline/datasets) open local files
+            raise ValueError(f"root: must be a local path for now, not {self.root!r} (object storage is not "
+                             f"supported for dataset files yet)")
         if self.kind == "table" and self.table.file is None:
             raise ValueError("table.file: required for dataset.kind='table' (the table, relative to dataset.root)")
         return self
@@ -128,12 +145,15 @@ class StagesConfig(Strict):
             except ValidationError as e:
                 raise ValueError("; ".join(f"{field}.params.{m}" for m in _describe(e).split("; "))) from None
             object.__setattr__(sc, "params", typed)  # no re-validation of the whole StageConfig
+        if STAGES.get(self.features.impl).passthrough and not STAGES.get(self.regions.impl).provides_feats:
+            raise ValueError(f"features.impl: {self.features.impl} takes the features the regions stage computes, "
+                             f"but regions.impl {self.regions.impl} computes none (use detectron2_features)")
         return self
 
 
 class ShardConfig(Strict):
     samples_per_shard: int = Field(256, ge=1)
-    dir: Path | None = None  # default: <run.output_dir>/shards
+    dir: Location | None = None  # default: <run.output_dir>/shards; a local path or URI
 
 
 class RayConfig(Strict):
@@ -151,6 +171,8 @@ class TrainConfig(Strict):
     model: Literal["hmlstm", "vse", "dvsa"] = "hmlstm"
     vse_text: Literal["gru", "mean"] = "gru"  # the vse baseline's sentence encoder
     epochs: int = Field(10, ge=1)
+    patience: int | None = Field(None, ge=0)  # stop after this many epochs without a better val rsum (None/0: off)
+    prefetch: int = Field(2, ge=0)  # batches prepared ahead by a background thread (0: inline)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(2e-3, gt=0)
     embed_dim: int = Field(256, ge=8)
@@ -162,6 +184,7 @@ class TrainConfig(Strict):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     max_failures: int = Field(2, ge=0)
+    storage_path: Location | None = None  # Ray Train's checkpoints (path or URI); default <run.output_dir>/ray_train
     word_vectors: Literal["glove-6b-50d", "random"] = "glove-6b-50d"
     max_tokens: int = Field(40, ge=4)
     seed: int = 0
@@ -210,12 +233,12 @@ class PipelineConfig(Strict):
         return v
 
     @property
-    def shard_dir(self) -> Path:
-        return self.shards.dir or self.run.output_dir / "shards"
+    def shard_dir(self) -> storage.Location:
+        return self.shards.dir or storage.join(self.run.output_dir, "shards")
 
     @property
-    def dataset_root(self) -> Path:
-        return self.dataset.root or self.run.output_dir / "dataset"
+    def dataset_root(self) -> storage.Location:
+        return self.dataset.root or storage.join(self.run.output_dir, "dataset")
 
 
 def _describe(e: ValidationError) -> str:

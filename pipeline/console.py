@@ -58,6 +58,8 @@ def progress_line(event: dict, elapsed: float) -> str:
         for key, name in (("train_loss", "loss"), ("val_i2t_r1", "val R@1 i2t"), ("val_t2i_r1", "t2i")):
             if isinstance(event.get(key), (int, float)):
                 line += f"  {name} {event[key]:.3f}" if key == "train_loss" else f"  {name} {event[key]:.1f}"
+        if isinstance(event.get("compute_share"), (int, float)):
+            line += f"  compute {100 * event['compute_share']:.0f}%"
         return line + f"  ({_fmt_time(elapsed)})"
     return f"{step:<10} {event.get('message', '')}"
 

@@ -19,6 +19,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from pipeline import storage
+
 REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- server
@@ -38,11 +40,15 @@ def absolute_uri(uri: str | None) -> str | None:
     return uri
 
 
-def server_command(root: Path, host: str = "127.0.0.1", port: int = 5000, auth: bool = False) -> list[str]:
-    """`mlflow server` on root's sqlite store; auth: MLflow's basic-auth app (every API call needs a user/password)."""
+def server_command(root: Path, host: str = "127.0.0.1", port: int = 5000, auth: bool = False,
+                   artifacts: str | Path | None = None) -> list[str]:
+    """`mlflow server` on root's sqlite store; auth: MLflow's basic-auth app (every API call needs a user/password).
+    artifacts: where the server stores artifacts (a local path or s3:// gs:// URI; default root/artifacts). The
+    server proxies them (--serve-artifacts): clients need no object-store credentials."""
     root = Path(root).resolve()
+    dest = storage.location(artifacts) if artifacts is not None else root / "artifacts"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-           "--artifacts-destination", str(root / "artifacts"), "--serve-artifacts",
+           "--artifacts-destination", str(dest), "--serve-artifacts",
            "--host", host, "--port", str(port), "--workers", "1"]
     return cmd + ["--app-name", "basic-auth"] if auth else cmd
 
@@ -86,7 +92,7 @@ def free_port() -> int:
 
 
 def start_server(root: Path, port: int | None = None, host: str = "127.0.0.1", timeout: float = 120,
-                 wait: bool = True, auth: bool = False):
+                 wait: bool = True, auth: bool = False, artifacts: str | Path | None = None):
     """Start `mlflow server` in the background; returns (process, tracking uri), by default once /health
     answers (wait=False: at once, call wait_server before use, so other setup overlaps its slow start).
     auth: the basic-auth app (server_env; MLFLOW_AUTH_ADMIN_PASSWORD must be set on its first start)."""
@@ -95,7 +101,7 @@ def start_server(root: Path, port: int | None = None, host: str = "127.0.0.1", t
     port = port or free_port()
     log = open(root / "server.log", "ab")
     # Own session: stop_server ends the server and every process it spawned (uvicorn) as one group.
-    proc = subprocess.Popen(server_command(root, host, port, auth), stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen(server_command(root, host, port, auth, artifacts), stdout=log, stderr=subprocess.STDOUT,
                             env=server_env(root, auth), start_new_session=True)
     uri = f"http://{host}:{port}"
     if wait:

@@ -73,12 +73,15 @@ class Stage:
     """Subclass, register with `@STAGES.register("name")`, set `Params`, implement `process_row` or `process`.
 
     `uses_model = True` makes the orchestrator run the stage as a pool of Ray actors, so the model is loaded
-    once per actor (in `__init__`) rather than once per batch.
+    once per actor (in `__init__`) rather than once per batch. A regions stage with `provides_feats = True` also
+    fills `feats`; the features stage is then a `passthrough` one, which the orchestrator leaves out.
     """
 
     name: ClassVar[str] = "stage"
     Params: ClassVar[type[BaseModel]] = Params
     uses_model: ClassVar[bool] = False
+    provides_feats: ClassVar[bool] = False
+    passthrough: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | dict | None = None):
         self.params = params if isinstance(params, BaseModel) else self.Params.model_validate(params or {})

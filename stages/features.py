@@ -78,3 +78,21 @@ class EfficientNetFeatures(EfficientNetStage):
                                  sampling_ratio=2, aligned=True).mean(dim=(2, 3)).cpu().numpy()
 
         return box_features(self.name, rows, prepare, extract)
+
+
+@STAGES.register("from_regions")
+class FeaturesFromRegions(Stage):
+    """The features stage when the regions stage already computed them (`detectron2_features`): the orchestrator
+    leaves it out (no shard rows through Ray for nothing); run directly, it only checks that each row's `feats`
+    has one row per box."""
+
+    name = "features"
+    passthrough = True
+
+    def process_row(self, row: dict) -> None:
+        boxes = row_boxes(row)
+        if not row["feats"]:
+            raise Reject("no feats: the regions stage computes none (stages.regions.impl=detectron2_features)")
+        feats = npy_load(row["feats"])
+        if feats.ndim != 2 or len(feats) != len(boxes):
+            raise Reject(f"feats of shape {feats.shape} for {len(boxes)} boxes")

@@ -112,6 +112,14 @@ def decode_rgb(data: bytes, max_side: int | None = None, *, max_pixels: int = MA
     return img, scale
 
 
+def is_plain_jpeg(data: bytes) -> bool:
+    """True for a JPEG that decodes as stored to 3-channel RGB, with no EXIF turn: its bytes can stand for the
+    normalised image as they are (ingest keeps them when not downscaled, instead of paying a re-encode and a
+    generation of JPEG loss). Call after decode_rgb accepted the bytes."""
+    with Image.open(io.BytesIO(data)) as im:
+        return im.format == "JPEG" and im.mode == "RGB" and im.getexif().get(ExifTags.Base.Orientation, 1) == 1
+
+
 def to_jpeg(img: Image.Image, quality: int = 92) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=quality)

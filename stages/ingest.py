@@ -1,6 +1,7 @@
 """Ingest: read the image and captions of each planned sample, normalise them, reject what is unusable.
 
-The image becomes an RGB JPEG no larger than `max_side` (gold boxes are scaled with it). Each caption is
+The image becomes an RGB JPEG no larger than `max_side` (gold boxes are scaled with it): an RGB JPEG already
+within it, with no EXIF turn, keeps its original bytes; anything else is re-encoded. Each caption is
 cleaned by `check_caption`, a pure function; rejected captions are kept in `caption_rejects` with a reason,
 and a sample with no usable caption, or no readable image, is rejected as a whole.
 
@@ -21,7 +22,7 @@ from pydantic import Field
 
 from stages.base import STAGES, Reject, Stage, guarded
 from stages.fetch import DownloadParams, source_kind
-from stages.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_rgb, read_bytes, to_jpeg
+from stages.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_rgb, is_plain_jpeg, read_bytes, to_jpeg
 from stages.text import clean_caption
 
 def check_caption(text, max_words: int) -> tuple[str, str | None]:
@@ -40,7 +41,7 @@ class IngestParams(DownloadParams):
     backoff_s, max_redirects, user_agent, threads (stages/fetch.py)."""
     max_side: int = Field(640, ge=32)  # longer image side after ingest; larger images are downscaled
     max_caption_words: int = Field(60, ge=1)
-    jpeg_quality: int = Field(92, ge=50, le=100)
+    jpeg_quality: int = Field(92, ge=50, le=100)  # for re-encoded images (an RGB JPEG within max_side is kept)
     max_image_bytes: int = Field(MAX_IMAGE_BYTES, ge=1)  # bigger image files are rejected unread
     # Header width x height above this is rejected undecoded; only lowered: PIL's process-wide guard is the same
     max_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, le=MAX_IMAGE_PIXELS)
@@ -84,7 +85,7 @@ class Ingest(Stage):
         data = row["image"] or fetched or read_bytes(row["source"], p.max_image_bytes, p)  # serving gives bytes
         img, scale = decode_rgb(data, p.max_side, max_pixels=p.max_pixels,
                                 max_bytes=p.max_image_bytes, exif_transpose="boxes" not in gold)
-        row["image"] = to_jpeg(img, p.jpeg_quality)
+        row["image"] = data if scale == 1.0 and is_plain_jpeg(data) else to_jpeg(img, p.jpeg_quality)
         row["width"], row["height"] = img.width, img.height
         if scale != 1.0 and gold.get("boxes"):
             gold["boxes"] = [[round(v * scale, 2) for v in b] for b in gold["boxes"]]

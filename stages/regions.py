@@ -112,12 +112,11 @@ class Detectron2Regions(DetectorStage):
         if scale != 1.0:  # downscaled: map boxes back per axis (rounding made the two scales differ)
             with Image.open(io.BytesIO(row["image"])) as orig:
                 scale = (w / orig.width, h / orig.height)
-        t, _ = self.to_input(a)
-        ready.append((row, {"image": t, "height": h, "width": w}, scale))
+        t, tf = self.to_input(a)
+        sx, sy = scale if isinstance(scale, tuple) else (scale, scale)
+        ready.append((row, {"image": t, "height": h, "width": w}, (sx, sy), tf))
 
     def process(self, rows: list[dict]) -> list[dict]:
-        import torch
-
         ready: list = []
         for row in rows:
             if not row["reject"]:
@@ -125,28 +124,30 @@ class Detectron2Regions(DetectorStage):
         if not ready:
             return rows
         try:
-            with torch.inference_mode():
-                outs = self.model([d for _, d, _ in ready])
-        except Exception:  # noqa: BLE001 - one bad image must not sink its batch: retry one by one
-            outs = []
-            for row, d, _ in ready:
+            self.detect(ready)
+        except Exception as e:  # noqa: BLE001 - one bad image must not sink its batch: retry one by one
+            if is_transient(e):  # out of memory etc.: the shard is retried, never a rejection
+                raise
+            for entry in ready:
                 try:
-                    with torch.inference_mode():
-                        outs.append(self.model([d])[0])
-                except Exception as e:  # noqa: BLE001
-                    if is_transient(e):  # out of memory etc.: the shard is retried, never a rejection
+                    self.detect([entry])
+                except Exception as e1:  # noqa: BLE001
+                    if is_transient(e1):
                         raise
-                    row["reject"] = f"{self.name}: detector failed ({type(e).__name__}: {e})"
-                    outs.append(None)
-        for (row, d, scale), out in zip(ready, outs):
-            if out is None:
-                continue
+                    entry[0]["reject"] = f"{self.name}: detector failed ({type(e1).__name__}: {e1})"
+        return rows
+
+    def detect(self, ready: list) -> None:
+        """One forward pass over the prepared (row, model input, (sx, sy), transform) entries; sets `boxes`."""
+        import torch
+
+        with torch.inference_mode():
+            outs = self.model([d for _, d, _, _ in ready])
+        for (row, d, (sx, sy), _), out in zip(ready, outs):
             inst = out["instances"].to("cpu")
-            sx, sy = scale if isinstance(scale, tuple) else (scale, scale)
             boxes = inst.pred_boxes.tensor.numpy() / np.array([sx, sy, sx, sy], np.float32)  # row image pixels
             row["boxes"] = npy_bytes(self.select(boxes, inst.scores.numpy(), round(d["width"] / sx),
                                                  round(d["height"] / sy)))
-        return rows
 
     def select(self, boxes: np.ndarray, scores: np.ndarray, w: float, h: float) -> np.ndarray:
         """Whole image first, then the top-k boxes (score order) that pass min_size, clipped to the image."""

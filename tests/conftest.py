@@ -44,6 +44,25 @@ def _ray_ends_with_its_module():
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def detector_dir(tmp_path_factory):
+    """config.yaml + model_final.pth of the project's detector, heads untrained (fast to build)."""
+    import torch
+    from detectron2.checkpoint import DetectionCheckpointer
+    from detectron2.modeling import build_model
+
+    from pipeline.stage_models.detector import DetectorSpec, build_cfg
+
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("det")
+    cfg = build_cfg(DetectorSpec(), out)
+    model = build_model(cfg)
+    DetectionCheckpointer(model, save_dir=str(out)).save("model_final")
+    cfg.MODEL.EFFICIENTNET.PRETRAINED = ""
+    (out / "config.yaml").write_text(cfg.dump())
+    return out
+
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_MODELS = Path(".cache") / "test-stage-models"  # relative, like the defaults; cached between runs
 
@@ -138,3 +157,51 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(_EXIT["status"])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible HTTP server (moto's standalone `moto_server`) on 127.0.0.1, with bucket `bucket`; the
+    AWS_* environment that boto3, s3fs, pyarrow and MLflow read points at it for the session. Yields the endpoint."""
+    import subprocess
+    import time
+    import urllib.request
+
+    boto3 = pytest.importorskip("boto3")
+    pytest.importorskip("moto.server")
+    from pipeline.tracking import free_port
+
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1", "MLFLOW_S3_ENDPOINT_URL": endpoint}
+    saved = {k: os.environ.get(k) for k in env}
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(endpoint, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.time() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}")
+                time.sleep(0.3)
+        os.environ.update(env)
+        boto3.client("s3").create_bucket(Bucket="bucket")
+        yield endpoint
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from models import trees
+from pipeline import storage
 from pipeline.preprocess import shards
 from stages.base import empty_row, npy_bytes
 
@@ -98,7 +99,7 @@ def make_row(index: int, split: str, shard: str, feat_dim: int, size: int, seed:
 def write_fixture_shards(shard_dir: Path, n_train: int = 40, n_val: int = 10, n_test: int = 10,
                          feat_dim: int = 32, per_shard: int = 10, size: int = 64, seed: int = 0) -> Path:
     """Writes {split}-{i:06d}.tar + .stats.json + manifest.parquet; returns shard_dir."""
-    shard_dir = Path(shard_dir)
+    shard_dir = storage.location(shard_dir)  # a local path or an s3:// URI (tests/test_s3.py)
     crng = np.random.default_rng(seed + 1)
     codes = {w: crng.normal(size=feat_dim) for w in (*COLORS, *SHAPES)}
     names, index = [], 0

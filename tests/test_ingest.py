@@ -111,3 +111,28 @@ def test_ingest_stage_records_every_outcome(tmp_path):
     assert by["corrupt"]["reject"].startswith("ingest: corrupt image")
     assert by["nocaps"]["reject"] == "ingest: no usable caption (empty caption)"
     assert len(out) == 4  # nothing dropped
+
+
+def test_ingest_keeps_a_plain_jpeg_within_max_side_byte_for_byte(tmp_path):
+    """No re-encode (CPU, and a generation of JPEG loss) for an RGB JPEG already within max_side; a downscaled,
+    grayscale, PNG or EXIF-turned image is still re-encoded to an RGB JPEG."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(buf, "JPEG", exif=_turned_exif())
+    turned = buf.getvalue()
+    small, big, gray, png = _jpeg((64, 48)), _jpeg((1280, 960)), _png("L"), _png("RGB")
+    rows = [_row(tmp_path, f"{k}.jpg", data, ["A dog ."])
+            for k, data in (("small", small), ("big", big), ("gray", gray), ("png", png), ("turned", turned))]
+    out = {r["key"]: r for r in STAGES.get("image_caption")({"max_side": 640}).process(rows)}
+    assert out["small"]["image"] == small
+    for k, orig in (("big", big), ("gray", gray), ("png", png), ("turned", turned)):
+        r = out[k]
+        assert r["reject"] == "" and r["image"] != orig, k
+        with Image.open(io.BytesIO(r["image"])) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and (im.width, im.height) == (r["width"], r["height"])
+    assert (out["turned"]["width"], out["turned"]["height"]) == (30, 40)  # turned by its EXIF orientation
+
+
+def _turned_exif():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    return exif

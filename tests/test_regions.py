@@ -41,25 +41,6 @@ def _synthetic(i: int, seed: int = 77):
     return img, np.asarray(ann["boxes"], np.float32)
 
 
-@pytest.fixture(scope="module")
-def detector_dir(tmp_path_factory):
-    """config.yaml + model_final.pth of the project's detector, heads untrained (fast to build)."""
-    import torch
-    from detectron2.checkpoint import DetectionCheckpointer
-    from detectron2.modeling import build_model
-
-    from pipeline.stage_models.detector import DetectorSpec, build_cfg
-
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("det")
-    cfg = build_cfg(DetectorSpec(), out)
-    model = build_model(cfg)
-    DetectionCheckpointer(model, save_dir=str(out)).save("model_final")
-    cfg.MODEL.EFFICIENTNET.PRETRAINED = ""
-    (out / "config.yaml").write_text(cfg.dump())
-    return out
-
-
 # ---------------------------------------------------------------- installer
 
 def test_installer_is_idempotent_and_detectron2_works():

@@ -131,15 +131,17 @@ def cmd_run(args) -> int:
 def cmd_inspect(args) -> int:
     import pyarrow.parquet as pq
 
+    from pipeline import storage
     from pipeline.preprocess import shards
 
-    shard_dir = Path(args.shards) if args.shards else load(args).shard_dir
-    if not shard_dir.is_dir():
+    shard_dir = storage.location(args.shards) if args.shards else load(args).shard_dir
+    if not (storage.listdir(shard_dir, ".stats.json") if storage.is_uri(shard_dir) else Path(shard_dir).is_dir()):
         print(f"densevse: no shard directory {shard_dir}", file=sys.stderr)
         return 2
     summary = shards.summarize_shards(shard_dir)
     if args.rejects:
-        t = pq.read_table(shard_dir / shards.MANIFEST).to_pylist()
+        with storage.open_file(storage.join(shard_dir, shards.MANIFEST)) as f:
+            t = pq.read_table(f).to_pylist()
         summary["rejected"] = [{"key": r["key"], "reason": r["reason"]} for r in t if r["status"] == "rejected"]
     _print_summary(f"inspect {shard_dir}", summary)
     return 0

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pipeline import storage
 from pipeline.serving.rest import is_loopback
 from pipeline.tracking import server_command, server_env
 
@@ -27,6 +28,9 @@ def register(subparsers) -> None:
     p.add_argument("--port", type=int, default=5000)
     p.add_argument("--host", default="127.0.0.1", help="listen address; a non-loopback one needs --auth")
     p.add_argument("--dir", type=Path, default=Path("mlflow"), help="holds mlflow.db and artifacts/")
+    p.add_argument("--artifacts-destination", default=None, metavar="LOCATION",
+                   help="where artifacts and registered models are stored: a path or s3:// gs:// URI "
+                        "(default DIR/artifacts; S3 endpoint and keys from the AWS_* environment)")
     p.add_argument("--auth", action="store_true",
                    help="MLflow's basic-auth app (needs mlflow[auth]): users and passwords, stored in "
                         "DIR/basic_auth.db")
@@ -40,8 +44,13 @@ def _serve(args: argparse.Namespace) -> int:
     if not auth and not is_loopback(args.host):
         print(NO_AUTH.format(host=args.host, port=args.port), file=sys.stderr)
         return 2
+    try:
+        artifacts = storage.location(args.artifacts_destination) if args.artifacts_destination else None
+    except ValueError as e:
+        print(f"densevse mlflow: --artifacts-destination: {e}", file=sys.stderr)
+        return 2
     args.dir.mkdir(parents=True, exist_ok=True)
     print(f"MLflow at http://{args.host}:{args.port} (set mlflow.tracking_uri to it){' with basic auth' * auth}; "
           f"data in {args.dir}")
-    return subprocess.call(server_command(args.dir, args.host, args.port, auth),
+    return subprocess.call(server_command(args.dir, args.host, args.port, auth, artifacts),
                            env=server_env(args.dir, auth, args.auth_config))

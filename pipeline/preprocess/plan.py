@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -36,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.config import PipelineConfig
 from pipeline.datasets import read_dataset
 from pipeline.errors import ConfigError, DatasetError
@@ -51,14 +53,27 @@ PLAN_SCHEMA = pa.schema([("shard", pa.string()), ("split", pa.string()), ("key",
                          ("gold", pa.list_(pa.string()))])
 
 
-def plan_dir(shard_dir: Path) -> Path:
-    return Path(shard_dir) / PLAN_DIR
+def plan_dir(shard_dir: storage.Location) -> storage.Location:
+    return storage.join(shard_dir, PLAN_DIR)
 
 
 def plan(cfg: PipelineConfig) -> list[dict]:
-    """Write the run's plan to <shard_dir>/plan/; returns one small dict per shard (see write_plan)."""
-    return write_plan(read_dataset(cfg.dataset, cfg.dataset_root), cfg.shards.samples_per_shard,
-                      plan_dir(cfg.shard_dir))
+    """Write the run's plan to <shard_dir>/plan/; returns one small dict per shard (see write_plan).
+
+    For an object-store shard dir the plan is built in a local temporary dir and its part files uploaded (the old
+    parts deleted first): the workers read it from there. Not atomic as a whole, but a plan is rewritten by every
+    run and only a shard's stats object marks it finished."""
+    specs, out = read_dataset(cfg.dataset, cfg.dataset_root), plan_dir(cfg.shard_dir)
+    if not storage.is_uri(out):
+        return write_plan(specs, cfg.shards.samples_per_shard, out)
+    with tempfile.TemporaryDirectory(prefix="densevse-plan-") as d:
+        local = Path(d) / PLAN_DIR
+        infos = write_plan(specs, cfg.shards.samples_per_shard, local)
+        for old in storage.listdir(out, ".parquet"):
+            storage.delete(old)
+        for f in sorted(local.glob("part-*.parquet")):
+            storage.upload(f, storage.join(out, f.name))
+    return infos
 
 
 def write_plan(specs: Iterable[dict], samples_per_shard: int, out: Path, chunk_rows: int = CHUNK_ROWS) -> list[dict]:
@@ -193,7 +208,8 @@ def shard_rows(plan_row: dict) -> list[dict]:
 
 def read_shard(path: str, row_group: int) -> dict:
     """One shard's plan row, from its file and row group (see write_plan): on a worker."""
-    return pq.ParquetFile(path).read_row_group(row_group).to_pylist()[0]
+    with storage.open_file(path) as f:
+        return pq.ParquetFile(f).read_row_group(row_group).to_pylist()[0]
 
 
 def plan_rows(out: Path) -> Iterator[dict]:

@@ -40,6 +40,12 @@ def ensure_detector(key: str, p, spec=None) -> None:
         raise ConfigError(f"{key}.config: {e}") from None
 
 
+def ensure_detector_features(key: str, p) -> None:
+    ensure_detector(key, p)
+    if p.head_weights is not None and not Path(p.head_weights).is_file():
+        raise ConfigError(f"{key}.head_weights: weights file not found: {p.head_weights}")
+
+
 def ensure_efficientnet(key: str, p) -> None:
     if p.weights is not None and not Path(p.weights).is_file():
         raise ConfigError(f"{key}.weights: weights file not found: {p.weights}")
@@ -65,6 +71,7 @@ def ensure_parser(key: str, p) -> None:
 
 # impl -> check (or first-use training) of its model files
 PREPARE = {"detectron2": ensure_detector, "detectron2_boxhead": ensure_detector,
+           "detectron2_features": ensure_detector_features,
            "efficientnet_lite0": ensure_efficientnet, "efficientnet_lite0_crops": ensure_efficientnet,
            "stanza": ensure_parser}
 

@@ -18,8 +18,8 @@ import pickle
 import sys
 import tempfile
 import time
-from pathlib import Path
 
+from pipeline import storage
 from pipeline.config import PipelineConfig, StageConfig
 from pipeline.console import emit
 from pipeline.preprocess import ship, shards
@@ -107,6 +107,13 @@ class _StageOnShards:
         return {"shard": batch["shard"], "rows": [_run_stage(stage, p, self.batch_size) for p in batch["rows"]]}
 
 
+def run_stages(cfg) -> dict[str, StageConfig]:
+    """The stages to run, in order: a passthrough one (features `from_regions`, when the regions stage computes
+    them) is left out, so its shard rows never travel through Ray for nothing."""
+    return {name: getattr(cfg.stages, name) for name in STAGE_ORDER
+            if not STAGES.get(getattr(cfg.stages, name).impl).passthrough}
+
+
 def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], node_cpus: float | list[float]) -> dict[str, int]:
     """Actors per model stage, capped so the pools always leave some node room for a task.
 
@@ -166,7 +173,7 @@ def _add_stage(ds, sc: StageConfig, actors: int | None, models=None):
 
 
 def _write(batch, shard_dir: str, fingerprint: dict | None = None):
-    stats = [shards.write_shard(pickle.loads(p), Path(shard_dir), s, fingerprint)
+    stats = [shards.write_shard(pickle.loads(p), storage.location(shard_dir), s, fingerprint)
              for s, p in zip(batch["shard"], batch["rows"])]
     return {"shard": [st["shard"] for st in stats], "n_ok": [st["n_ok"] for st in stats],
             "n_rejected": [st["n_rejected"] for st in stats]}
@@ -183,10 +190,11 @@ def _shard_items(batch):
     return out
 
 
-def shard_dataset(ray, plan_path: Path, infos: list[dict], skip: set[str] = frozenset()):
+def shard_dataset(ray, plan_path: storage.Location, infos: list[dict], skip: set[str] = frozenset()):
     """The Ray Dataset of the planned shards not in `skip`, one shard per block (so every actor gets work): the
     driver's items are (plan file, row group) pairs, O(shards); the rows are read and built on the workers."""
-    items = [{"file": str(plan_path / i["file"]), "row_group": i["row_group"]} for i in infos if i["shard"] not in skip]
+    items = [{"file": str(storage.join(plan_path, i["file"])), "row_group": i["row_group"]}
+             for i in infos if i["shard"] not in skip]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     return ds.map_batches(_shard_items, batch_size=1, batch_format="numpy")
 
@@ -202,7 +210,7 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
     fingerprint hashes the model files the run will use."""
     t0 = time.time()
     shard_dir = cfg.shard_dir
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(shard_dir)
     infos = plan(cfg)
     planned = {i["shard"]: i["keys_sha256"] for i in infos}
     n_samples = sum(i["n"] for i in infos)
@@ -228,7 +236,7 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         ds = shard_dataset(ray, plan_dir(shard_dir), infos, set(done))
-        stage_cfgs = {name: getattr(cfg.stages, name) for name in STAGE_ORDER}
+        stage_cfgs = run_stages(cfg)
         actors = actor_pool_sizes(stage_cfgs, node_cpus())
         for name, sc in stage_cfgs.items():
             packed = ship.pack(sc.params) if actors.get(name) else None
@@ -242,7 +250,7 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
         missing = set(planned) - set(done) - {w["shard"] for w in written}
         if missing:
             raise RuntimeError(f"shards not written: {sorted(missing)[:5]}")
-    stale = sorted(p.stem for p in shard_dir.glob("*.tar") if p.stem not in planned)
+    stale = sorted(n for n in map(shards.shard_of, storage.listdir(shard_dir, ".tar")) if n not in planned)
     if stale:
         log.warning("%d shard(s) in %s are not in this run's plan: left out of the manifest, so never read: %s",
                     len(stale), shard_dir, stale[:5])
@@ -254,5 +262,5 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
     if retry_rejected is not None:
         summary["retry_rejected"] = {"prefix": retry_rejected, "shards_redone": len(retry),
                                      "samples_retried": sum(retry.values()), "shards": list(retry)}
-    shards.write_atomic(shard_dir / "summary.json", json.dumps(summary, indent=1))
+    shards.write_atomic(storage.join(shard_dir, "summary.json"), json.dumps(summary, indent=1))
     return summary

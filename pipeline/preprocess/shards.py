@@ -9,12 +9,17 @@ mixes configurations and a reader never takes a tar that is not the one its stat
 
 Readers (training, evaluation, tracking) take exactly the shards listed in the manifest (`shard_paths`),
 never whatever tars happen to be in the directory: a tar left by an earlier plan is not read.
+
+The shard dir may be an object-store URI (pipeline/storage.py): there the tar is built in a local temporary file
+and uploaded, the stats object is one PUT (atomic, so still the "finished" marker, written last), and the
+object's ETag stands in for the mtime of a local tar.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,7 +28,9 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.errors import DatasetError
+from pipeline.storage import Location
 
 MANIFEST = "manifest.parquet"
 MANIFEST_SCHEMA = pa.schema([
@@ -41,26 +48,42 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}-{index:06d}"
 
 
-def stats_path(shard_dir: Path, shard: str) -> Path:
-    return Path(shard_dir) / f"{shard}.stats.json"
+def stats_path(shard_dir: Location, shard: str) -> Location:
+    return storage.join(shard_dir, f"{shard}.stats.json")
 
 
-def tar_path(shard_dir: Path, shard: str) -> Path:
-    return Path(shard_dir) / f"{shard}.tar"
+def tar_path(shard_dir: Location, shard: str) -> Location:
+    return storage.join(shard_dir, f"{shard}.tar")
 
 
-def file_sha256(path: Path) -> str:
+def shard_of(tar: Location) -> str:
+    """The shard name of a tar path or URI (`.../train-000001.tar` -> `train-000001`)."""
+    return storage.name(tar).removesuffix(".tar")
+
+
+def file_sha256(path: Location) -> str:
     """sha256 of a file's bytes, streamed (tars and model files can be large)."""
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file + os.replace: a reader (or a crash) never sees half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def write_atomic(path: Location, text: str) -> None:
+    """A reader (or a crash) never sees half a file: temporary file + os.replace, or one PUT (storage.put_atomic)."""
+    storage.put_atomic(path, text)
+
+
+def _tmp_for(shard_dir: Location, name: str) -> Path:
+    """A local temporary file to build `name` in: next to it (then os.replace) or, for a URI, in the temp dir."""
+    base = Path(tempfile.gettempdir()) if storage.is_uri(shard_dir) else Path(shard_dir)
+    return base / f".{name}.{os.getpid()}.tmp"
+
+
+def _version(path: Location) -> int | str | None:
+    """What changes when a file is rewritten: a local file's mtime_ns, an object's ETag."""
+    if not storage.is_uri(path):
+        return Path(path).stat().st_mtime_ns
+    fs, p = storage.filesystem(path)
+    return fs.info(p).get("ETag")
 
 
 def sample_files(row: dict) -> dict:
@@ -90,25 +113,27 @@ def write_shard(rows: list[dict], shard_dir: Path, shard: str, fingerprint: dict
     import webdataset as wds
 
     t0 = time.time()
-    shard_dir = Path(shard_dir)
-    shard_dir.mkdir(parents=True, exist_ok=True)
+    shard_dir = storage.location(shard_dir)
+    storage.makedirs(shard_dir)
     rows = sorted(rows, key=lambda r: r["key"])
     keys = [r["key"] for r in rows]
     if len(set(keys)) != len(keys):
         raise ValueError(f"shard {shard} got duplicate keys: {[k for k, n in Counter(keys).items() if n > 1][:5]}")
     tar = tar_path(shard_dir, shard)
-    tmp = shard_dir / f".{shard}.tar.{os.getpid()}.tmp"
+    tmp = _tmp_for(shard_dir, f"{shard}.tar")
     with wds.TarWriter(str(tmp)) as sink:
         for r in rows:
             if not r["reject"]:
                 sink.write(sample_files(r))
-    os.replace(tmp, tar)
+    tar_bytes, tar_sha256 = tmp.stat().st_size, file_sha256(tmp)
+    storage.upload(tmp, tar)
     samples = [manifest_entry(r) for r in rows]
     rejects = Counter(s["reason"] for s in samples if s["status"] == "rejected")
     caption_rejects = Counter(c["reason"] for r in rows for c in json.loads(r["caption_rejects"]))
-    tar_stat = tar.stat()
-    stats = {"shard": shard, "split": rows[0]["split"] if rows else "", "tar": tar.name,
-             "tar_sha256": file_sha256(tar), "tar_bytes": tar_stat.st_size, "tar_mtime_ns": tar_stat.st_mtime_ns,
+    version = _version(tar)
+    stats = {"shard": shard, "split": rows[0]["split"] if rows else "", "tar": storage.name(tar),
+             "tar_sha256": tar_sha256, "tar_bytes": tar_bytes,
+             **({"tar_etag": version} if storage.is_uri(tar) else {"tar_mtime_ns": version}),
              "fingerprint": fingerprint,
              "n_planned": len(rows), "n_ok": sum(s["status"] == "ok" for s in samples),
              "n_rejected": sum(s["status"] == "rejected" for s in samples),
@@ -132,7 +157,7 @@ def caption_reject_reasons_short(c: Counter) -> Counter:
 def read_stats(shard_dir: Path, shard: str) -> dict | None:
     """A shard's stats, or None when the file is absent or unreadable (the shard is then unfinished)."""
     try:
-        return json.loads(stats_path(shard_dir, shard).read_text())
+        return json.loads(storage.read_text(stats_path(shard_dir, shard)))
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -140,16 +165,17 @@ def read_stats(shard_dir: Path, shard: str) -> dict | None:
 def tar_problem(shard_dir: Path, st: dict, full: bool) -> str | None:
     """Why a shard's tar is not the one its stats describe (missing, other size, other sha256), or None.
 
-    full=False trusts the recorded sha256 while the tar's size and mtime are still the recorded ones (one stat,
-    no read) and hashes the tar only when its mtime moved (copied, touched or rewritten); full=True always
-    hashes (a resume, which repairs, also catches bytes changed in place with the mtime restored)."""
+    full=False trusts the recorded sha256 while the tar's size and mtime (ETag of an object) are still the
+    recorded ones (one stat, no read) and hashes the tar only when they moved (copied, touched or rewritten);
+    full=True always hashes (a resume, which repairs, also catches bytes changed in place with the mtime restored)."""
     tar = tar_path(shard_dir, st["shard"])
-    if not tar.is_file():
+    if not storage.is_file(tar):
         return f"{tar} is missing"
-    s = tar.stat()
-    if s.st_size != st.get("tar_bytes"):
-        return f"{tar} has {s.st_size} bytes, its stats file says {st.get('tar_bytes')}"
-    if not full and s.st_mtime_ns == st.get("tar_mtime_ns"):
+    size = storage.size(tar)
+    if size != st.get("tar_bytes"):
+        return f"{tar} has {size} bytes, its stats file says {st.get('tar_bytes')}"
+    recorded = st.get("tar_etag" if storage.is_uri(tar) else "tar_mtime_ns")
+    if not full and recorded is not None and _version(tar) == recorded:
         return None
     if file_sha256(tar) != st.get("tar_sha256"):
         return f"{tar}: sha256 differs from the one in its stats file"
@@ -181,10 +207,10 @@ def finished_shards(shard_dir: Path, planned: dict[str, str]) -> dict[str, dict]
 
 def iter_stats(shard_dir: Path, shards: list[str] | None = None) -> Iterator[dict]:
     """Each shard's stats in turn (of `shards`, or every stats file): one in memory at a time."""
-    shard_dir = Path(shard_dir)
-    paths = [stats_path(shard_dir, s) for s in shards] if shards is not None else sorted(shard_dir.glob("*.stats.json"))
+    paths = [stats_path(shard_dir, s) for s in shards] if shards is not None \
+        else storage.listdir(shard_dir, ".stats.json")
     for p in paths:
-        yield json.loads(p.read_text())
+        yield json.loads(storage.read_text(p))
 
 
 def load_stats(shard_dir: Path, shards: list[str] | None = None) -> list[dict]:
@@ -193,8 +219,8 @@ def load_stats(shard_dir: Path, shards: list[str] | None = None) -> list[dict]:
 
 def write_manifest(shard_dir: Path, shards: list[str]) -> Path:
     """manifest.parquet from the shards' stats, written a shard at a time (its size does not bound memory)."""
-    path = Path(shard_dir) / MANIFEST
-    tmp = path.with_name(f".{MANIFEST}.{os.getpid()}.tmp")
+    path = storage.join(shard_dir, MANIFEST)
+    tmp = _tmp_for(shard_dir, MANIFEST)
     with pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as w:
         batch: list[dict] = []
         for st in iter_stats(shard_dir, shards):
@@ -203,16 +229,17 @@ def write_manifest(shard_dir: Path, shards: list[str]) -> Path:
                 w.write_table(pa.Table.from_pylist(batch, schema=MANIFEST_SCHEMA))
                 batch = []
         w.write_table(pa.Table.from_pylist(batch, schema=MANIFEST_SCHEMA))
-    os.replace(tmp, path)
+    storage.upload(tmp, path)
     return path
 
 
 def manifest_shards(shard_dir: Path, split: str | None = None) -> list[str]:
     """The shards of the manifest (of one split, or all), sorted: the shard set of the last preprocess run."""
-    path = Path(shard_dir) / MANIFEST
-    if not path.is_file():
+    path = storage.join(shard_dir, MANIFEST)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"no {MANIFEST} in {shard_dir}: run `densevse preprocess` first")
-    rows = pq.read_table(path, columns=["split", "shard"]).to_pylist()
+    with storage.open_file(path) as f:
+        rows = pq.read_table(f, columns=["split", "shard"]).to_pylist()
     return sorted({r["shard"] for r in rows if split is None or r["split"] == split})
 
 
@@ -224,12 +251,12 @@ def verified_stats(shard_dir: Path, shard: str) -> dict:
                          f"{shard}: re-run `densevse preprocess` to redo it")
     problem = tar_problem(shard_dir, st, full=False)
     if problem:
-        raise ShardError(f"{problem} (shard {shard} of {Path(shard_dir) / MANIFEST}): re-run `densevse preprocess` "
-                         f"to redo it")
+        raise ShardError(f"{problem} (shard {shard} of {storage.join(shard_dir, MANIFEST)}): "
+                         f"re-run `densevse preprocess` to redo it")
     return st
 
 
-def shard_paths(shard_dir: Path, split: str) -> list[Path]:
+def shard_paths(shard_dir: Location, split: str) -> list[Location]:
     """The tars of the manifest's shards of a split, in order; ShardError naming the file if one is missing or
     is not the tar its stats describe.
 
@@ -248,7 +275,7 @@ def dataset_sha256(shard_dir: Path) -> str | None:
 
     Unlike a hash of manifest.parquet it changes when shard contents change (e.g. other region features for
     the same samples). None when there is no manifest."""
-    if not (Path(shard_dir) / MANIFEST).is_file():
+    if not storage.is_file(storage.join(shard_dir, MANIFEST)):
         return None
     h = hashlib.sha256()
     for name in manifest_shards(shard_dir):

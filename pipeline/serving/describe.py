@@ -24,17 +24,19 @@ import numpy as np
 
 from models.captioner import dedup_boxes, dense_description
 from models.detector import resolve
-from stages.regions import predict_boxes
+from stages.regions import Detectron2Regions, RegionParams, predict_boxes
 
 
 def region_proposer(cfg):
     """(propose(list of JPEG bytes) -> list of (R, 4) boxes, note). propose is None when the configured regions
     stage cannot propose boxes for a new image (not Detectron2, or its weights are missing)."""
+    from stages import STAGES
+
     sc = cfg.stages.regions
-    if sc.impl != "detectron2":
+    if not issubclass(STAGES.get(sc.impl), Detectron2Regions):
         return None, (f"stages.regions.impl={sc.impl} cannot propose regions for a new image: whole-image caption "
                       f"only (set stages.regions.impl=detectron2 with trained weights for region phrases)")
-    params = sc.params.model_dump()  # typed RegionParams, validated with the config
+    params = sc.params.model_dump(include=set(RegionParams.model_fields))  # typed, validated with the config
     config, top_k = params.pop("config"), cfg.captioner.top_k_regions
     params.pop("top_k")
     try:
@@ -65,7 +67,13 @@ class Describer:
 
         self.cfg, self.cap, self.propose, self.note = cfg, captioner, propose, note
         fc = cfg.stages.features
-        self.features = STAGES.get(fc.impl)(fc.params)
+        if STAGES.get(fc.impl).passthrough:  # the regions stage computes the features (detectron2_features)
+            rc = cfg.stages.regions
+            self.features = STAGES.get(rc.impl)(rc.params)
+            self._featurize = self.features.featurize
+        else:
+            self.features = STAGES.get(fc.impl)(fc.params)
+            self._featurize = self.features.process
         self.max_side = cfg.stages.ingest.params.max_side
 
     def featurize(self, jpeg: bytes, w: int, h: int, boxes: np.ndarray) -> np.ndarray:
@@ -73,7 +81,7 @@ class Describer:
 
         boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), boxes.reshape(-1, 4)])
         row = empty_row(key="describe", image=jpeg, width=w, height=h, boxes=npy_bytes(boxes))
-        row = self.features.process([row])[0]
+        row = self._featurize([row])[0]
         if row["reject"]:
             raise ValueError(row["reject"])
         feats = npy_load(row["feats"]).astype(np.float32)

@@ -40,7 +40,8 @@ def stage_configs(config: dict) -> dict[str, tuple[str, Any]]:
 
 def bundled_paths(stages: dict[str, tuple[str, Any]]) -> dict[str, Path]:
     """The local model files of the stages, keyed "<stage>.<field>" (MLflow artifact names): what a registered
-    model must carry to run them elsewhere. The features stage's default ImageNet weights are included."""
+    model must carry to run them elsewhere. The default ImageNet weights of the features stage (or of the
+    combined regions stage's head) are included."""
     from models.efficientnet import default_weights
     from pipeline.preprocess.ship import local_model_paths
 
@@ -50,6 +51,8 @@ def bundled_paths(stages: dict[str, tuple[str, Any]]) -> dict[str, Path]:
             out[f"{name}.{field}"] = path
         if "weights" in getattr(params, "model_paths", ()) and name == "features" and params.weights is None:
             out[f"{name}.weights"] = Path(default_weights())
+        if "head_weights" in getattr(params, "model_paths", ()) and params.head_weights is None:  # detectron2_features
+            out[f"{name}.head_weights"] = Path(default_weights())
     return out
 
 

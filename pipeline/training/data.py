@@ -13,6 +13,7 @@ import numpy as np
 
 from models.batch import caption_tokens
 from models.vocab import Vocab
+from pipeline import storage
 from pipeline.preprocess.shards import shard_paths  # noqa: F401  (re-exported: the finished tars of a split)
 
 
@@ -28,14 +29,21 @@ def rank_shards(paths: list[Path], rank: int, world: int) -> list[tuple[Path, in
     return [(p, (rank + i) % world, world) for i, p in enumerate(paths)]
 
 
+def _gopen_storage(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    return storage.open_file(url, mode)
+
+
 def iter_samples(paths: Iterable, with_image: bool = False) -> Iterator[dict]:
     """Decoded samples of the given tars (or (tar, k, n) reads from rank_shards), in order. JPEGs are only kept
     when asked for (figures)."""
     import webdataset as wds
+    from webdataset.gopen import gopen_schemes
 
     same = lambda x: x  # noqa: E731  (the rank split is ours; no node/worker splitting by webdataset)
     for read in paths:
         path, k, n = read if isinstance(read, tuple) else (read, 0, 1)
+        if storage.is_uri(path):  # webdataset opens URLs through its gopen table: object stores via fsspec
+            gopen_schemes[storage.scheme(path)] = _gopen_storage
         ds = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=same, workersplitter=same, empty_check=False)
         for j, s in enumerate(ds):
             if j % n != k:

@@ -9,7 +9,8 @@ rank streams its own shards' pairs (pipeline.training.data.rank_shards), so ever
 once per epoch by exactly one rank; bf16 autocast on GPU only. `train.batch_size` is per worker: it is also the
 pool of in-batch negatives of the ranking loss. Rank 0 evaluates retrieval on the val split each epoch; the best
 epoch (by val rsum, else the lowest train loss) goes to <output_dir>/models/<model>/best.pt and is registered in
-MLflow as cfg.mlflow.registered_model.
+MLflow as cfg.mlflow.registered_model; train.patience stops early when val rsum stops improving. Batches are
+collated on a prefetch thread while the model trains (train.prefetch; compute_share per epoch).
 """
 from __future__ import annotations
 
@@ -32,13 +33,14 @@ class EmbeddingTask(Task):
     def __init__(self, cfg):
         self.name = self.model_name = cfg.train.model
         self.epochs, self.lr = cfg.train.epochs, cfg.train.lr
+        self.patience, self.prefetch_depth = cfg.train.patience, cfg.train.prefetch
 
     def prepare(self, cfg, paths: list[Path], state: dict | None) -> dict:
         from models.vocab import glove_init
-        from pipeline.preprocess.shards import load_stats
+        from pipeline.preprocess.shards import load_stats, shard_of
         from pipeline.training.data import build_vocabs, iter_samples
 
-        stats = load_stats(cfg.shard_dir, [p.stem for p in paths])
+        stats = load_stats(cfg.shard_dir, [shard_of(p) for p in paths])
         n_samples, n_captions = sum(st["n_ok"] for st in stats), sum(st["n_captions"] for st in stats)
         if n_captions == 0 or n_samples < cfg.train.num_workers:
             raise ValueError(f"the {len(paths)} train shards in {cfg.shard_dir} hold {n_samples} samples and "
@@ -75,8 +77,11 @@ class EmbeddingTask(Task):
 
         tc = self.tc
         sums, pairs = {"loss": 0.0, "loss_sentence": 0.0, "loss_phrase": 0.0}, 0
-        for items in batched_pairs(iter_pairs(self.train_paths, epoch, tc.seed, tc.max_tokens), tc.batch_size):
-            b = collate(items, self.vocab, self.labels).to(self.device)
+        pairs_it = iter_pairs(self.train_paths, epoch, tc.seed, tc.max_tokens)
+        batches = (collate(items, self.vocab, self.labels)  # on the prefetch thread, while the model trains
+                   for items in batched_pairs(pairs_it, tc.batch_size))
+        for b in self.batches(batches):
+            b = b.to(self.device)
             with self.amp:
                 img, txt = model(b)
                 loss, parts = embedding_loss(core, _float32(img), _float32(txt), b, tc.margin, tc.hardest_negative,

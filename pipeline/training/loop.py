@@ -10,15 +10,18 @@ The loop owns what the models share, so that it cannot drift apart between them:
     afterwards the best epoch without optimizer state (`save_best`), the summary, the registered model.
   * worker: restore (Ray's latest checkpoint after a worker-group restart, else the one `resume` found), DDP
     with join() for ranks with unequal shares, the all-reduce of the epoch's loss sums (an epoch of 0 training
-    pairs is an error, not a zero loss), rank 0 evaluates, logs the epoch to MLflow and reports the checkpoint.
+    pairs is an error, not a zero loss), rank 0 evaluates, logs the epoch to MLflow and reports the checkpoint;
+    early stopping (`task.patience`, decided by rank 0, obeyed by all); each epoch's data-wait vs compute
+    timing (`Task.batches`: a prefetching thread, pipeline/training/prefetch.py) as compute_share.
 
 A Task (below) is what differs: data, model, loss, validation metric, checkpoint extras, registration.
 The config travels to the workers as the validated PipelineConfig object, the task as the pickled instance
 that `Task.prepare` filled in on the driver. Checkpoints hold plain values only (the config as its JSON dump):
 they are read with models.checkpoint.load_checkpoint (weights_only).
 
-Paths: <output_dir>/ray_train/<run.name>-<task.name>-<stamp>/checkpoint_*/model.pt (one per epoch),
-<output_dir>/models/<task.name>/best.pt, <output_dir>/train-<task.name>.json (the summary).
+Paths: <storage>/<run.name>-<task.name>-<stamp>/checkpoint_*/model.pt (one per epoch; storage is
+train.storage_path, a local path or URI, default <output_dir>/ray_train), <output_dir>/models/<task.name>/best.pt,
+<output_dir>/train-<task.name>.json (the summary).
 
 Recovery tests: DENSEVSE_FAIL_AT_EPOCH=N makes rank 0 raise at the start of epoch N unless it restored from a
 Ray checkpoint: one crash, which FailureConfig recovers from (with train.max_failures=0: a failed job). Read on
@@ -27,6 +30,7 @@ the driver when `fit` is called and handed to the workers in their runtime env.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -37,8 +41,12 @@ from pathlib import Path
 import torch
 
 from models.checkpoint import is_complete, load_checkpoint
+from pipeline import storage as store
 from pipeline.console import emit
+from pipeline.storage import Location
 from pipeline.raylocal import REPO, init_ray
+from pipeline.training.prefetch import StepTimer, prefetch
+from pipeline.training.stopping import early_stop
 
 FAIL_AT_EPOCH = "DENSEVSE_FAIL_AT_EPOCH"
 
@@ -53,6 +61,9 @@ class Task:
     epochs: int
     lr: float
     no_pairs_hint = ""   # the likely cause, appended to the "0 training pairs" error
+    patience: int | None = None  # early stopping (pipeline/training/stopping.py): epochs without a better best_score
+    prefetch_depth = 2   # batches prepared ahead by `batches` (0: inline, no thread)
+    step_timer: StepTimer | None = None  # the epoch's data-wait vs compute timing, reset by the loop per epoch
 
     def prepare(self, cfg, paths: list[Path], state: dict | None) -> dict:
         """Driver, once: check the train shards, build what every worker needs (vocabularies...), from `state`
@@ -74,6 +85,13 @@ class Task:
         over all ranks."""
         raise NotImplementedError
 
+    def batches(self, items):
+        """`items` (the epoch's batches) prefetched by a background thread and timed per step: train_epoch
+        iterates over this so that loading overlaps compute and the epoch reports its compute_share."""
+        if self.step_timer is None:
+            self.step_timer = StepTimer()
+        return self.step_timer.iterate(prefetch(items, self.prefetch_depth) if self.prefetch_depth else items)
+
     def evaluate(self, core) -> dict:
         """Rank 0, after each epoch: validation metrics ("val_..." floats) for the epoch's entry."""
         return {}
@@ -94,22 +112,44 @@ class Task:
 # ---------------------------------------------------------------- driver
 
 
-def storage(cfg) -> Path:
-    return (Path(cfg.run.output_dir) / "ray_train").resolve()
+def storage(cfg) -> Location:
+    """Ray Train's storage_path: train.storage_path (a local path or a URI), default <run.output_dir>/ray_train."""
+    loc = cfg.train.storage_path or store.join(cfg.run.output_dir, "ray_train")
+    return loc if store.is_uri(loc) else Path(loc).resolve()
 
 
 def best_path(cfg, name: str) -> Path:
     return Path(cfg.run.output_dir) / "models" / name / "best.pt"
 
 
-def latest_checkpoint(cfg, name: str | None = None) -> Path | None:
+def latest_checkpoint(cfg, name: str | None = None) -> Location | None:
     """The newest complete checkpoint dir reported by any earlier run of task `name` (default: cfg.train.model,
     the embedding model) under this output dir. A partial copy (a worker killed while its checkpoint was being
     persisted) is passed over: resuming from it would fail, and the epoch before it is whole."""
-    found = sorted(storage(cfg).glob(f"{cfg.run.name}-{name or cfg.train.model}-*/checkpoint_*/model.pt"),
-                   key=lambda p: p.stat().st_mtime)
+    pattern = f"{cfg.run.name}-{name or cfg.train.model}-*/checkpoint_*/model.pt"
+    if store.is_uri(storage(cfg)):  # no mtimes: run names carry their start time, checkpoint names the epoch
+        found = [p for p in store.glob(storage(cfg), pattern) if _complete_object(p)]
+        return found[-1].rsplit("/", 1)[0] if found else None
+    found = sorted(storage(cfg).glob(pattern), key=lambda p: p.stat().st_mtime)
     found = [p for p in found if is_complete(p)]
     return found[-1].parent if found else None
+
+
+def _complete_object(loc: str) -> bool:
+    import zipfile
+
+    with store.open_file(loc) as f:
+        try:  # reads only the zip's end record; a file shorter than that is a seek error in fsspec
+            return zipfile.is_zipfile(f)
+        except ValueError:
+            return False
+
+
+def load_dir(d: Location) -> dict:
+    """The model.pt of a checkpoint dir, local or in an object store."""
+    if not store.is_uri(d):
+        return load_checkpoint(Path(d) / "model.pt")
+    return load_checkpoint(io.BytesIO(store.read_bytes(store.join(d, "model.pt"))))
 
 
 def for_workers(cfg):
@@ -118,8 +158,9 @@ def for_workers(cfg):
     from pipeline.tracking import absolute_uri
 
     cfg = cfg.model_copy(deep=True)
-    cfg.shards.dir = Path(cfg.shard_dir).resolve()
-    cfg.run.output_dir = Path(cfg.run.output_dir).resolve()
+    cfg.shards.dir = cfg.shard_dir if store.is_uri(cfg.shard_dir) else Path(cfg.shard_dir).resolve()
+    if not store.is_uri(cfg.run.output_dir):
+        cfg.run.output_dir = Path(cfg.run.output_dir).resolve()
     cfg.mlflow.tracking_uri = absolute_uri(cfg.mlflow.tracking_uri)
     return cfg
 
@@ -138,7 +179,7 @@ def fit(cfg, task: Task, resume: bool = False) -> dict:
     resume_from = latest_checkpoint(cfg, task.name) if resume else None
     if resume and resume_from is None:
         raise FileNotFoundError(f"--resume: no checkpoint of {task.name} under {storage(cfg)}")
-    state = load_checkpoint(resume_from / "model.pt") if resume_from else None
+    state = load_dir(resume_from) if resume_from else None
     info = task.prepare(cfg, paths, state)
     env = {"PYTHONPATH": str(REPO), **_fail_env()}
     init_ray(cfg)  # before the MLflow run: a Ray that fails to start leaves no empty run behind
@@ -146,6 +187,10 @@ def fit(cfg, task: Task, resume: bool = False) -> dict:
     try:
         result = _trainer(cfg, task, run_id, resume_from, env).fit()
         summary = {**_summary(cfg, task, result, info), "seconds": round(time.time() - t0, 1), "mlflow_run_id": run_id}
+        if run_id and summary["early_stop"]:
+            from mlflow.tracking import MlflowClient
+
+            MlflowClient(cfg.mlflow.tracking_uri).set_tag(run_id, "early_stop", summary["early_stop"])
         if run_id:
             summary["registered_version"] = task.register(cfg, run_id, summary["history"], best_path(cfg, task.name))
     except BaseException as e:
@@ -160,7 +205,8 @@ def _summary(cfg, task: Task, result, info: dict) -> dict:
     """best.pt written (save_best), and what the job did: the history, its best epoch, where things are."""
     best = best_path(cfg, task.name)
     history, best_epoch = save_best(result, best, task.best_score)
-    return {"model": task.model_name, "epochs": len(history), "best_epoch": best_epoch, **info,
+    stopped = early_stop(history, task.best_score, task.patience) if history[-1]["epoch"] + 1 < task.epochs else None
+    return {"model": task.model_name, "epochs": len(history), "best_epoch": best_epoch, "early_stop": stopped, **info,
             "best": next(h for h in history if h["epoch"] == best_epoch), "history": history,
             "checkpoint": result.checkpoint.path, "best_model": str(best)}
 
@@ -192,7 +238,7 @@ def _mlflow_run(cfg, task: Task, state: dict | None) -> str | None:
     return run_id
 
 
-def _trainer(cfg, task: Task, run_id: str | None, resume_from: Path | None, env: dict):
+def _trainer(cfg, task: Task, run_id: str | None, resume_from: Location | None, env: dict):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -205,11 +251,19 @@ def _trainer(cfg, task: Task, run_id: str | None, resume_from: Path | None, env:
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
         run_config=RunConfig(name=f"{cfg.run.name}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                             storage_path=str(storage(cfg)),
+                             **_storage_args(storage(cfg)),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
                              worker_runtime_env={"env_vars": env}),
     )
+
+
+def _storage_args(loc: Location) -> dict:
+    """RunConfig's storage_path, plus for a URI a pyarrow filesystem built from fsspec's (same endpoint env)."""
+    if not store.is_uri(loc):
+        return {"storage_path": str(loc)}
+    fs, path = store.arrow_filesystem(loc)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def save_best(result, best_path: Path, score) -> tuple[list[dict], int]:
@@ -248,6 +302,7 @@ def worker(config: dict) -> None:
     _setup_data(cfg, task, rank, world, device)
     core, model, opt = _build(task, state, world, device)
     history = state["history"] if state else []
+    stop = None
     fail_at = int(os.environ.get(FAIL_AT_EPOCH) or -1) if rank == 0 and not from_ray else -1
 
     for epoch in range(state["epoch"] + 1 if state else 0, task.epochs):
@@ -262,9 +317,25 @@ def worker(config: dict) -> None:
                 tracking.log_epoch(cfg.mlflow.tracking_uri, run_id, metrics, step=epoch)
             checkpoint = _checkpoint(cfg, task, core, opt, epoch, history, run_id)
             emit({"step": "train", "epochs": task.epochs, **metrics})  # the driver's console shows the epoch
+            stop = early_stop(history, task.best_score, task.patience)
         ray.train.report(metrics, checkpoint=checkpoint)
         if checkpoint is not None:  # Ray has copied it to the run's storage
             shutil.rmtree(checkpoint.path, ignore_errors=True)
+        if _all_stop(rank == 0 and stop is not None, world, device):
+            if rank == 0:
+                emit({"step": "train", "message": stop})
+            break
+
+
+def _all_stop(stop: bool, world: int, device) -> bool:
+    """Rank 0's early-stop decision on every rank: all must leave the epoch loop together (each reports)."""
+    if world == 1:
+        return stop
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(stop)], device=device)
+    dist.broadcast(flag, src=0)
+    return bool(flag.item())
 
 
 def _restore(resume_from: str | None) -> tuple[dict | None, bool]:
@@ -275,7 +346,7 @@ def _restore(resume_from: str | None) -> tuple[dict | None, bool]:
     if restored is not None:
         with restored.as_directory() as d:
             return load_checkpoint(Path(d) / "model.pt"), True
-    return (load_checkpoint(Path(resume_from) / "model.pt") if resume_from else None), False
+    return (load_dir(resume_from) if resume_from else None), False
 
 
 def _setup_data(cfg, task: Task, rank: int, world: int, device) -> None:
@@ -309,6 +380,7 @@ def _train_epoch(cfg, task: Task, model, core, opt, epoch: int, world: int) -> d
     import torch.distributed as dist
 
     model.train()
+    task.step_timer = StepTimer()
     t = time.time()
     with model.join() if world > 1 else contextlib.nullcontext():  # ranks may have unequal batch counts
         sums, pairs = task.train_epoch(model, core, opt, epoch)
@@ -321,7 +393,7 @@ def _train_epoch(cfg, task: Task, model, core, opt, epoch: int, world: int) -> d
         raise RuntimeError(f"epoch {epoch}: 0 training pairs on {world} worker(s) from the train shards in "
                            f"{cfg.shard_dir}{task.no_pairs_hint}")
     return {"epoch": epoch, **{f"train_{k}": float(v) / n for k, v in zip(sums, total)}, "train_pairs": int(n),
-            "pairs_per_s": n / max(seconds, 1e-9), "epoch_seconds": seconds}
+            "pairs_per_s": n / max(seconds, 1e-9), "epoch_seconds": seconds, **task.step_timer.metrics()}
 
 
 def _checkpoint(cfg, task: Task, core, opt, epoch: int, history: list[dict], run_id: str | None):
