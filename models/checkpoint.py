@@ -24,12 +24,18 @@ def _numpy_globals() -> list:
     return [core.multiarray._reconstruct, np.ndarray, np.dtype, core.multiarray.scalar, *dtypes]
 
 
-def is_complete(path: str | Path) -> bool:
-    """Whether `path` is a whole torch checkpoint (a zip archive with its central directory, which is written
-    last): a copy cut short, e.g. a worker killed while Ray persisted its checkpoint, is not."""
+def is_complete(path) -> bool:
+    """Whether `path` (a local path, or an open binary file such as an object store's) is a whole torch
+    checkpoint (a zip archive with its central directory, which is written last): a copy cut short, e.g. a
+    worker killed while Ray persisted its checkpoint, is not."""
     import zipfile
 
-    return Path(path).is_file() and zipfile.is_zipfile(path)
+    if isinstance(path, (str, Path)):
+        return Path(path).is_file() and zipfile.is_zipfile(path)
+    try:  # reads only the zip's end record; a file shorter than that is a seek error in fsspec
+        return zipfile.is_zipfile(path)
+    except ValueError:
+        return False
 
 
 def load_checkpoint(path: str | Path, device="cpu") -> dict:

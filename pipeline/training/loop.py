@@ -136,13 +136,8 @@ def latest_checkpoint(cfg, name: str | None = None) -> Location | None:
 
 
 def _complete_object(loc: str) -> bool:
-    import zipfile
-
     with store.open_file(loc) as f:
-        try:  # reads only the zip's end record; a file shorter than that is a seek error in fsspec
-            return zipfile.is_zipfile(f)
-        except ValueError:
-            return False
+        return is_complete(f)
 
 
 def load_dir(d: Location) -> dict:
@@ -159,8 +154,7 @@ def for_workers(cfg):
 
     cfg = cfg.model_copy(deep=True)
     cfg.shards.dir = cfg.shard_dir if store.is_uri(cfg.shard_dir) else Path(cfg.shard_dir).resolve()
-    if not store.is_uri(cfg.run.output_dir):
-        cfg.run.output_dir = Path(cfg.run.output_dir).resolve()
+    cfg.run.output_dir = Path(cfg.run.output_dir).resolve()  # always local (config.RunConfig refuses a URI)
     cfg.mlflow.tracking_uri = absolute_uri(cfg.mlflow.tracking_uri)
     return cfg
 
