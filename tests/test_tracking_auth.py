@@ -23,6 +23,14 @@ def test_non_loopback_host_without_auth_is_refused(tmp_path, capsys):
             if is_loopback(h)] == ["127.0.0.1", "127.8.0.1", "localhost", "::1"]
 
 
+def test_bad_artifacts_destination_is_refused(tmp_path, capsys):
+    assert main(["mlflow", "--artifacts-destination", "ftp://host/art", "--dir", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert "--artifacts-destination: unsupported URI scheme 'ftp'" in err and not (tmp_path / "m").exists()
+    cmd = server_command(tmp_path, artifacts="s3://bucket/art/")
+    assert cmd[cmd.index("--artifacts-destination") + 1] == "s3://bucket/art"  # kept a URI, no trailing '/'
+
+
 def test_auth_runs_the_basic_auth_app(tmp_path, monkeypatch):
     for var in ("MLFLOW_FLASK_SERVER_SECRET_KEY", "MLFLOW_AUTH_CONFIG_PATH"):
         monkeypatch.delenv(var, raising=False)
