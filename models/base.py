@@ -39,6 +39,12 @@ class EmbeddingModel(nn.Module):
     def scores(self, img: dict, txt: dict) -> torch.Tensor:
         return img["image"] @ txt["sentence"].T
 
+    def scores_and_phrase_best(self, img: dict, txt: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """scores (B, T) and, for a model trained with the phrase loss, each phrase's best region score per
+        image (P, B): one call, so a model whose sentence scores use its phrases computes them once per step."""
+        best = self.phrase_scores(img, txt).amax(-1) if self.uses_phrase_loss else None
+        return self.scores(img, txt), best
+
     def phrase_scores(self, img: dict, txt: dict) -> torch.Tensor:
         s = torch.einsum("pe,bre->pbr", txt["phrases"], img["regions"])
         return s.masked_fill(~img["cand"][None], NEG_INF)

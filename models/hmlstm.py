@@ -139,6 +139,9 @@ class HMLSTM(EmbeddingModel):
         return {"sentence": l2norm(h[b.root]), "phrases": l2norm(h[b.phrase_node]), "phrase_caption": b.phrase_caption}
 
     def scores(self, img: dict, txt: dict) -> torch.Tensor:
+        return self.scores_and_phrase_best(img, txt)[0]
+
+    def scores_and_phrase_best(self, img: dict, txt: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Sentence-image score = global match (root vs image node) + mean over the sentence's phrases of the
         best phrase-region match: the hierarchy scores the pair at every level, not only at the top."""
         glob = img["image"] @ txt["sentence"].T                      # (B, T)
@@ -146,7 +149,7 @@ class HMLSTM(EmbeddingModel):
         best = self.phrase_scores(img, txt).amax(-1)                 # (P, B)
         per_cap = best.new_zeros(T, best.shape[1]).index_add(0, txt["phrase_caption"], best)
         count = torch.bincount(txt["phrase_caption"], minlength=T).clamp(min=1).to(best.dtype)
-        return glob + (per_cap / count[:, None]).T
+        return glob + (per_cap / count[:, None]).T, best
 
     def encode_images(self, b) -> dict:
         B, R, _ = b.feats.shape

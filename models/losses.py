@@ -30,11 +30,11 @@ def embedding_loss(model, img: dict, txt: dict, batch, margin: float, hardest: b
     """Total loss and its parts. `model` is the unwrapped model (its scores/phrase_scores)."""
     B = img["image"].shape[0]
     images = torch.arange(B, device=batch.caption_image.device)
-    sent = hinge_ranking(model.scores(img, txt), batch.caption_image[None] == images[:, None], margin, hardest)
+    scores, ps = model.scores_and_phrase_best(img, txt)  # ps (P, B): each phrase's best region of each image
+    sent = hinge_ranking(scores, batch.caption_image[None] == images[:, None], margin, hardest)
     parts = {"loss_sentence": sent.detach()}
     loss = sent
     if model.uses_phrase_loss and phrase_weight > 0 and len(batch.phrase_node):
-        ps = model.phrase_scores(img, txt).amax(-1)  # (P, B): best region of each image
         pos = batch.caption_image[batch.phrase_caption][:, None] == images[None]
         phr = hinge_ranking(ps, pos, margin, hardest)
         parts["loss_phrase"] = phr.detach()

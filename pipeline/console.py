@@ -94,6 +94,12 @@ def summary_table(summary: dict) -> str:
              if isinstance(s.get("seconds"), (int, float))]
     if times:
         lines.append("time  " + "  ".join(f"{n} {_fmt_time(t)}" for n, t in times))
+    cost = pre.get("cost") or {}
+    if cost.get("cpu_s_per_image"):
+        per = "  ".join(f"{k} {1000 * v:.0f}" for k, v in cost["cpu_s_per_image"].items())
+        eff = _num(100 * cost["efficiency"] if cost.get("efficiency") else None, "{:.0f}")
+        lines.append(f"preprocess CPU ms/image  {per}  (efficiency {eff} % of {_num(cost.get('cores'), '{:g}')} "
+                     f"cores; Ray start {_num(cost.get('ray_start_s'))} s)")
     for name, where in (summary.get("paths") or {}).items():
         if where:
             lines.append(f"{name + ':':<12} {where}")

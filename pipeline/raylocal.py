@@ -24,6 +24,23 @@ def init_ray(cfg):
     return ray
 
 
+def node_resources() -> list[tuple[float, float]]:
+    """(CPUs, logical memory MiB) of each alive node of the connected Ray cluster."""
+    import ray
+
+    return [(n["Resources"].get("CPU", 0.0), n["Resources"].get("memory", 0.0) / 2**20)
+            for n in ray.nodes() if n["Alive"]]
+
+
+def cpus_per_worker(asked: int | None, num_workers: int, nodes: list[tuple[float, float]]) -> int:
+    """CPUs for each of `num_workers` training workers (pure): `asked`, or the cluster's CPUs shared among them,
+    at most the largest node's (a worker runs on one node), at least 1."""
+    if asked:
+        return asked
+    cpus = [c for c, _ in nodes] or [1.0]
+    return max(1, int(min(sum(cpus) / num_workers, max(cpus))))
+
+
 # Ray Train's detached PlacementGroupCleaner warns on every state-API timeout (hundreds of lines on a loaded box)
 # while it only keeps monitoring: not news for the person running the job.
 NOISY_RAY_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)

@@ -30,6 +30,31 @@ def test_several_nodes_count_fragments_not_totals():
     assert actor_pool_sizes(_stages(0.3, concurrency=3), [0.0, 1.0, 1.0]) == {"features": 1}  # capped, logged
     with pytest.raises(ValueError, match="stages.regions"):  # two model stages need two actors: none is safe
         actor_pool_sizes(_stages(0.3, detector=True), [0.0, 1.0, 1.0])
-    # two 4-CPU nodes: 10 actors fill one node to 3.0 CPU (1.0 left), 11 block it; 21 can never block both
-    assert actor_pool_sizes(_stages(0.3, detector=True), [4.0, 4.0]) == {"regions": 10, "features": 10}
-    assert actor_pool_sizes(_stages(0.3, concurrency=2, detector=True), [4.0, 4.0]) == {"regions": 10, "features": 2}
+    # two 4-CPU nodes: 10 actors fill one node to 3.0 CPU (1.0 left), 11 block it; 21 can never block both.
+    # The odd one goes to the earlier stage; a stage's own concurrency leaves the rest to the others.
+    assert actor_pool_sizes(_stages(0.3, detector=True), [4.0, 4.0]) == {"regions": 11, "features": 10}
+    assert actor_pool_sizes(_stages(0.3, concurrency=2, detector=True), [4.0, 4.0]) == {"regions": 19, "features": 2}
+    assert actor_pool_sizes(_stages(0.3, concurrency=30, detector=True), [4.0, 4.0]) == {"regions": 1,
+                                                                                          "features": 20}
+
+
+def test_the_default_two_cpu_machine_gets_two_detector_actors():
+    """Detector + parser actors of 0.3 CPU and 1-CPU ingest tasks on 2 CPUs: 3 actors are safe, the spare
+    one goes to the detector (regions), the costliest stage."""
+    st = {"ingest": StageConfig(impl="image_caption"),
+          "regions": StageConfig(impl="detectron2_features", num_cpus=0.3),
+          "features": StageConfig(impl="from_regions"), "parse": StageConfig(impl="stanza", num_cpus=0.3)}
+    assert actor_pool_sizes(st, [2.0]) == {"regions": 2, "parse": 1}
+
+
+def test_memory_requests_bound_the_pools():
+    """Actors that ask for memory Ray cannot give would never start (the run would wait forever): the pools fit
+    the nodes' logical memory, and a stage that cannot get one actor is a clear error naming memory_mb."""
+    st = {"ingest": StageConfig(impl="image_caption"),
+          "regions": StageConfig(impl="detectron2_features", num_cpus=0.3, memory_mb=2048),
+          "features": StageConfig(impl="from_regions"),
+          "parse": StageConfig(impl="stanza", num_cpus=0.3, memory_mb=1024)}
+    assert actor_pool_sizes(st, [(2.0, 16384.0)]) == {"regions": 2, "parse": 1}  # CPUs bound it
+    assert actor_pool_sizes(st, [(2.0, 4096.0)]) == {"regions": 1, "parse": 1}  # two 2-GiB actors fit
+    with pytest.raises(ValueError, match=r"stages.regions: .*2048 MiB.*memory_mb"):
+        actor_pool_sizes(st, [(2.0, 3000.0)])

@@ -137,6 +137,16 @@ def test_models_train_step(name, batch):
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in m.parameters() if p.requires_grad)
     assert name in MODELS
+    s, best = m.scores_and_phrase_best(img, txt)  # the loss's one call: the same scores, phrases computed once
+    assert torch.equal(s, m.scores(img, txt))
+    if name == "hmlstm":
+        assert torch.equal(best, m.phrase_scores(img, txt).amax(-1))
+        pos = b.caption_image[b.phrase_caption][:, None] == torch.arange(B)[None]
+        expected = (hinge_ranking(s, b.caption_image[None] == torch.arange(B)[:, None], 0.2)
+                    + hinge_ranking(m.phrase_scores(img, txt).amax(-1), pos, 0.2))
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    else:
+        assert best is None
 
 
 def test_dvsa_score_is_mean_over_words_of_best_region(batch):

@@ -53,6 +53,12 @@ def test_shards_manifest_and_stats(run):
     st = json.loads((sd / "train-000000.stats.json").read_text())
     assert st["n_planned"] == st["n_ok"] == 10 and st["tar_bytes"] == (sd / "train-000000.tar").stat().st_size
     assert summary["splits"]["test"]["n_ok"] == 16
+    # every stage's CPU and wall seconds, measured where it ran, in each shard's stats and summed in the summary
+    assert set(st["cost"]) == {"plan", "ingest", "regions", "features", "parse", "write"}
+    assert all(cpu >= 0 and wall > 0 for cpu, wall in st["cost"].values())
+    cost = summary["cost"]
+    assert cost["cpu_s"]["features"] > 0 and cost["cores"] == 2 and 0 < cost["efficiency"] <= 1
+    assert cost["cpu_s_total"] == pytest.approx(sum(cost["cpu_s"].values()), abs=0.5)
 
 
 def test_read_back_with_webdataset(run):

@@ -43,7 +43,7 @@ def test_patience_is_validated_in_the_config():
     from pipeline.config import load_config
 
     assert load_config("pipeline.yaml", ["train.patience=3"]).train.patience == 3
-    assert load_config("pipeline.yaml").train.patience is None
+    assert load_config("pipeline.yaml", ["train.patience=null"]).train.patience is None  # off
     with pytest.raises((ValidationError, ValueError), match="patience"):
         load_config("pipeline.yaml", ["train.patience=-1"])
 

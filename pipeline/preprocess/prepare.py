@@ -4,11 +4,20 @@ Where the config names the project's own default models (`.cache/detector-synthe
 they are trained here on first use (once; cached by spec hash). Any other model path is checked, and a missing
 one fails here, naming its config key, rather than in every actor. Stages never import a trainer; validators
 do no file I/O. Each actor also resolves its paths when it loads the model, on the machine that runs it.
+
+Both trainers run one torch thread (faster than two on a small shared machine), so a first run trains the
+detector and the parser at the same time, the parser in a second process: the first run's wait is the longer
+training, not the sum.
 """
 from __future__ import annotations
 
+import functools
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from models import detector as det
 from models import parser as stanza_models
@@ -17,9 +26,43 @@ from pipeline.errors import ConfigError
 log = logging.getLogger("densevse.prepare")
 
 
-def ensure_detector(key: str, p, spec=None) -> None:
+@dataclass
+class Training:
+    """A first-use training: `fn` (picklable: it may run in another process) returns what `done` logs."""
+    fn: Callable[[], dict]
+    done: Callable[[dict], None]
+
+
+def _train_detector(config: str, spec) -> dict:
+    from pipeline.stage_models import detector as trainer
+
+    return trainer.train(config, spec, quiet=True)
+
+
+def _train_parser(model_dir: str) -> dict:
+    from pipeline.stage_models import parser as trainer
+
+    return trainer.train(model_dir)
+
+
+def run_trainings(jobs: list[Training]) -> None:
+    """Run the first-use trainings at once: the first here, the others each in a spawned process (torch and
+    Stanza are not fork-safe once loaded). A failure in any is raised here."""
+    if len(jobs) <= 1:
+        for j in jobs:
+            j.done(j.fn())
+        return
+    with ProcessPoolExecutor(len(jobs) - 1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(j.fn) for j in jobs[1:]]
+        jobs[0].done(jobs[0].fn())
+        for j, f in zip(jobs[1:], futures):
+            j.done(f.result())
+
+
+def ensure_detector(key: str, p, spec=None, jobs: list[Training] | None = None) -> None:
     """The default detector dir trained once and cached (keyed by its spec hash; `spec` defaults to
-    DetectorSpec()); any other config/weights must exist, else ConfigError naming `key`."""
+    DetectorSpec()); any other config/weights must exist, else ConfigError naming `key`. With `jobs`, a
+    needed training is added there (run_trainings) instead of run now."""
     if p.weights is None and det.is_default_dir(p.config):
         from pipeline.stage_models import detector as trainer
 
@@ -27,10 +70,12 @@ def ensure_detector(key: str, p, spec=None) -> None:
         if trainer.is_trained(Path(p.config), spec):
             return
         log.warning("%s: default detector %s not trained yet (or its spec changed): training it now with "
-                    "Detectron2 (once, then cached; ~5 min on an idle 2-core machine)", key, p.config)
-        r = trainer.train(p.config, spec, quiet=True)
-        log.warning("%s: detector trained in %.0f s; held-out proposal recall@0.5 (top 19) = %s",
-                    key, r["train_s"], r.get("recall@0.5_top19"))
+                    "Detectron2 (once, then cached; ~2 min on an idle 2-core machine)", key, p.config)
+
+        def done(r):
+            log.warning("%s: detector trained in %.0f s; held-out proposal recall@0.5 (top 19) = %s",
+                        key, r["train_s"], r.get("recall@0.5_top19"))
+        _run_or_add(Training(functools.partial(_train_detector, p.config, spec), done), jobs)
         return
     try:
         det.resolve(p.config, p.weights)
@@ -40,29 +85,38 @@ def ensure_detector(key: str, p, spec=None) -> None:
         raise ConfigError(f"{key}.config: {e}") from None
 
 
-def ensure_detector_features(key: str, p) -> None:
-    ensure_detector(key, p)
+def _run_or_add(job: Training, jobs: list[Training] | None) -> None:
+    if jobs is None:
+        run_trainings([job])
+    else:
+        jobs.append(job)
+
+
+def ensure_detector_features(key: str, p, jobs: list[Training] | None = None) -> None:
+    ensure_detector(key, p, jobs=jobs)
     if p.head_weights is not None and not Path(p.head_weights).is_file():
         raise ConfigError(f"{key}.head_weights: weights file not found: {p.head_weights}")
 
 
-def ensure_efficientnet(key: str, p) -> None:
+def ensure_efficientnet(key: str, p, jobs=None) -> None:
     if p.weights is not None and not Path(p.weights).is_file():
         raise ConfigError(f"{key}.weights: weights file not found: {p.weights}")
 
 
-def ensure_parser(key: str, p) -> None:
+def ensure_parser(key: str, p, jobs: list[Training] | None = None) -> None:
     """The default parser dir trained once and cached; any other Stanza models must exist."""
     own = p.model_dir is not None and Path(p.model_dir).expanduser().resolve() == stanza_models.DEFAULT_DIR.resolve()
     if own and not stanza_models.explicit_paths(p):
         from pipeline.stage_models import parser as trainer
 
         if trainer.cached_manifest(p.model_dir) is None:
-            log.info("%s: training the default Stanza parser into %s (once, ~3 min on 2 CPUs; cached afterwards; "
+            log.info("%s: training the default Stanza parser into %s (once, ~1 min; cached afterwards; "
                      "`densevse parser train` does the same)", key, p.model_dir)
-            m = trainer.train(p.model_dir)
-            log.info("%s: parser trained in %ss, held-out bracket F1 %.4f", key, m["train_seconds"]["total_s"],
-                     m["bracket_f1"])
+
+            def done(m):
+                log.info("%s: parser trained in %ss, held-out bracket F1 %.4f", key, m["train_seconds"]["total_s"],
+                         m["bracket_f1"])
+            _run_or_add(Training(functools.partial(_train_parser, str(p.model_dir)), done), jobs)
         return
     missing = stanza_models.missing_models(p)
     if missing:
@@ -77,9 +131,12 @@ PREPARE = {"detectron2": ensure_detector, "detectron2_boxhead": ensure_detector,
 
 
 def prepare_stage_models(cfg) -> None:
-    """Check, or train on first use, the model files of every configured stage (see the module docstring)."""
+    """Check, or train on first use, the model files of every configured stage (see the module docstring):
+    every check runs first, so a bad path fails before any training starts."""
+    jobs: list[Training] = []
     for name in type(cfg.stages).model_fields:
         sc = getattr(cfg.stages, name)
         check = PREPARE.get(sc.impl)
         if check is not None:
-            check(f"stages.{name}.params", sc.params)
+            check(f"stages.{name}.params", sc.params, jobs=jobs)
+    run_trainings(jobs)

@@ -23,10 +23,11 @@ from pipeline import storage
 from pipeline.config import PipelineConfig, StageConfig
 from pipeline.console import emit
 from pipeline.preprocess import ship, shards
+from pipeline.preprocess.cost import Clock, add_cost, summarize_costs
 from pipeline.preprocess.plan import (check_resume, fingerprint, plan, plan_dir, read_shard, retry_shards,
                                      shard_rows)
 from pipeline.preprocess.prepare import prepare_stage_models
-from pipeline.raylocal import init_ray
+from pipeline.raylocal import init_ray, node_resources
 from stages.base import STAGES, is_transient
 
 log = logging.getLogger("densevse.preprocess")
@@ -103,8 +104,13 @@ class _StageOnShards:
         self.stage = STAGES.get(impl)(params) if load else None
 
     def __call__(self, batch):
-        stage = self.stage or STAGES.get(self.impl)(self.params)
-        return {"shard": batch["shard"], "rows": [_run_stage(stage, p, self.batch_size) for p in batch["rows"]]}
+        t = Clock()
+        stage = self.stage or STAGES.get(self.impl)(self.params)  # a task stage's build is part of its cost
+        rows, costs = [], []
+        for p, c in zip(batch["rows"], batch["cost"]):
+            rows.append(_run_stage(stage, p, self.batch_size))
+            costs.append(add_cost(c, stage.name, t.lap()))
+        return {"shard": batch["shard"], "rows": rows, "cost": costs}
 
 
 def run_stages(cfg) -> dict[str, StageConfig]:
@@ -114,42 +120,47 @@ def run_stages(cfg) -> dict[str, StageConfig]:
             if not STAGES.get(getattr(cfg.stages, name).impl).passthrough}
 
 
-def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], node_cpus: float | list[float]) -> dict[str, int]:
-    """Actors per model stage, capped so the pools always leave some node room for a task.
+def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], nodes: float | list) -> dict[str, int]:
+    """Actors per model stage, capped so the pools always leave some node room for a task. `nodes`: each alive
+    node's CPUs, or (CPUs, memory MiB) pairs (Ray's logical memory).
 
     Actors hold their CPUs for the whole run; if they left no node with `task` CPUs free, the task stages could
     never be scheduled and the run would hang (seen on a 2-CPU machine with 2 feature actors, and on two 1-CPU
     nodes with one 0.3-CPU actor on each). Ray may place actors on any node, so the bound assumes the worst:
     a node with C CPUs is blocked by floor((C - task) / a) + 1 actors of the largest size a, and the pools
-    together stay one actor short of blocking every node. Caps are logged, not silent.
+    together stay one actor short of blocking every node. Memory (`memory_mb`, requested so that Ray sizes
+    and places workers by it) bounds the pools too: no more actors of the largest request than the nodes hold
+    with a task's memory left on each. A stage's `concurrency` is honoured within the bound (capped, with a
+    warning, beyond it); the stages without one share the rest, one more actor each to the earlier stages
+    while the rest does not divide (the detector, first, is the costliest in the defaults).
     """
-    nodes = [node_cpus] if isinstance(node_cpus, (int, float)) else list(node_cpus)
+    nodes = [nodes] if isinstance(nodes, (int, float)) else list(nodes)
+    nodes = [n if isinstance(n, (tuple, list)) else (n, math.inf) for n in nodes]
     model = {n: sc for n, sc in stage_cfgs.items() if STAGES.get(sc.impl).uses_model}
-    task = max([sc.num_cpus for n, sc in stage_cfgs.items() if n not in model] + [0.0])
+    tasks = [sc for n, sc in stage_cfgs.items() if n not in model]
+    task, task_mb = max([sc.num_cpus for sc in tasks] + [0.0]), max([sc.memory_mb or 0 for sc in tasks] + [0])
     if not model:
         return {}
     a = max(sc.num_cpus for sc in model.values())  # num_cpus > 0 (validated)
-    room = sum(math.floor((c - task) / a + 1e-9) + 1 for c in nodes if c >= task) - 1  # actors that stay safe
-    fit = room // len(model)  # each model stage's share
-    if fit < 1:
-        raise ValueError(f"stages.{next(iter(model))}: {len(model)} model stage(s) need actors of up to {a} CPU and "
-                         f"the task stages {task} CPU on one node, but the cluster's nodes have {nodes} CPUs; lower "
-                         f"stages.*.num_cpus")
-    sizes = {}
-    for n, sc in model.items():
-        want = sc.concurrency or fit
-        sizes[n] = min(want, fit)
-        if sizes[n] < want:
+    room = sum(math.floor((c - task) / a + 1e-9) + 1 for c, _ in nodes if c >= task) - 1  # actors that stay safe
+    a_mb = max(sc.memory_mb or 0 for sc in model.values())
+    if a_mb:
+        room = min(room, sum(math.floor((m - task_mb) / a_mb) for _, m in nodes if m >= task_mb))
+    if room < len(model):
+        raise ValueError(f"stages.{next(iter(model))}: {len(model)} model stage(s) need actors of up to {a} CPU"
+                         f"{f' and {a_mb} MiB' if a_mb else ''}, the task stages {task} CPU on one node, but the "
+                         f"cluster's nodes have (CPUs, memory MiB) {nodes}; lower stages.*.num_cpus or memory_mb")
+    sizes, left = {}, room
+    for n, sc in [(n, sc) for n, sc in model.items() if sc.concurrency]:
+        sizes[n] = min(sc.concurrency, left - (len(model) - len(sizes) - 1))  # every later stage keeps one
+        left -= sizes[n]
+        if sizes[n] < sc.concurrency:
             log.warning("stages.%s.concurrency=%d capped to %d actors so that a node keeps %.1f CPU for task "
-                        "stages (node CPUs %s)", n, want, sizes[n], task, nodes)
-    return sizes
-
-
-def node_cpus() -> list[float]:
-    """CPUs of each alive node of the connected Ray cluster."""
-    import ray
-
-    return [n["Resources"].get("CPU", 0.0) for n in ray.nodes() if n["Alive"]]
+                        "stages (nodes' CPUs, memory MiB: %s)", n, sc.concurrency, sizes[n], task, nodes)
+    auto = [n for n, sc in model.items() if not sc.concurrency]
+    for i, n in enumerate(auto):
+        sizes[n] = left // len(auto) + (i < left % len(auto))
+    return {n: sizes[n] for n in model}
 
 
 def _add_stage(ds, sc: StageConfig, actors: int | None, models=None):
@@ -173,20 +184,22 @@ def _add_stage(ds, sc: StageConfig, actors: int | None, models=None):
 
 
 def _write(batch, shard_dir: str, fingerprint: dict | None = None):
-    stats = [shards.write_shard(pickle.loads(p), storage.location(shard_dir), s, fingerprint)
-             for s, p in zip(batch["shard"], batch["rows"])]
+    stats = [shards.write_shard(pickle.loads(p), storage.location(shard_dir), s, fingerprint, json.loads(c))
+             for s, p, c in zip(batch["shard"], batch["rows"], batch["cost"])]
     return {"shard": [st["shard"] for st in stats], "n_ok": [st["n_ok"] for st in stats],
-            "n_rejected": [st["n_rejected"] for st in stats]}
+            "n_rejected": [st["n_rejected"] for st in stats], "cost": [json.dumps(st["cost"]) for st in stats]}
 
 
 def _shard_items(batch):
     """Plan items (one per shard: its plan file and row group) -> the items the stages take: {"shard", "rows":
     pickled rows}. On the workers."""
-    out = {"shard": [], "rows": []}
+    out = {"shard": [], "rows": [], "cost": []}
     for path, rg in zip(batch["file"], batch["row_group"]):
+        t = Clock()
         r = read_shard(str(path), int(rg))
         out["shard"].append(r["shard"])
         out["rows"].append(pickle.dumps(shard_rows(r), protocol=pickle.HIGHEST_PROTOCOL))
+        out["cost"].append(add_cost("", "plan", t.lap()))
     return out
 
 
@@ -215,7 +228,9 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
     planned = {i["shard"]: i["keys_sha256"] for i in infos}
     n_samples = sum(i["n"] for i in infos)
     done = shards.finished_shards(shard_dir, planned)
+    t_plan = time.time()
     prepare_stage_models(cfg)
+    t_prep = time.time()
     fp = fingerprint(cfg)
     redo = check_resume(fp, done, shard_dir, force)
     done = {s: st for s, st in done.items() if s not in redo}
@@ -231,25 +246,35 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
         done = {s: st for s, st in done.items() if s not in retry}
     log.info("plan: %d samples in %d shards; %d shards already finished (%d more redone: --force, config "
              "changed; %d: --retry-rejected)", n_samples, len(planned), len(done), len(redo), len(retry))
+    cost = None
     if len(done) < len(planned):
         ray = init_ray(cfg)
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = progress
         ds = shard_dataset(ray, plan_dir(shard_dir), infos, set(done))
         stage_cfgs = run_stages(cfg)
-        actors = actor_pool_sizes(stage_cfgs, node_cpus())
+        actors = actor_pool_sizes(stage_cfgs, node_resources())
         for name, sc in stage_cfgs.items():
             packed = ship.pack(sc.params) if actors.get(name) else None
             ds = _add_stage(ds, sc, actors.get(name), ray.put(packed) if packed else None)
         todo, n, written = sum(i["n"] for i in infos if i["shard"] not in done), 0, []
+        t_run = time.time()
         for w in ds.map_batches(_write, fn_kwargs={"shard_dir": str(shard_dir), "fingerprint": fp}, batch_size=1,
                                 batch_format="numpy").iter_rows():
             written.append(w)  # one row per shard written: the console's samples/s and ETA
             n += int(w["n_ok"]) + int(w["n_rejected"])
+            if len(written) == 1:
+                t_first, n_first = time.time(), n
             emit({"step": "preprocess", "done": n, "total": todo})
         missing = set(planned) - set(done) - {w["shard"] for w in written}
         if missing:
             raise RuntimeError(f"shards not written: {sorted(missing)[:5]}")
+        cost = summarize_costs([json.loads(w["cost"]) for w in written], n, time.time() - t_run,
+                               sum(c for c, _ in node_resources()))
+        cost.update(plan_s=round(t_plan - t0, 1), prepare_s=round(t_prep - t_plan, 1),  # models trained on first use
+                    ray_start_s=round(t_run - t_prep, 1),  # and the dataset's set-up; actors start within run_s
+                    first_shard_s=round(t_first - t_run, 1),  # actors loading their models, the pipeline filling
+                    steady_samples_per_s=round((n - n_first) / (time.time() - t_first), 2) if n > n_first else None)
     stale = sorted(n for n in map(shards.shard_of, storage.listdir(shard_dir, ".tar")) if n not in planned)
     if stale:
         log.warning("%d shard(s) in %s are not in this run's plan: left out of the manifest, so never read: %s",
@@ -259,6 +284,8 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
                "shards_written": len(planned) - len(done), "shards_redone_config_changed": len(redo),
                "seconds": round(time.time() - t0, 1), "manifest": str(manifest),
                "fingerprint": fp["sha256"], "splits": shards.summarize_shards(shard_dir, sorted(planned))}
+    if cost:
+        summary["cost"] = cost
     if retry_rejected is not None:
         summary["retry_rejected"] = {"prefix": retry_rejected, "shards_redone": len(retry),
                                      "samples_retried": sum(retry.values()), "shards": list(retry)}

@@ -107,12 +107,14 @@ def manifest_entry(row: dict) -> dict:
             "n_regions": n_regions, "n_phrases": sum(len(c.get("phrases", [])) for c in caps)}
 
 
-def write_shard(rows: list[dict], shard_dir: Path, shard: str, fingerprint: dict | None = None) -> dict:
+def write_shard(rows: list[dict], shard_dir: Path, shard: str, fingerprint: dict | None = None,
+                cost: dict | None = None) -> dict:
     """Write one shard atomically; returns its stats (also written to {shard}.stats.json, last), which carry
-    `fingerprint` (plan.fingerprint of the config that made the rows)."""
+    `fingerprint` (plan.fingerprint of the config that made the rows) and `cost`, the shard's CPU and wall
+    seconds per stage ({step: [cpu_s, wall_s]}), this write's own added as "write"."""
     import webdataset as wds
 
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     shard_dir = storage.location(shard_dir)
     storage.makedirs(shard_dir)
     rows = sorted(rows, key=lambda r: r["key"])
@@ -142,6 +144,8 @@ def write_shard(rows: list[dict], shard_dir: Path, shard: str, fingerprint: dict
              "n_phrases": sum(s["n_phrases"] for s in samples), "n_regions": sum(s["n_regions"] for s in samples),
              "reject_reasons": dict(rejects), "caption_reject_reasons": dict(caption_reject_reasons_short(caption_rejects)),
              "seconds": round(time.time() - t0, 3), "samples": samples}
+    if cost is not None:
+        stats["cost"] = {**cost, "write": [round(time.process_time() - cpu0, 4), stats["seconds"]]}
     write_atomic(stats_path(shard_dir, shard), json.dumps(stats, indent=1))
     return stats
 

@@ -44,7 +44,7 @@ from models.checkpoint import is_complete, load_checkpoint
 from pipeline import storage as store
 from pipeline.console import emit
 from pipeline.storage import Location
-from pipeline.raylocal import REPO, init_ray
+from pipeline.raylocal import REPO, cpus_per_worker, init_ray, node_resources
 from pipeline.training.prefetch import StepTimer, prefetch
 from pipeline.training.stopping import early_stop
 
@@ -237,13 +237,14 @@ def _trainer(cfg, task: Task, run_id: str | None, resume_from: Location | None, 
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = cfg.train.use_gpu
+    cpus = cpus_per_worker(cfg.train.cpus_per_worker, cfg.train.num_workers, node_resources())
     return TorchTrainer(
         worker,
-        train_loop_config={"cfg": cfg, "task": task, "mlflow_run_id": run_id,
+        train_loop_config={"cfg": cfg, "task": task, "mlflow_run_id": run_id, "cpus": cpus,
                            "resume_from": str(resume_from) if resume_from else None},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"GPU": 1, "CPU": 1} if use_gpu else {"CPU": 1}),
+                                     resources_per_worker={"GPU": 1, "CPU": cpus} if use_gpu else {"CPU": cpus}),
         run_config=RunConfig(name=f"{cfg.run.name}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                              **_storage_args(storage(cfg)),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
@@ -292,6 +293,8 @@ def worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if cfg.train.use_gpu else torch.device("cpu")
     torch.manual_seed(cfg.train.seed)
+    if device.type == "cpu":
+        torch.set_num_threads(config.get("cpus") or 1)  # Ray sets OMP_NUM_THREADS to it as well
     state, from_ray = _restore(config["resume_from"])
     _setup_data(cfg, task, rank, world, device)
     core, model, opt = _build(task, state, world, device)
