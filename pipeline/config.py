@@ -100,9 +100,9 @@ class DatasetConfig(Strict):
     def _root(self):
         if self.kind != "synthetic" and self.root is None:
             raise ValueError(f"dataset.root is required for dataset.kind={self.kind!r}")
-        if self.root is not None and storage.is_uri(self.root):  # the readers (pipeline/datasets) open local files
-            raise ValueError(f"root: must be a local path for now, not {self.root!r} (object storage is not "
-                             f"supported for dataset files yet)")
+        if self.kind == "synthetic" and self.root is not None and storage.is_uri(self.root):
+            raise ValueError(f"root: the synthetic set is generated with local file I/O, so its root must be a "
+                             f"local path, not {self.root!r}")
         if self.kind == "table" and self.table.file is None:
             raise ValueError("table.file: required for dataset.kind='table' (the table, relative to dataset.root)")
         return self

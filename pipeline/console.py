@@ -173,7 +173,7 @@ class Console:
     def __init__(self, log_path: Path, mode: str = "normal"):
         if mode not in MODES:
             raise ValueError(f"console mode {mode!r}: one of {MODES}")
-        self.log_path, self.mode, self.t0, self.last, self.seen = Path(log_path), mode, {}, {}, {}
+        self.log_path, self.mode, self.t0, self.last, self.seen = Path(log_path), mode, {}, {}, set()
         self._line_open = False
 
     def __enter__(self) -> "Console":
@@ -242,9 +242,9 @@ class Console:
         per ~10 % of counted work."""
         text = json.dumps(event, default=float, sort_keys=True)
         step = event.get("step", "?")
-        if self.seen.get(step) == text:  # Ray can stream a worker's line twice (seen with Ray Train workers)
+        if text in self.seen:  # Ray can stream a worker's last lines again at its exit (Ray Train workers)
             return
-        self.seen[step] = text
+        self.seen.add(text)
         self.log.write(MARK + text + "\n")
         if self.mode == "quiet" or (self.mode == "verbose" and not echo):
             return

@@ -54,6 +54,18 @@ def join(loc: Location, *parts: str) -> Location:
     return "/".join([str(loc).rstrip("/"), *(p.strip("/") for p in parts)])
 
 
+def as_path(loc: Location):
+    """A pathlib-style object for a location: `Path` for a local one, universal_pathlib's `UPath` (fsspec
+    underneath, no listings cache) for a URI, so that code written against pathlib (`/`, `exists`,
+    `read_bytes`, `open`, `glob`: the dataset readers) reads object storage unchanged. str() of a UPath is its
+    URI again."""
+    if not is_uri(loc):
+        return Path(loc)
+    from upath import UPath
+
+    return UPath(str(loc), use_listings_cache=False)
+
+
 def name(loc: Location) -> str:
     return str(loc).rstrip("/").rsplit("/", 1)[-1]
 

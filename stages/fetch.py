@@ -1,12 +1,15 @@
-"""Image sources that are not a plain local file: http(s) URLs, members of img2dataset tars, and img2dataset's
-record of a sample it failed to download. stages/images.read_bytes dispatches here (`source_kind`).
+"""Image sources that are not a plain local file: http(s) URLs, objects in an object store, members of
+img2dataset tars, and img2dataset's record of a sample it failed to download. stages/images.read_bytes
+dispatches here (`source_kind`).
 
 Source URIs (what a dataset reader puts in a sample's `source`):
 
     https://host/cat.jpg            downloaded (DownloadParams: timeout, retries, byte cap, content type, user agent)
+    s3://bucket/data/cat.jpg        read through fsspec (s3fs; gs:// with gcsfs): a dataset.root in object storage
     /data/i2d/00000.tar#00000012.jpg    the member `00000012.jpg` of that tar (img2dataset's webdataset output)
     /data/i2d/00000.parquet#00000012    img2dataset's record of sample 00000012, which it failed to download:
                                         reading it is a Reject with img2dataset's own error message
+    (the tar and parquet forms may name an s3:// or gs:// file too)
 
 Every failure is a Reject whose reason starts with "download failed" (downloads and img2dataset's failures) or
 names the tar, so ingest records "ingest: download failed: ..." and `--retry-rejected "ingest: download"` redoes
@@ -50,8 +53,12 @@ class DownloadParams(Params):
     threads: int = Field(16, ge=1)  # parallel downloads within a batch
 
 
+OBJECT_SCHEMES = ("s3://", "gs://")
+
+
 def source_kind(source: str) -> str:
-    """"url", "tar" (`<file>.tar#<member>`), "img2dataset_failed" (`<file>.parquet#<key>`) or "file"."""
+    """"url", "tar" (`<file>.tar#<member>`), "img2dataset_failed" (`<file>.parquet#<key>`), "object"
+    (`s3://...`, `gs://...`) or "file"."""
     if source.startswith(("http://", "https://")):
         return "url"
     path, sep, frag = source.rpartition("#")
@@ -59,7 +66,53 @@ def source_kind(source: str) -> str:
         return "tar"
     if sep and frag and path.endswith(".parquet"):
         return "img2dataset_failed"
+    if source.startswith(OBJECT_SCHEMES):
+        return "object"
     return "file"
+
+
+def _object_fs(uri: str):
+    """(fsspec filesystem, path) for an object URI; no listings cache (the dataset may change between runs)."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(uri, use_listings_cache=False)
+
+
+def _version(path: str):
+    """What changes when the file does, as a cache key: a local file's mtime, an object's ETag (else size and
+    mtime). FileNotFoundError when it is absent."""
+    if not path.startswith(OBJECT_SCHEMES):
+        return Path(path).stat().st_mtime_ns
+    fs, p = _object_fs(path)
+    info = fs.info(p)
+    return str(info.get("ETag") or info.get("etag") or (info.get("size"), info.get("mtime") or info.get("updated")))
+
+
+def _open(path: str):
+    if not path.startswith(OBJECT_SCHEMES):
+        return open(path, "rb")
+    fs, p = _object_fs(path)
+    return fs.open(p, "rb")
+
+
+def read_object(uri: str, max_bytes: int) -> bytes:
+    """The bytes of an object (`s3://bucket/key`); missing, empty or over `max_bytes` is a Reject with the same
+    reasons as a local file's. Other errors (the endpoint down, no credentials) are raised: they are not the
+    sample's fault."""
+    fs, p = _object_fs(uri)
+    try:
+        size = int(fs.info(p)["size"])
+    except FileNotFoundError:
+        raise Reject(f"missing image file {uri}") from None
+    if size > max_bytes:
+        raise Reject(f"image file {uri} is {size} bytes, over the cap of {max_bytes} bytes")
+    with fs.open(p, "rb") as f:
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise Reject(f"image file {uri} is over the cap of {max_bytes} bytes")
+    if not data:
+        raise Reject(f"empty image file {uri}")
+    return data
 
 
 class _Redirects(urllib.request.HTTPRedirectHandler):
@@ -130,10 +183,10 @@ def _get(opener, url: str, max_bytes: int, p: DownloadParams) -> bytes:
 
 
 @functools.lru_cache(maxsize=8)
-def _tar_index(path: str, mtime_ns: int) -> dict[str, tuple[int, int]]:
+def _tar_index(path: str, version) -> dict[str, tuple[int, int]]:
     """member name -> (data offset, size): found once per tar (and process), so reading a shard's N members
-    costs N seeks, not N scans of the tar."""
-    with tarfile.open(path, "r:") as tf:
+    costs N seeks, not N scans of the tar (for an object: ranged reads of its headers)."""
+    with _open(path) as f, tarfile.open(fileobj=f, mode="r:") as tf:
         return {m.name: (m.offset_data, m.size) for m in tf if m.isfile()}
 
 
@@ -141,7 +194,7 @@ def read_tar_member(source: str, max_bytes: int) -> bytes:
     """The bytes of `<file>.tar#<member>`; a missing tar or member, or one over `max_bytes`, is a Reject."""
     path, _, member = source.rpartition("#")
     try:
-        index = _tar_index(path, Path(path).stat().st_mtime_ns)
+        index = _tar_index(path, _version(path))
     except FileNotFoundError:
         raise Reject(f"missing tar file {path}") from None
     except tarfile.TarError as e:
@@ -151,7 +204,7 @@ def read_tar_member(source: str, max_bytes: int) -> bytes:
     offset, size = index[member]
     if size > max_bytes:
         raise Reject(f"image {member} in {path} is {size} bytes, over the cap of {max_bytes} bytes")
-    with open(path, "rb") as f:
+    with _open(path) as f:
         f.seek(offset)
         data = f.read(size)
     if len(data) != size:
@@ -162,11 +215,12 @@ def read_tar_member(source: str, max_bytes: int) -> bytes:
 
 
 @functools.lru_cache(maxsize=8)
-def _failures(path: str, mtime_ns: int) -> dict[str, str]:
+def _failures(path: str, version) -> dict[str, str]:
     """key -> error message of the samples img2dataset recorded as not downloaded, in its `<shard>.parquet`."""
     import pyarrow.parquet as pq
 
-    t = pq.read_table(path, columns=["key", "status", "error_message"]).to_pylist()
+    with _open(path) as f:
+        t = pq.read_table(f, columns=["key", "status", "error_message"]).to_pylist()
     return {str(r["key"]): r["error_message"] or r["status"] or "no reason recorded"
             for r in t if r["status"] != "success"}
 
@@ -175,7 +229,7 @@ def img2dataset_failure(source: str) -> Reject:
     """The Reject for `<file>.parquet#<key>`: img2dataset's own error message for that sample."""
     path, _, key = source.rpartition("#")
     try:
-        error = _failures(path, Path(path).stat().st_mtime_ns).get(key)
+        error = _failures(path, _version(path)).get(key)
     except FileNotFoundError:
         return Reject(f"missing img2dataset metadata file {path}")
     if error is None:

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from stages.base import Reject, is_transient
-from stages.fetch import DownloadParams, download_url, img2dataset_failure, read_tar_member, source_kind
+from stages.fetch import DownloadParams, download_url, img2dataset_failure, read_object, read_tar_member, source_kind
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is rejected, not silently grey-filled
 # 32 MiB: far above a dataset photo (COCO's largest is ~1 MB), far below what hurts a worker's memory.
@@ -33,7 +33,8 @@ _SWAPS_SIDES = {5, 6, 7, 8}  # EXIF orientations that turn the image by 90 degre
 
 def read_bytes(path: str, max_bytes: int = MAX_IMAGE_BYTES, download: DownloadParams | None = None) -> bytes:
     """The bytes of a sample's source: a local file, or one of stages/fetch.py's source URIs (an http(s) URL,
-    downloaded with `download`; a member of an img2dataset tar; img2dataset's record of a failed download).
+    downloaded with `download`; an s3:// or gs:// object; a member of an img2dataset tar; img2dataset's record
+    of a failed download).
     A missing, empty, unreadable or over-`max_bytes` image is a Reject (an input problem), a transient I/O
     error (EIO, a dropped network mount ...: stages.base.is_transient) is raised on."""
     kind = source_kind(path)
@@ -43,6 +44,8 @@ def read_bytes(path: str, max_bytes: int = MAX_IMAGE_BYTES, download: DownloadPa
         return read_tar_member(path, max_bytes)
     if kind == "img2dataset_failed":
         raise img2dataset_failure(path)
+    if kind == "object":
+        return read_object(path, max_bytes)
     p = Path(path)
     if not p.is_file():
         raise Reject(f"missing image file {path}")

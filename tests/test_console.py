@@ -47,12 +47,14 @@ def test_console_sends_detail_to_the_log_and_progress_to_the_console(tmp_path, c
         os.write(2, b"c++ noise\n")
         logging.getLogger("densevse.x").info("detail")
         logging.getLogger("densevse.x").warning("a real warning")
-        for _ in range(2):  # Ray streams some workers' lines twice: shown once
+        for _ in range(2):  # Ray streams some workers' last lines twice, interleaved: each shown once
             print("(RayTrainWorker pid=1) " + MARK + '{"step": "train", "epoch": 0, "epochs": 2, "train_loss": 1.5}')
+            print("(RayTrainWorker pid=1) " + MARK + '{"step": "train", "message": "early stop after epoch 0"}')
         con.print("TABLE")
     out, err = capfd.readouterr()
     assert "noise" not in out + err and "detail" not in out + err
     assert out.splitlines()[-1] == "TABLE" and out.count("epoch 1/2  loss 1.500") == 1 and "a real warning" in out
+    assert out.count("early stop after epoch 0") == 1
     text = log.read_text()
     assert all(s in text for s in ("ray noise", "c++ noise", "detail", "a real warning", "TABLE"))
     print("after")  # the streams are restored

@@ -44,8 +44,10 @@ def test_config_takes_uris_and_names_the_bad_key():
     assert cfg.shard_dir == "s3://bucket/run/shards" and cfg.train.storage_path == "s3://bucket/run/ray"
     with pytest.raises(ConfigError, match=r"run\.output_dir.*must be a local path"):
         load_config(None, ["run.output_dir=s3://bucket/run"])
-    with pytest.raises(ConfigError, match=r"dataset\.root.*must be a local path"):
+    with pytest.raises(ConfigError, match=r"dataset\.root.*must be a local path"):  # the generated synthetic set
         load_config(None, ["dataset.root=s3://bucket/data"])
+    real = load_config(None, ["dataset.kind=flickr8k", "dataset.root=s3://bucket/data/"])
+    assert real.dataset_root == "s3://bucket/data"  # read through fsspec (tests/test_s3.py)
     assert load_config(None, ["run.output_dir=runs/x"]).shard_dir == Path("runs/x/shards")
     with pytest.raises(ConfigError, match=r"shards\.dir.*unsupported URI scheme 'ftp'"):
         load_config(None, ["shards.dir=ftp://host/x"])

@@ -11,7 +11,9 @@ A sample spec is a dict::
                    "columns": {"license": ...}}}            # a table's save_additional_columns (table, img2dataset)
 
 `source` is a local path or one of stages/fetch.py's URIs: an http(s) URL (table), `<shard>.tar#<member>` or
-`<shard>.parquet#<key>` (img2dataset).
+`<shard>.parquet#<key>` (img2dataset), or an `s3://` / `gs://` object. A reader gets `root` as a pathlib-style
+object (pipeline/storage.as_path: a `Path`, or a `UPath` for a dataset.root in object storage), so the same
+reader code lists and reads either, and the sources it derives from root are URIs when root is one.
 
 Readers check the annotation files and raise DatasetError naming file and line for malformed ones (JSON or XML
 that does not parse, an image path that is absolute or leaves the dataset folder: base.inside); a missing
@@ -20,18 +22,18 @@ or corrupt image is not their business: ingest records it as a rejection. Text f
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Iterator
 
+from pipeline import storage
 from pipeline.datasets import (coco, flickr8k, flickr30k_entities, img2dataset, karpathy,  # noqa: F401 (register)
                                synthetic_reader, table)
 from pipeline.datasets.base import READERS
 
 
-def read_dataset(cfg, root: Path) -> Iterator[dict]:
+def read_dataset(cfg, root: storage.Location) -> Iterator[dict]:
     """Sample specs of the configured dataset, restricted to cfg.splits and cfg.limit per split."""
     counts: dict[str, int] = {}
-    for spec in READERS.get(cfg.kind)(Path(root), cfg):
+    for spec in READERS.get(cfg.kind)(storage.as_path(root), cfg):
         if spec["split"] not in cfg.splits:
             continue
         counts[spec["split"]] = counts.get(spec["split"], 0) + 1

@@ -31,7 +31,7 @@ def read_tar(path: Path) -> dict[str, dict[str, str | None]]:
     (and the small .txt members) only: the images are read later, by ingest."""
     members: dict[str, dict[str, tarfile.TarInfo]] = {}
     try:
-        with tarfile.open(path, "r:") as tf:
+        with path.open("rb") as f, tarfile.open(fileobj=f, mode="r:") as tf:  # a Path or a UPath
             for m in tf:
                 if m.isfile() and "." in m.name.rsplit("/", 1)[-1]:
                     base, ext = m.name.rsplit("/", 1)[-1].split(".", 1)  # webdataset: key up to the first dot
@@ -53,21 +53,22 @@ def read_metadata(path: Path, extra: list[str]) -> dict[str, dict]:
     import pyarrow.parquet as pq
 
     try:
-        names = pq.ParquetFile(path).schema_arrow.names
+        with path.open("rb") as f:
+            names = pq.ParquetFile(f).schema_arrow.names
     except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and friends: not a parquet file
         raise DatasetError(f"{path}: not a readable parquet file ({e})") from None
     for col in [*NEEDED, *extra]:
         if col not in names:
             what = "a column img2dataset writes" if col in NEEDED else "dataset.img2dataset.save_additional_columns"
             raise DatasetError(f"{path}: no column {col!r} ({what}); its columns are {names}")
-    rows = pq.read_table(path, columns=list(dict.fromkeys([*NEEDED, *extra]))).to_pylist()
+    with path.open("rb") as f:
+        rows = pq.read_table(f, columns=list(dict.fromkeys([*NEEDED, *extra]))).to_pylist()
     return {str(r["key"]): r for r in rows}
 
 
 @READERS.register("img2dataset")
 def read_img2dataset(root: Path, cfg):
     ic = cfg.img2dataset
-    root = Path(root)
     stems = sorted({p.stem for p in root.glob("*.tar")} | {p.stem for p in root.glob("*.parquet")})
     if not stems:
         raise DatasetError(f"{root}: no img2dataset shards (<shard>.tar / <shard>.parquet)")

@@ -38,7 +38,7 @@ def read_rows(path: Path, fmt: str) -> tuple[list[str], Iterator[tuple[int, dict
         import pyarrow.parquet as pq
 
         try:
-            f = pq.ParquetFile(path)
+            f = pq.ParquetFile(path.open("rb"))  # a Path or a UPath (dataset.root in object storage)
         except Exception as e:  # noqa: BLE001 - pyarrow's ArrowInvalid and friends: not a parquet file
             raise DatasetError(f"{path}: not a readable parquet file ({e})") from None
 
@@ -50,7 +50,7 @@ def read_rows(path: Path, fmt: str) -> tuple[list[str], Iterator[tuple[int, dict
                     yield n, r
         return f.schema_arrow.names, rows()
     # Streamed, decoded as base.read_text does (UTF-8, BOM dropped, bad bytes kept for ingest to reject)
-    f = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    f = path.open(encoding="utf-8-sig", errors="surrogateescape", newline="")
     if fmt == "jsonl":
         def rows():
             with f:
@@ -87,7 +87,7 @@ def json_value(v):
 @READERS.register("table")
 def read_table(root: Path, cfg):
     tc = cfg.table
-    path = Path(root) / tc.file
+    path = root / tc.file
     fmt = tc.input_format or TABLE_FORMATS[path.suffix.lower()]  # config checked the suffix
     columns, rows = read_rows(path, fmt)
     wanted = {"url_col": tc.url_col, "caption_col": tc.caption_col,
