@@ -241,6 +241,7 @@ def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster,
     dash = cluster.dashboard
     job = jobs.submit(ROOT / "pipeline.yaml", SMALL + [
         f"run.output_dir={run_dir}", "run.name=cluster", "train.epochs=4", "train.max_failures=2",
+        "train.patience=null",  # all 4 epochs: the kill must land mid-training
         f"mlflow.tracking_uri={uri}", "mlflow.experiment=cluster-test", "mlflow.registered_model=cluster-test"],
         address=dash, command="run")
 
