@@ -183,7 +183,7 @@ class TrainConfig(Strict):
     grad_clip: float = Field(2.0, gt=0)
     num_workers: int = Field(1, ge=1)
     # CPUs, and torch threads, per Ray Train worker (null: the cluster's CPUs shared among the workers, at most
-    # one node's): one worker on this 2-core machine trains 1.5x faster with both cores than with one
+    # one node's). On the 2-core machine 2 threads were no faster than 1 in the default run (pipeline.yaml sets 1)
     cpus_per_worker: int | None = Field(None, ge=1)
     use_gpu: bool = False
     max_failures: int = Field(2, ge=0)
