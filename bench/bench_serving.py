@@ -44,10 +44,12 @@ def bench_index(run: Path, out: Path) -> dict:
             "items_per_s_wall": items / wall}
 
 
-def bench_queries(index_dir: Path, n: int) -> dict:
+def bench_queries(index_dir: Path, n: int, config: Path) -> dict:
+    from pipeline.config import load_config
     from pipeline.search.query import Index
 
-    ix = Index.open(index_dir)
+    # the query stages take their model files from the user's own config, never from the checkpoint's
+    ix = Index.open(index_dir, stages=load_config(config).stages)
     ix.images(QUERIES[0], 10)  # first query loads the parser
     out = {}
     for kind, fn in (("images", ix.images), ("regions", ix.regions)):
@@ -104,6 +106,7 @@ def bench_rest(uri: str, requests: int, clients: int) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", type=Path, required=True, help="a finished run's output_dir (shards + models)")
+    ap.add_argument("--config", type=Path, default=ROOT / "pipeline.yaml", help="the stages queries run (model files)")
     ap.add_argument("--tracking-uri", default=None, help="registry with densevse-hmlstm@champion (REST part)")
     ap.add_argument("--queries", type=int, default=100)
     ap.add_argument("--requests", type=int, default=200)
@@ -117,7 +120,7 @@ def main() -> int:
         print(f"index build: {res['index']['items']} items in {res['index']['build_s']:.1f} s = "
               f"{res['index']['items_per_s']:.0f} items/s (whole process {res['index']['wall_s']:.1f} s = "
               f"{res['index']['items_per_s_wall']:.0f} items/s)")
-        res["queries"] = bench_queries(Path(tmp) / "index", a.queries)
+        res["queries"] = bench_queries(Path(tmp) / "index", a.queries, a.config)
         for kind, r in res["queries"].items():
             print(f"in-process {kind:8s} query: p50 {r['p50_ms']:.1f} ms  p99 {r['p99_ms']:.1f} ms  "
                   f"{r['qps']:.1f} queries/s")

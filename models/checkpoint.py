@@ -7,6 +7,8 @@ allow-listed for that (it builds arrays and runs no code). Anything else is refu
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
 from pathlib import Path
 
@@ -16,6 +18,10 @@ import torch
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint needs code to unpickle: refused, never run."""
+
+
+class ChecksumMismatch(ValueError):
+    """A checkpoint whose bytes are not the ones recorded (by an index, say): refused before unpickling."""
 
 
 def _numpy_globals() -> list:
@@ -38,26 +44,36 @@ def is_complete(path) -> bool:
         return False
 
 
-def load_checkpoint(path: str | Path, device="cpu") -> dict:
-    """The checkpoint dict at `path`, loaded with weights_only=True (numpy arrays allowed, code never)."""
+def load_checkpoint(path: str | Path, device="cpu", sha256: str | None = None) -> dict:
+    """The checkpoint dict at `path`, loaded with weights_only=True (numpy arrays allowed, code never). With
+    `sha256`, the bytes loaded are the bytes checked (read once): ChecksumMismatch when they differ."""
+    src = path
+    if sha256 is not None:
+        data = Path(path).read_bytes()
+        got = hashlib.sha256(data).hexdigest()
+        if got != sha256:
+            raise ChecksumMismatch(f"{path} has changed since it was recorded: sha256 {got[:12]}, recorded "
+                                   f"{sha256[:12]}; refused")
+        src = io.BytesIO(data)
     try:
         with torch.serialization.safe_globals(_numpy_globals()):
-            return torch.load(path, map_location=device, weights_only=True)
+            return torch.load(src, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln.upper()] or [type(e).__name__]
         raise UnsafeCheckpointError(f"refused to load {path}: not a plain checkpoint, unpickling it would run "
                                     f"code ({lines[0][:300]})") from None
 
 
-def load_model(path: str | Path, device="cpu"):
-    """(model, vocab, labels, checkpoint dict) from a model.pt written by training (or its directory)."""
+def load_model(path: str | Path, device="cpu", sha256: str | None = None):
+    """(model, vocab, labels, checkpoint dict) from a model.pt written by training (or its directory); `sha256`:
+    as load_checkpoint."""
     from models import rebuild
     from models.vocab import Vocab
 
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
-    ck = load_checkpoint(path, device)
+    ck = load_checkpoint(path, device, sha256)
     model = rebuild(ck["model_name"], ck["hparams"]).to(device)
     model.load_state_dict(ck["state_dict"])
     model.eval()

@@ -300,5 +300,34 @@ def parse_config(data: dict, source: str = "<dict>") -> PipelineConfig:
         raise ConfigError(f"invalid config {source}: {_describe(e)}") from None
 
 
-def dump_config(cfg: PipelineConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+def redact_uri(value: str) -> str:
+    """A URI with the password of its user info replaced (`http://user:***@host`): what may be logged."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not at:
+        return value
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}{slash}{path}"
+
+
+def public_config(cfg: PipelineConfig) -> dict:
+    """The config as JSON-ready values, with every credential in a URI redacted (mlflow.tracking_uri with
+    `user:password@`, a ray.address, a dataset URL): what goes into MLflow params, logged config files,
+    checkpoints and summaries, which other people read. The config itself keeps them (a submitted job needs
+    them)."""
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        return redact_uri(v) if isinstance(v, str) else v
+
+    return clean(cfg.model_dump(mode="json"))
+
+
+def dump_config(cfg: PipelineConfig, redact: bool = False) -> str:
+    """The config as YAML; `redact`: public_config's (credentials replaced), for anything logged or shared."""
+    return yaml.safe_dump(public_config(cfg) if redact else cfg.model_dump(mode="json"), sort_keys=False)

@@ -121,8 +121,11 @@ def put_atomic(loc: Location, data: bytes | str) -> None:
     if not is_uri(loc):
         path = Path(loc)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)  # a failed write (a full disk) leaves nothing behind
         return
     fs, path = filesystem(loc)
     fs.pipe_file(path, data)

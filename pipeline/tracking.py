@@ -168,7 +168,7 @@ def start_run(cfg) -> str:
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    from pipeline.config import dump_config
+    from pipeline.config import dump_config, public_config
 
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     exp = mlflow.set_experiment(cfg.mlflow.experiment)
@@ -177,23 +177,99 @@ def start_run(cfg) -> str:
     run = client.create_run(exp.experiment_id, run_name=f"{cfg.run.name}-{cfg.train.model}",
                             tags={"model": cfg.train.model, "dataset": cfg.dataset.kind,
                                   "manifest_sha256": digest or "none"})
-    params = {k: str(v)[:6000] for k, v in _flatten(cfg.model_dump(mode="json")).items()}
+    params = {k: str(v)[:6000] for k, v in _flatten(public_config(cfg)).items()}  # no credentials in params
     params["dataset.manifest_sha256"] = digest or "none"
     items = [Param(k, v) for k, v in sorted(params.items())]
     for i in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[i:i + 100])
-    client.log_text(run.info.run_id, dump_config(cfg), "config/pipeline.yaml")
+    client.log_text(run.info.run_id, dump_config(cfg, redact=True), "config/pipeline.yaml")
     return run.info.run_id
 
 
 def log_epoch(uri: str, run_id: str, metrics: dict, step: int) -> None:
-    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    ts = int(time.time() * 1000)
-    ms = [Metric(k, float(v), ts, step) for k, v in metrics.items()
-          if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(float(v))]
-    MlflowClient(uri).log_batch(run_id, metrics=ms)
+    MlflowClient(uri).log_batch(run_id, metrics=_metrics(metrics, step, int(time.time() * 1000)))
+
+
+def _metrics(metrics: dict, step: int, ts: int) -> list:
+    """An epoch entry's finite numbers as MLflow metrics at `step` (its "epoch" is the step, not a metric)."""
+    from mlflow.entities import Metric
+
+    return [Metric(k, float(v), ts, step) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and k != "epoch" and math.isfinite(float(v))]
+
+
+# A best-effort MLflow call (an epoch's metrics while the job trains, the backfill after it) must not stall
+# training for the ~4 minutes MLflow's client retries by default. Within `bounded()` a call that cannot reach
+# the server fails after at most 3 tries of 5 s each plus 2 s of backoff: about 2 s when the connection is
+# refused (server stopped), 17 s when the server accepts but never answers. A variable already set in the
+# environment is left as it is (the bound is then yours).
+BOUNDED_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+LOGGED_MARKER = "train_pairs"  # in every epoch entry of the training loop: its steps are the epochs MLflow holds
+MAX_BATCH = 1000  # metrics per log_batch call (MLflow's limit)
+
+
+class bounded:
+    """`with bounded():` MLflow's HTTP retries and timeout bounded (BOUNDED_HTTP) for the calls made inside:
+    MLflow reads them per request. They are process-wide while it lasts."""
+
+    def __enter__(self):
+        import os
+
+        self.added = {k: v for k, v in BOUNDED_HTTP.items() if k not in os.environ}
+        os.environ.update(self.added)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import os
+
+        for k in self.added:
+            os.environ.pop(k, None)
+
+
+def unlogged(history: list[dict], logged_steps) -> list[dict]:
+    """The history entries MLflow lacks (pure): those whose epoch is not among the steps it holds."""
+    have = set(logged_steps)
+    return [h for h in history if h["epoch"] not in have]
+
+
+def metric_batches(entries: list[dict], ts: int, limit: int = MAX_BATCH) -> list[list]:
+    """The entries' metrics, each entry at its epoch as step, in log_batch calls of at most `limit` metrics
+    (pure); an entry is never split, so that one whole call makes a whole epoch."""
+    out: list[list] = []
+    for h in entries:
+        ms = _metrics(h, h["epoch"], ts)
+        if not out or len(out[-1]) + len(ms) > limit:
+            out.append([])
+        out[-1].extend(ms)
+    return [b for b in out if b]
+
+
+def backfill(uri: str, run_id: str, history: list[dict]) -> list[int]:
+    """Log every entry of `history` that the run lacks (asked from MLflow: the steps of LOGGED_MARKER), each at
+    its epoch as step; returns the epochs logged now. Idempotent: what MLflow holds is not logged twice. Raises
+    when MLflow fails; a batch logged before the failure counts (MLflow has it)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    todo = unlogged(history, (m.step for m in client.get_metric_history(run_id, LOGGED_MARKER)))
+    for batch in metric_batches(todo, int(time.time() * 1000)):
+        client.log_batch(run_id, metrics=batch)
+    return [h["epoch"] for h in todo]
+
+
+def answers(uri: str, run_id: str) -> bool:
+    """Whether MLflow answers for the run now (bounded): tells an outage from a real error of a failed call."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        with bounded():
+            MlflowClient(uri).get_run(run_id)
+        return True
+    except Exception:  # noqa: BLE001 - any failure to answer is "no"
+        return False
 
 
 def end_run(uri: str, run_id: str, status: str = "FAILED", reason: str | None = None) -> None:
@@ -217,10 +293,18 @@ def finish_run(cfg, run_id: str, history: list[dict], best_path: Path, score: fl
     """Curves, alignment figure, and the best embedding model logged + registered with the stage models it
     needs for raw input (pipeline/serving/pyfunc.py); the version becomes `champion` when its validation
     `score` beats the current champion's. Returns the version."""
-    from pipeline.serving.embedder import bundled_paths
-    from pipeline.serving.pyfunc import EmbeddingPyfunc, signature
+    from pipeline.serving.embedder import bundled_paths, is_pickle_file
+    from pipeline.serving.pyfunc import signature
+
+    stages = {name: (sc.impl, sc.params) for name, sc in cfg.stages}
+    paths = bundled_paths(stages)
+    bundle = {k: str(p.resolve()) for k, p in paths.items() if not is_pickle_file(p)}
+    pickled = sorted(set(paths) - set(bundle))  # loading would refuse them (plain pickle): not shipped
 
     def figures(client):
+        if pickled:
+            client.set_tag(run_id, "stage_models_not_bundled", f"{', '.join(pickled)}: .pkl weights load with "
+                           f"plain pickle; convert them to .pth to serve raw images with the registered model")
         try:
             fig = alignment_figure(best_path, cfg.shard_dir)
             if fig is not None:
@@ -228,9 +312,7 @@ def finish_run(cfg, run_id: str, history: list[dict], best_path: Path, score: fl
         except Exception as e:  # noqa: BLE001 - a figure must not lose the trained model
             client.set_tag(run_id, "alignment_figure_error", repr(e)[:500])
 
-    stages = {name: (sc.impl, sc.params) for name, sc in cfg.stages}
-    bundle = {k: str(p.resolve()) for k, p in bundled_paths(stages).items()}
-    return _log_model(cfg.mlflow.tracking_uri, run_id, history, best_path, EmbeddingPyfunc(), signature(),
+    return _log_model(cfg.mlflow.tracking_uri, run_id, history, best_path, "embedding_model.py", signature(),
                       cfg.mlflow.registered_model, figures, extra_artifacts=bundle,
                       input_example=example_input(cfg.shard_dir), score=score)
 
@@ -253,9 +335,9 @@ def example_input(shard_dir: Path):
 
 def register_captioner(cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
     """Loss curve + the best checkpoint as a pyfunc model registered as cfg.captioner.registered_model."""
-    from pipeline.serving.pyfunc import CaptionerPyfunc, pyfunc_signature
+    from pipeline.serving.pyfunc import pyfunc_signature
 
-    return _log_model(cfg.mlflow.tracking_uri, run_id, history, best_path, CaptionerPyfunc(), pyfunc_signature(),
+    return _log_model(cfg.mlflow.tracking_uri, run_id, history, best_path, "captioner_model.py", pyfunc_signature(),
                       cfg.captioner.registered_model)
 
 
@@ -264,12 +346,13 @@ REQUIREMENTS = ["torch", "torchvision", "numpy", "pandas", "pyarrow", "pydantic"
                 "stanza", "webdataset", "efficientnet-lite-pytorch"]  # + Detectron2: cluster/install_detectron2.py
 
 
-def _log_model(uri: str, run_id: str, history: list[dict], best_path: Path, python_model, signature, name: str,
+def _log_model(uri: str, run_id: str, history: list[dict], best_path: Path, code_model: str, signature, name: str,
                figures=None, extra_artifacts: dict | None = None, input_example=None,
                score: float | None = None) -> int | None:
     """The run's curves (+ `figures(client)`), then the checkpoint (+ `extra_artifacts`) as an mlflow.pyfunc
     model registered as `name`, shipping the project's library code so the model loads where the project is
-    not installed; then `promote` it."""
+    not installed; then `promote` it. `code_model`: a models-from-code file of pipeline/serving (MLflow runs it
+    to load the model; a pickled PythonModel would be unpickled instead)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,7 +367,7 @@ def _log_model(uri: str, run_id: str, history: list[dict], best_path: Path, pyth
         figures(client)
     with mlflow.start_run(run_id=run_id):
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=python_model,
+            name="model", python_model=str(REPO / "pipeline" / "serving" / code_model),
             artifacts={"checkpoint": str(best_path), **(extra_artifacts or {})},
             signature=signature, registered_model_name=name, input_example=input_example,
             code_paths=[str(REPO / "models"), str(REPO / "pipeline"), str(REPO / "stages")],

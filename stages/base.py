@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import io
 import logging
+import re
 import traceback
 from typing import Any, ClassVar
 
@@ -104,43 +105,91 @@ class Stage:
 
 # ---------------------------------------------------------------- failures: bad input or transient
 
+class SourceUnavailable(Exception):
+    """A sample's source could not be read for a reason that is not the source's own (the object store down or
+    throttling, credentials expired or refused): never a rejection (`is_transient`), so the shard's task fails
+    and a rerun redoes it, instead of finishing it with every sample rejected."""
+
+
 # OSError numbers that say the machine, disk or network failed, not the file being read (ENOENT, EACCES,
-# EISDIR ... and PIL's errno-less "cannot identify image" are about the input: rejections).
+# EISDIR ... and PIL's errno-less "cannot identify image" are about the input: rejections). EREMOTEIO and EBUSY
+# are what s3fs makes of an object store's InternalError and SlowDown / ServiceUnavailable.
 TRANSIENT_ERRNOS = frozenset({
     errno.EIO, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.EAGAIN, errno.EINTR, errno.EMFILE, errno.ENFILE,
     errno.ESTALE, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED, errno.ECONNABORTED, errno.EPIPE,
-    errno.ENETDOWN, errno.ENETUNREACH, errno.ENETRESET, errno.EHOSTDOWN, errno.EHOSTUNREACH})
-# torch / Ray exception classes (matched by name in their MRO, so importing stages needs neither library).
+    errno.ENETDOWN, errno.ENETUNREACH, errno.ENETRESET, errno.EHOSTDOWN, errno.EHOSTUNREACH, errno.EREMOTEIO,
+    errno.EBUSY})
+# Exception classes of these libraries are matched by name anywhere in their MRO, so importing stages needs none
+# of them.
+TRANSIENT_LIBS = ("torch", "ray", "botocore", "aiobotocore", "s3fs", "fsspec", "urllib3", "aiohttp", "requests",
+                  "google", "gcsfs")
 TRANSIENT_TYPES = frozenset({
     "OutOfMemoryError", "AcceleratorError", "CudaError",  # torch: (CUDA) out of memory, any CUDA error
     "RaySystemError", "RayActorError", "WorkerCrashedError", "NodeDiedError", "LocalRayletDiedError",
-    "ObjectLostError", "ObjectStoreFullError", "OutOfDiskError", "ObjectFetchTimedOutError"})
+    "ObjectLostError", "ObjectStoreFullError", "OutOfDiskError", "ObjectFetchTimedOutError",
+    # the network to an object store (botocore's ConnectionError covers EndpointConnectionError,
+    # ConnectTimeoutError, ProxyConnectionError, SSLError; HTTPClientError covers ReadTimeoutError,
+    # ConnectionClosedError, ResponseStreamingError), and urllib3 / requests / aiohttp / fsspec timeouts and drops
+    "ConnectionError", "HTTPClientError", "IncompleteReadError", "ReadTimeoutError", "ConnectTimeoutError",
+    "NewConnectionError", "ProtocolError", "MaxRetryError", "ProxyError", "Timeout", "ClientConnectionError",
+    "ClientPayloadError", "FSTimeoutError", "TransportError",
+    # credentials and client configuration: the run's environment, the same for every sample
+    "NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "TokenRetrievalError",
+    "SSOError", "RefreshWithMFAUnsupportedError", "ProfileNotFound", "NoRegionError", "RefreshError",
+    "DefaultCredentialsError"})
+# Error codes of an object store's answer (botocore's ClientError) that say the service or the run's credentials
+# failed. AccessDenied is among them: a role that may not read the dataset's objects is the operator's to fix,
+# and S3 says 403 for a key the role may not list even when it is only missing; rejecting would finish every
+# shard with every sample rejected. Any HTTP status >= 500, 429, 401 or 403 counts too, and a bare "400": a HEAD
+# request's answer has no body, so S3's ExpiredToken (400) reaches botocore as the code "400".
+TRANSIENT_CODES = frozenset({
+    "SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
+    "ThrottledException", "RequestThrottled", "RequestThrottledException", "TooManyRequestsException",
+    "RequestLimitExceeded", "BandwidthLimitExceeded", "ProvisionedThroughputExceededException",
+    "ExpiredToken", "ExpiredTokenException", "TokenRefreshRequired", "InvalidToken", "InvalidAccessKeyId",
+    "InvalidClientTokenId", "UnrecognizedClientException", "SignatureDoesNotMatch", "RequestTimeTooSkewed",
+    "RequestExpired", "AccessDenied", "AccountProblem", "AllAccessDisabled", "InvalidSecurity", "NotSignedUp",
+    "AuthFailure", "400"})
 TRANSIENT_TEXT = ("out of memory", "cuda error", "_alloc_failed")  # in a RuntimeError's message (torch, cuBLAS)
 
 
 def is_transient(exc: BaseException) -> bool:
-    """True when `exc` says the machine failed (memory, GPU, disk, network, a dead Ray worker), not the input.
+    """True when `exc` says the machine or its environment failed (memory, GPU, disk, network, the object store,
+    credentials, a dead Ray worker), not the input.
 
-    A transient error must never become a recorded rejection: the shard would be finished with a sample that a
-    rerun would have kept. Rule, for the exception or any explicit cause (`raise ... from e`): a Reject is bad
-    input; MemoryError, ConnectionError and TimeoutError are transient; another OSError is transient only for
-    TRANSIENT_ERRNOS; torch / Ray errors whose class is in TRANSIENT_TYPES, and RuntimeErrors whose message
-    has TRANSIENT_TEXT, are transient. Everything else (ValueError, a corrupt file ...) is about the input."""
-    while exc is not None:
+    Such an error must never become a recorded rejection: the shard would be finished with samples that a rerun
+    would have kept. Rule, for the exception or the one it was raised from or while handling (`__cause__`, else
+    `__context__`; s3fs re-raises an object store's error as OSError, PermissionError ... that way): a Reject is
+    bad input; SourceUnavailable, MemoryError, ConnectionError and TimeoutError are transient; another OSError is
+    transient only for TRANSIENT_ERRNOS; a class of TRANSIENT_LIBS named in TRANSIENT_TYPES, an object store's
+    ClientError with a code in TRANSIENT_CODES or a failed-service HTTP status (see there), and RuntimeErrors
+    whose message has TRANSIENT_TEXT are transient. Everything else (ValueError, a corrupt file, a missing
+    object: NoSuchKey / 404) is about the input."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
         if isinstance(exc, Reject):
             return False
-        if isinstance(exc, (MemoryError, ConnectionError, TimeoutError)):
+        if isinstance(exc, (SourceUnavailable, MemoryError, ConnectionError, TimeoutError)):
             return True
-        if isinstance(exc, OSError):
-            if exc.errno in TRANSIENT_ERRNOS:
-                return True
-        elif {c.__name__ for c in type(exc).__mro__ if c.__module__.split(".")[0] in ("torch", "ray")} & \
-                TRANSIENT_TYPES:
+        if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
             return True
-        elif isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in TRANSIENT_TEXT):
+        lib = {c.__name__ for c in type(exc).__mro__ if c.__module__.split(".")[0] in TRANSIENT_LIBS}
+        if lib & TRANSIENT_TYPES or ("ClientError" in lib and _failed_service(getattr(exc, "response", None))):
             return True
-        exc = exc.__cause__
+        if isinstance(exc, RuntimeError) and any(t in str(exc).lower() for t in TRANSIENT_TEXT):
+            return True
+        exc = exc.__cause__ if exc.__cause__ is not None or exc.__suppress_context__ else exc.__context__
     return False
+
+
+def _failed_service(response) -> bool:
+    """A botocore ClientError's `response`: does it say the service or the credentials failed (TRANSIENT_CODES)?"""
+    if not isinstance(response, dict):
+        return False
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+    return (str(response.get("Error", {}).get("Code")) in TRANSIENT_CODES or status >= 500
+            or status in (401, 403, 429))
 
 
 def guarded(stage: str, row: dict, fn) -> None:
@@ -155,6 +204,59 @@ def guarded(stage: str, row: dict, fn) -> None:
             raise
         where = traceback.extract_tb(e.__traceback__)[-1]
         row["reject"] = f"{stage}: error {type(e).__name__}: {e} ({where.filename.rsplit('/', 1)[-1]}:{where.lineno})"
+
+
+class ShardOutage(RuntimeError):
+    """Most of a shard's samples were rejected for one reason that says the network or a service failed, not the
+    input (`check_shard_rejections`): the shard must not be written (a resume would skip it)."""
+
+
+# A rejection reason "<stage>: <why>" whose <why> says the environment failed rather than the input: a download
+# that could not connect, timed out or met a failing server (5xx, 429), and `guarded`'s "error <Type>" for an
+# exception no stage classified (a bug or an unforeseen failure: it says nothing about the sample). Each match
+# is one kind ("ingest: download failed: HTTP 5xx"). Everything else is input: a missing or undecodable file,
+# a caption problem, HTTP 404 / 403 / 410, an HTML page, over the cap, a host not found, img2dataset's own
+# failures ("download failed in img2dataset: ...", recorded when it crawled; a rerun cannot change them).
+_OUTAGE_REASON = re.compile(r"^(?P<stage>\w+): (?P<why>download failed: (?:connection error|timed out|"
+                            r"HTTP (?:5\d\d|429)\b)|error \w+)")
+
+
+def outage_kind(reason: str) -> str | None:
+    """The non-input kind of a rejection reason (see _OUTAGE_REASON), e.g. "ingest: download failed: timed out"
+    ("HTTP 5xx" for any 5xx status), or None when the reason is about the input."""
+    m = _OUTAGE_REASON.match(reason)
+    if not m:
+        return None
+    why = m["why"]
+    return f"{m['stage']}: {why[:-2] + 'xx' if why.startswith('download failed: HTTP 5') else why}"
+
+
+# A shard stops the run when more than OUTAGE_FRACTION of its samples are rejected with one non-input kind, and
+# at least OUTAGE_MIN_REJECTS of them: an outage (the network, DNS, an endpoint) rejects nearly every sample the
+# same way, while dead links in a web dataset are mostly 404s and unreachable hosts spread over a few kinds, far
+# under half; the minimum keeps a small shard (3 samples, 2 dead links) from stopping a run.
+OUTAGE_FRACTION = 0.5
+OUTAGE_MIN_REJECTS = 10
+
+
+def check_shard_rejections(rows: list[dict], min_rejects: int = OUTAGE_MIN_REJECTS,
+                           fraction: float = OUTAGE_FRACTION) -> None:
+    """Raise ShardOutage when more than `fraction` of one shard's `rows`, and at least `min_rejects`, are rejected
+    with one non-input kind (`outage_kind`): the message names the shard, the kind, the count and an example
+    reason. Called before the shard is written, so an outage that each sample survived only as a "rejection"
+    (a per-URL download failure is one, rightly) fails the run instead of finishing the shard."""
+    kinds: dict[str, list[str]] = {}
+    for row in rows:
+        kind = row["reject"] and outage_kind(row["reject"])
+        if kind:
+            kinds.setdefault(kind, []).append(row["reject"])
+    if not kinds:
+        return
+    kind, reasons = max(kinds.items(), key=lambda kv: len(kv[1]))
+    if len(reasons) >= min_rejects and len(reasons) > fraction * len(rows):
+        raise ShardOutage(f"shard {rows[0]['shard']}: {len(reasons)} of {len(rows)} samples rejected as "
+                          f"'{kind}' (e.g. '{reasons[0]}'): the network or a service failed, not the input; the "
+                          f"shard is not written, so a rerun redoes it once that is fixed")
 
 
 def box_features(stage: str, rows: list[dict], prepare, extract) -> list[dict]:

@@ -35,8 +35,9 @@ def read_bytes(path: str, max_bytes: int = MAX_IMAGE_BYTES, download: DownloadPa
     """The bytes of a sample's source: a local file, or one of stages/fetch.py's source URIs (an http(s) URL,
     downloaded with `download`; an s3:// or gs:// object; a member of an img2dataset tar; img2dataset's record
     of a failed download).
-    A missing, empty, unreadable or over-`max_bytes` image is a Reject (an input problem), a transient I/O
-    error (EIO, a dropped network mount ...: stages.base.is_transient) is raised on."""
+    A missing, empty, unreadable or over-`max_bytes` image is a Reject (an input problem); a transient I/O
+    error (EIO, a dropped network mount ...: stages.base.is_transient) or a failing object store (the endpoint
+    down, throttling, credentials: stages.base.SourceUnavailable) is raised on."""
     kind = source_kind(path)
     if kind == "url":
         return download_url(path, max_bytes, download)

@@ -11,9 +11,12 @@ import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FLICKR8K = SHARED / "flickr8k-1k"
+FLICKR8K_FULL = SHARED / "flickr8k"  # the whole set: 8,091 photos, the official 6,000 / 1,000 / 1,000 split
 COCO = SHARED / "coco-mini"
 
 needs_flickr8k = pytest.mark.skipif(not (FLICKR8K / "Flickr8k.token.txt").is_file(), reason="../shared/data absent")
+needs_flickr8k_full = pytest.mark.skipif(not (FLICKR8K_FULL / "Flickr8k.token.txt").is_file(),
+                                         reason="../shared/data/flickr8k absent")
 needs_coco = pytest.mark.skipif(not (COCO / "annotations").is_dir(), reason="../shared/data absent")
 GUM = SHARED / "gum"
 needs_gum = pytest.mark.skipif(not (GUM / "const").is_dir(), reason="../shared/data/gum absent")

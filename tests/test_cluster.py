@@ -61,6 +61,21 @@ def test_aws_launcher_config_passes_rays_schema():
         assert check < starts[0] and "exit 1" in cmds[check] and "~/.ray/auth_token" in cmds[check]
     assert "--dashboard-host=0.0.0.0" in head_start  # reachable from the cluster, so only with the token above
 
+    # secrets never reach the nodes: the MLflow server dir (user store, Flask key) and .env files are excluded
+    # (rsync's patterns: a pattern without '/' matches a name at any depth; '**/' any leading path)
+    import fnmatch
+
+    def excluded(path: str) -> bool:
+        parts = path.split("/")
+        return any(any(fnmatch.fnmatch("/".join(parts[i:]), pat.removeprefix("**/")) or
+                       fnmatch.fnmatch(parts[i], pat) for i in range(len(parts)))
+                   for pat in cfg["rsync_exclude"])
+
+    for secret in ("mlflow/basic_auth.db", "mlflow/flask_secret_key", ".env", "cluster/.env", "runs/x/prod.env",
+                   "elsewhere/basic_auth.db"):
+        assert excluded(secret), secret
+    assert not excluded("pipeline/cli/main.py") and not excluded("setup.sh")
+
 
 def test_kuberay_raycluster_and_rayjob():
     docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "cluster" / "kuberay.yaml").read_text())}
@@ -82,8 +97,12 @@ def test_kuberay_raycluster_and_rayjob():
     token_env = [{"name": "RAY_AUTH_MODE", "value": "token"},
                  {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": "densevse-ray-auth",
                                                                            "key": "auth_token"}}}]
+    # and MLflow's credentials from their own Secret in the Ray containers (the driver and rank 0 log to MLflow)
+    mlflow_env = [{"name": f"MLFLOW_TRACKING_{k.upper()}", "valueFrom": {"secretKeyRef": {
+        "name": "densevse-mlflow-auth", "key": k, "optional": True}}} for k in ("username", "password")]
     submitter = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
-    assert all(c["env"] == token_env for p in pods for c in p["spec"]["containers"])
+    assert all(c["env"] == token_env + mlflow_env for p in pods for c in p["spec"]["containers"])
+    assert "@" not in yaml.safe_load(docs["ConfigMap"]["data"]["pipeline.yaml"])["mlflow"]["tracking_uri"]
     assert rc["spec"]["autoscalerOptions"]["env"] == token_env and submitter[0]["env"] == token_env
     assert rc["spec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
 

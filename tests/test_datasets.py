@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import COCO, FLICKR8K, needs_coco, needs_flickr8k
+from conftest import COCO, FLICKR8K, FLICKR8K_FULL, needs_coco, needs_flickr8k, needs_flickr8k_full
 from models import trees
 from pipeline.config import DatasetConfig, SyntheticConfig
 from pipeline.datasets import READERS, read_dataset
@@ -32,8 +32,59 @@ def test_flickr8k_split_filter_and_limit():
     assert len(specs) == 7 and {s["split"] for s in specs} == {"test"}
 
 
+@needs_flickr8k_full
+def test_flickr8k_whole_set_counts_and_quirks():
+    """The whole official set: 8,091 photos with 5 captions each (40,455), the official 6,000 / 1,000 / 1,000
+    split; the 3 space-separated lines parse; the 5 lines under `...jpg.1` are one recorded rejection."""
+    from pipeline.datasets.flickr8k import parse_token_file
+
+    caps = parse_token_file(FLICKR8K_FULL / "Flickr8k.token.txt")
+    photos = {n: c for n, c in caps.items() if n.endswith(".jpg")}
+    assert len(photos) == 8091 and sum(map(len, photos.values())) == 40455
+    assert {len(c) for c in photos.values()} == {5}
+    for name, n in (("1000268201_693b08cb0e.jpg", 0), ("1001773457_577c3a7d70.jpg", 0),
+                    ("1002674143_1b742ab4b8.jpg", 1)):  # the space-separated lines, parsed into their own slot
+        assert caps[name][n].startswith(("A child in a pink dress", "A black dog and a spotted dog",
+                                         "A little girl is sitting"))
+    specs = list(READERS.get("flickr8k")(FLICKR8K_FULL))
+    by_split = {s: sum(1 for x in specs if x["split"] == s) for s in ("train", "val", "test", "unlisted")}
+    assert by_split == {"train": 6000, "val": 1000, "test": 1000, "unlisted": 1}
+    (bad,) = [s for s in specs if s.get("reject")]
+    assert bad["split"] == "unlisted" and len(bad["captions"]) == 5
+    assert "2258277193_586949ec62.jpg.1" in bad["reject"] and "names no image" in bad["reject"]
+    assert all(Path(s["source"]).is_file() for s in specs if not s.get("reject"))
+    # a reader's rejection is kept whatever dataset.splits says, and goes through the plan to the row
+    cfg = DatasetConfig(kind="flickr8k", root=FLICKR8K_FULL, splits=["test"], limit=3)
+    kept = list(read_dataset(cfg, FLICKR8K_FULL))
+    assert [s["split"] for s in kept] == ["test"] * 3 + ["unlisted"]
+
+
+def test_reader_rejections_reach_the_rows(tmp_path):
+    from pipeline.preprocess.plan import read_shard, shard_rows, write_plan
+
+    specs = [{"key": "a", "split": "train", "source": "/a.jpg", "captions": ["x"]},
+             {"key": "b", "split": "train", "source": "", "captions": ["y"], "reject": "dataset: no image"}]
+    infos = write_plan(iter(specs), 10, tmp_path / "plan")
+    rows = shard_rows(read_shard(str(tmp_path / "plan" / infos[0]["file"]), infos[0]["row_group"]))
+    assert [(r["key"], r["reject"]) for r in rows] == [("a", ""), ("b", "dataset: no image")]
+
+
+def test_a_symlink_stored_as_a_text_file_is_followed(tmp_path):
+    """flickr8k-1k's `images` is a file holding `../flickr8k/images` (a copy that lost the link)."""
+    from pipeline.datasets.base import linked_dir
+
+    (tmp_path / "full" / "images").mkdir(parents=True)
+    (tmp_path / "slice").mkdir()
+    (tmp_path / "slice" / "images").write_text("../full/images")
+    assert linked_dir(tmp_path / "slice" / "images") == tmp_path / "full" / "images"
+    (tmp_path / "slice" / "images").write_text("../../etc")
+    with pytest.raises(DatasetError, match="outside the datasets folder"):
+        linked_dir(tmp_path / "slice" / "images")
+    assert linked_dir(tmp_path / "full" / "images") == tmp_path / "full" / "images"  # a real folder: itself
+
+
 def test_flickr8k_malformed_token_file(tmp_path):
-    (tmp_path / "Flickr8k.token.txt").write_text("a.jpg#0\tA dog .\na.jpg A cat without a tab\n")
+    (tmp_path / "Flickr8k.token.txt").write_text("a.jpg#0\tA dog .\na.jpg A cat without an id number\n")
     with pytest.raises(DatasetError, match=r"Flickr8k.token.txt:2"):
         list(READERS.get("flickr8k")(tmp_path))
     with pytest.raises(DatasetError, match="missing dataset file"):

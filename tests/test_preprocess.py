@@ -185,10 +185,10 @@ def test_resume_never_mixes_configs_or_reads_stale_tars(tmp_path, ray_local, cap
 
     changed = tiny + ["stages.features.params.input_size=96"]
     # refused before any work: no shard file is touched (plan/ is re-derived from the dataset on every run)
-    mtimes = {p.name: p.stat().st_mtime_ns for p in sd.iterdir() if p.name != "plan"}
+    mtimes = {p.name: p.stat().st_mtime_ns for p in sd.iterdir() if p.name not in ("plan", ".lock")}
     with pytest.raises(ConfigError, match=rf"{n} of {n} finished shards .*stages\.features\.params \({n} shards\)"):
         preprocess(load_config("pipeline.yaml", changed), progress=False)
-    assert {p.name: p.stat().st_mtime_ns for p in sd.iterdir() if p.name != "plan"} == mtimes
+    assert {p.name: p.stat().st_mtime_ns for p in sd.iterdir() if p.name not in ("plan", ".lock")} == mtimes
 
     args = ["preprocess", "pipeline.yaml", "--quiet", "--json", "--force"] + [a for o in changed for a in ("-s", o)]
     assert main(args) == 0

@@ -45,14 +45,19 @@ def search(base: str, q: str, mode: str = "images", k: int = K):
 
 
 @pytest.fixture(scope="module")
-def server(search_index, tmp_path_factory):
+def server(search_index, tiny_run, tmp_path_factory):
     """Base URL of `python -m pipeline.cli serve` on a free loopback port, warmed: its first sentence and first
-    photo have built the parser and the detector, so the page's waits measure the page, not model loading."""
+    photo have built the parser and the detector, so the page's waits measure the page, not model loading. The
+    stage models are the tiny run's, given as a user gives theirs (-s; a checkpoint's own paths are never used)."""
+    cfg, _ = tiny_run
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     log = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--index", str(search_index),
-                             "--port", str(port)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                             "--port", str(port),
+                             "-s", f"stages.regions.params.config={cfg.stages.regions.params.config}",
+                             "-s", f"stages.parse.params.model_dir={cfg.stages.parse.params.model_dir}"],
+                            cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     base = f"http://127.0.0.1:{port}"
     try:

@@ -28,16 +28,24 @@ MODEL = "densevse-hmlstm"
 # ---------------------------------------------------------------- fast
 
 
-def test_image_cell_forms(tmp_path):
+def test_image_cells_are_data_not_addresses(tmp_path):
+    """Over the model's API an image is its bytes (base64, data: URI). A path, file:// or http(s):// URI is refused
+    with one reason, the same for an existing file as for a missing one (nothing is opened or fetched)."""
+    from pipeline.serving.pyfunc import IMAGE_FORMS
+
     png = tmp_path / "a.png"
     png.write_bytes(b"\x89PNG fake")
-    assert image_bytes(str(png), 0) == str(png) and image_bytes(f"file://{png}", 0) == str(png)
     assert image_bytes(base64.b64encode(b"abc").decode(), 0) == b"abc"
-    assert image_bytes("data:image/png;base64," + base64.b64encode(b"xyz").decode(), 0) == b"xyz"
-    for bad, msg in (("", "non-empty"), ("not base64 !!", "neither base64 nor an existing file"),
-                     ("s3://bucket/x.jpg", "only base64")):
-        with pytest.raises(ValueError, match=msg):
+    assert image_bytes(" data:image/png;base64," + base64.b64encode(b"xyz").decode(), 0) == b"xyz"
+    reasons = set()
+    for bad in ("", None, 3.5, str(png), f"file://{png}", str(tmp_path / "missing.png"), f"file://{tmp_path}/no.png",
+                "http://127.0.0.1:9/x.jpg", "file://http://127.0.0.2:9/x.jpg", "https://example.com/x.jpg",
+                "s3://bucket/x.jpg", "~/x.jpg",
+                "data:image/png,%89PNG", "not base64 !!"):
+        with pytest.raises(ValueError) as e:
             image_bytes(bad, 3)
+        reasons.add(str(e.value))
+    assert reasons == {f"row 3: {IMAGE_FORMS}"}
 
 
 def test_index_refuses_another_model():
@@ -170,6 +178,23 @@ def test_rest_serving_answers_like_predict_and_refuses_bad_input(tiny_run, tmp_p
             assert 400 <= status < 500 and msg in body.get("message", ""), (status, body)
         status, body = invoke(None, "")
         assert 400 <= status < 500 and "text 0" in body.get("message", ""), (status, body)
+
+        # Addresses are not images: an existing path, a missing one, file://, a live 127.0.0.1 URL that redirects.
+        # One reason for all (which paths exist is not told), and the server fetches nothing.
+        from pipeline.serving.pyfunc import IMAGE_FORMS
+        from tests.untrusted_fixture import recording_server
+
+        with recording_server() as (base, seen):
+            port = base.rsplit(":", 1)[1]
+            answers = [invoke(cell, None) for cell in (str(src), str(src) + ".missing", f"file://{src}",
+                                                       f"{base}/photo.jpg", f"file://{base}/photo.jpg",
+                                                       f"http://localhost:{port}/photo.jpg")]
+        assert seen == [] and {status for status, _ in answers} == {400}, (seen, answers)
+        reasons = {body["message"].rpartition("Error: ")[2] for _, body in answers}  # MLflow echoes the input first
+        assert reasons == {f"row 0: {IMAGE_FORMS}"}, answers
+
+        status, body = invoke(None, "a " * 600_000)  # 1.2 M characters: refused on its length
+        assert status == 400 and "over the limit of 1000" in body.get("message", ""), (status, body)
         status, body = invoke(None, text)  # still serving
         assert status == 200 and len(body["predictions"][0]["embedding"]) == cfg.train.embed_dim
     finally:
@@ -177,6 +202,12 @@ def test_rest_serving_answers_like_predict_and_refuses_bad_input(tiny_run, tmp_p
 
 
 # ---------------------------------------------------------------- slow: index and search
+
+
+def user_stage_models(cfg) -> list[str]:
+    """`-s` overrides that give the CLI the tiny run's stage models, as a user's own pipeline.yaml would."""
+    return ["-s", f"stages.regions.params.config={cfg.stages.regions.params.config}",
+            "-s", f"stages.parse.params.model_dir={cfg.stages.parse.params.model_dir}"]
 
 
 def _cli(*args) -> tuple[int, dict | None, str]:
@@ -198,14 +229,16 @@ def test_index_and_search(tiny_run, search_index, tmp_path):
     assert n["text"] == len(np.load(search_index / "text_emb" / "text_emb_0.npy")) > n["image"]
     assert n["region"] > 0 and n["phrase"] > 0 and n["image_index"]["kind"] == "flat"
 
-    rc, out, err = _cli("search", "a red circle left of a blue square", "--index", str(search_index), "-k", "5")
+    assert set(info["model"]) == {"model", "dim", "checkpoint", "sha256"}  # a path + its sha256, never a URI
+    own = user_stage_models(cfg)  # query stages' model files: the user's config, not the checkpoint's
+    rc, out, err = _cli("search", "a red circle left of a blue square", "--index", str(search_index), "-k", "5", *own)
     assert rc == 0, err
     hits = out["hits"]
     assert len(hits) == 5 and [h["rank"] for h in hits] == [1, 2, 3, 4, 5]
     assert all(a["score"] >= b["score"] for a, b in zip(hits, hits[1:])) and hits[0]["captions"]
 
     rc, out, err = _cli("search", "--regions", "a blue square", "--index", str(search_index), "-k", "4",
-                        "--draw", str(tmp_path / "drawn"))
+                        "--draw", str(tmp_path / "drawn"), *own)
     assert rc == 0, err
     for h in out["hits"]:
         x0, y0, x1, y1 = h["box"]
@@ -213,7 +246,7 @@ def test_index_and_search(tiny_run, search_index, tmp_path):
     assert len(out["drawn"]) == 4 and all(Path(p).stat().st_size > 1000 for p in out["drawn"])
 
     s, src = _test_sample(cfg)
-    rc, out, err = _cli("search", "--image", str(src), "--index", str(search_index), "-k", "3")
+    rc, out, err = _cli("search", "--image", str(src), "--index", str(search_index), "-k", "3", *own)
     assert rc == 0, err
     assert len(out["hits"]) == 3 and all(h["text"] for h in out["hits"])
 
@@ -222,16 +255,17 @@ def test_index_and_search(tiny_run, search_index, tmp_path):
 
     from models.checkpoint import load_checkpoint
 
-    ck = load_checkpoint(Path(info["model"]["source"]))
+    ck = load_checkpoint(Path(info["model"]["checkpoint"]))
     ck["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck["state_dict"].items()}
     torch.save(ck, tmp_path / "other.pt")
     rc, out, err = _cli("search", "a red circle", "--index", str(search_index), "--model", str(tmp_path / "other.pt"))
     assert rc == 2 and out is None and "was built with" in err and "Traceback" not in err, err
 
     # Past the size threshold the index is approximate (IVF), and still finds the same top image.
-    rc, out, err = _cli("index", "--shards", str(cfg.shard_dir), "--model", info["model"]["source"],
+    rc, out, err = _cli("index", "--shards", str(cfg.shard_dir), "--model", info["model"]["checkpoint"],
                         "--out", str(tmp_path / "ivf"), "--exact-below", "10")
     assert rc == 0, err
     assert out["counts"]["image_index"]["kind"] == "ivf"
-    rc, ivf, err = _cli("search", "a red circle left of a blue square", "--index", str(tmp_path / "ivf"), "-k", "1")
+    rc, ivf, err = _cli("search", "a red circle left of a blue square", "--index", str(tmp_path / "ivf"), "-k", "1",
+                        *own)
     assert rc == 0 and ivf["hits"][0]["key"] == hits[0]["key"], err

@@ -1,10 +1,13 @@
 """The inputs users bring: a table of image URLs / paths + captions (csv, tsv, jsonl, parquet), img2dataset's
 webdataset output (tars + per-shard parquet), and ingest's downloader against a real HTTP server on 127.0.0.1."""
+import contextlib
 import csv
 import io
 import json
+import socket
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -17,8 +20,9 @@ from PIL import Image
 from pipeline.config import DatasetConfig, parse_config
 from pipeline.datasets import READERS, read_dataset
 from pipeline.errors import ConfigError, DatasetError
-from stages.base import STAGES, Reject, empty_row
-from stages.fetch import USER_AGENT, DownloadParams, download_url
+from stages import fetch
+from stages.base import STAGES, Reject, ShardOutage, check_shard_rejections, empty_row
+from stages.fetch import USER_AGENT, DownloadParams, call_with_deadline, download_url
 from stages.images import read_bytes
 
 
@@ -57,6 +61,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(302, b"", "text/plain", Location="/img/7.jpg")
         elif path == "/loop.jpg":
             self._send(302, b"", "text/plain", Location="/loop.jpg")
+        elif path == "/goto":  # a redirect to the URL in ?to=
+            self._send(302, b"", "text/plain", Location=urllib.parse.parse_qs(self.path.split("?", 1)[1])["to"][0])
         elif path == "/slow.jpg":
             time.sleep(1.5)
             self._send(200, _jpeg())
@@ -74,6 +80,16 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, b"no such thing", "text/plain")
 
 
+class _Public(_Handler):
+    """The server on 127.0.0.2, which the deny_private tests take for a public address: /goto redirects, any
+    other path is one image (seed 99), so a test can tell which server answered."""
+
+    def do_GET(self):
+        if self.path.startswith("/goto?"):
+            return super().do_GET()
+        self._send(200, _jpeg(99))
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -81,14 +97,34 @@ class _Server(ThreadingHTTPServer):
         pass
 
 
+@contextlib.contextmanager
+def _serving(httpd: _Server):
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield "http://%s:%d" % httpd.server_address
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture(scope="module")
 def server():
-    httpd = _Server(("127.0.0.1", 0), _Handler)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with _serving(_Server(("127.0.0.1", 0), _Handler)) as url:
+        yield url
+
+
+@pytest.fixture
+def public_server(server, monkeypatch):
+    """_Public on 127.0.0.2, on the port of `server` (so one name can resolve to either), and deny_private's
+    address check taking 127.0.0.2 for a public address: every other address is judged as in production."""
+    try:
+        httpd = _Server(("127.0.0.2", urllib.parse.urlsplit(server).port), _Public)
+    except OSError as e:
+        pytest.skip(f"cannot listen on 127.0.0.2 ({e})")
+    real = fetch.address_kind
+    monkeypatch.setattr(fetch, "address_kind", lambda ip: None if ip == "127.0.0.2" else real(ip))
+    with _serving(httpd) as url:
+        yield url
 
 
 FAST = DownloadParams(timeout_s=0.5, retries=2, backoff_s=0.01)
@@ -139,6 +175,123 @@ def test_connection_refused_and_bad_urls_are_rejects():
         download_url("http://127.0.0.1:notaport/a.jpg", CAP, FAST)
 
 
+DENY = DownloadParams(timeout_s=2, retries=1, backoff_s=0, deny_private=True)
+
+
+def test_deny_private_refuses_loopback_hosts_unless_off(server):
+    """deny_private refuses 127.0.0.1 and a name resolving to it, before any request (the server sees none);
+    off (the default outside the cloud configs), 127.0.0.1 downloads as before."""
+    port = urllib.parse.urlsplit(server).port
+    before = dict(_Handler.hits)
+    for url in (f"{server}/img/1.jpg", f"http://localhost:{port}/img/1.jpg"):
+        with pytest.raises(Reject, match=r"^download failed: host resolves to a loopback address \(deny_private\)$"):
+            download_url(url, CAP, DENY)
+    assert _Handler.hits == before
+    assert download_url(f"{server}/img/1.jpg", CAP, FAST) == _jpeg(1)
+    assert DownloadParams().deny_private is False
+
+
+def test_deny_private_default_comes_from_the_environment_which_the_cloud_configs_set(monkeypatch):
+    import yaml
+
+    from conftest import ROOT
+
+    aws = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    assert any("DENSEVSE_DENY_PRIVATE=1" in c and "/etc/environment" in c for c in aws["setup_commands"])
+    job = next(d for d in yaml.safe_load_all((ROOT / "cluster" / "kuberay.yaml").read_text()) if d["kind"] == "RayJob")
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["DENSEVSE_DENY_PRIVATE"] == "1"
+    monkeypatch.setenv("DENSEVSE_DENY_PRIVATE", "1")
+    assert DownloadParams().deny_private is True
+    assert STAGES.get("image_caption")().params.deny_private is True
+    assert DownloadParams(deny_private=False).deny_private is False
+    monkeypatch.setenv("DENSEVSE_DENY_PRIVATE", "0")
+    assert DownloadParams().deny_private is False
+
+
+def test_deny_private_checks_every_redirect_hop(server, public_server):
+    """A public host (127.0.0.2 here) answering with a redirect to 127.0.0.1, or to the cloud metadata address:
+    the hop is refused, and the loopback server never sees the request."""
+    assert download_url(f"{public_server}/any.jpg", CAP, DENY) == _jpeg(99)  # the public host itself is fine
+    before = _Handler.hits.get("/img/7.jpg", 0)
+    for target, kind in ((f"{server}/img/7.jpg", "loopback"),
+                         ("http://169.254.169.254/latest/meta-data/", "link-local")):
+        with pytest.raises(Reject, match=rf"^download failed: host resolves to a {kind} address \(deny_private\)$"):
+            download_url(f"{public_server}/goto?to={urllib.parse.quote(target)}", CAP, DENY)
+    assert _Handler.hits.get("/img/7.jpg", 0) == before
+    assert download_url(f"{public_server}/goto?to={urllib.parse.quote(f'{server}/img/7.jpg')}", CAP, FAST) == _jpeg(7)
+
+
+def test_deny_private_connects_to_the_address_it_checked(server, public_server, monkeypatch):
+    """DNS rebinding: a name that first resolves to an allowed address, then to 127.0.0.1. The connection goes to
+    the address that was checked (one lookup per connection), so the image comes from 127.0.0.2. The system
+    resolver cannot be made to answer this way, so socket.getaddrinfo is wrapped to rewrite that one name."""
+    port = urllib.parse.urlsplit(server).port
+    answers, lookups = iter(["127.0.0.2"] + ["127.0.0.1"] * 5), []
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "rebind.test":
+            host = next(answers)
+            lookups.append(host)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    assert download_url(f"http://rebind.test:{port}/img/4.jpg", CAP, DENY) == _jpeg(99)
+    assert lookups == ["127.0.0.2"]
+
+
+@pytest.mark.parametrize("target,scheme", [("file:///etc/passwd", "file"), ("ftp://127.0.0.1/a.jpg", "ftp")])
+def test_redirect_to_another_scheme_is_refused_with_its_own_reason(server, target, scheme):
+    before = _Handler.hits.get("/goto", 0)
+    with pytest.raises(Reject) as e:
+        download_url(f"{server}/goto?to={urllib.parse.quote(target)}", CAP, FAST)
+    assert str(e.value) == f"download failed: redirect to a {scheme}: URL refused"
+    assert _Handler.hits["/goto"] - before == 1  # not retried
+
+
+def test_call_with_deadline_bounds_a_call_that_blocks():
+    t0 = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"sleep did not return within 0\.2 s"):
+        call_with_deadline(time.sleep, 0.2, 30)
+    assert time.monotonic() - t0 < 1.5
+    assert call_with_deadline(sum, 1, [1, 2]) == 3
+    with pytest.raises(ZeroDivisionError):
+        call_with_deadline(divmod, 1, 1, 0)
+
+
+def test_a_dns_lookup_that_hangs_is_bounded_by_the_timeout(server, monkeypatch):
+    """socket.getaddrinfo has no timeout: a resolver that does not answer held a download (and its ingest thread)
+    for as long as the system resolver retried. Here the lookup of one name sleeps 5 s (the system resolver cannot
+    be made to hang on cue); the try ends at timeout_s with the timeout's reason."""
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host == "hang.test":
+            time.sleep(5)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    t0 = time.monotonic()
+    with pytest.raises(Reject, match=r"^download failed: timed out after 0\.3 s \(2 tries\)$"):
+        download_url("http://hang.test/a.jpg", CAP, DownloadParams(timeout_s=0.3, retries=1, backoff_s=0))
+    assert time.monotonic() - t0 < 2
+
+
+def test_a_host_that_does_not_exist_is_its_own_input_reason_not_retried():
+    """NXDOMAIN (the name does not exist: a dead link) is input; a resolver that cannot answer (EAI_AGAIN) stays
+    a connection error, which check_shard_rejections counts as an outage."""
+    try:
+        socket.getaddrinfo("densevse-test.invalid", 80)
+        pytest.skip("the resolver answers for .invalid")
+    except socket.gaierror as e:
+        if e.errno not in fetch.HOST_NOT_FOUND:
+            pytest.skip(f"this machine's resolver does not answer ({e})")
+    t0 = time.monotonic()
+    with pytest.raises(Reject, match=r"^download failed: host not found$"):
+        download_url("http://densevse-test.invalid/a.jpg", CAP, DownloadParams(retries=3, backoff_s=1))
+    assert time.monotonic() - t0 < 1  # no backoff: not retried
+
+
 def test_ingest_records_download_failures_by_prefix(server):
     """Ingest downloads a batch's URLs in parallel; each failure is that row's "ingest: download failed: ..."."""
     paths = ["/img/4.jpg", "/missing.jpg", "/page.html", "/redirect.jpg"]
@@ -150,6 +303,26 @@ def test_ingest_records_download_failures_by_prefix(server):
     assert out["/redirect.jpg"]["reject"] == ""
     assert out["/missing.jpg"]["reject"] == "ingest: download failed: HTTP 404 Not Found"
     assert out["/page.html"]["reject"] == "ingest: download failed: content type text/html is not an image"
+
+
+def test_a_download_outage_rejects_the_samples_and_then_stops_the_shard(server):
+    """A web dataset whose image host is down (nothing listens on its port): each sample is the rejection
+    "download failed: connection error" (a dead host is normal input), and check_shard_rejections, which the run
+    calls before writing a shard, stops it: 12 of 16 samples failed the same non-input way."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    s.close()
+    urls = [f"{dead}/img/{i}.jpg" for i in range(12)] + [f"{server}/img/{i}.jpg" for i in range(4)]
+    rows = [empty_row(key=f"k{i}", shard="train-000002", source=u, captions=json.dumps(["A photo."]))
+            for i, u in enumerate(urls)]
+    out = STAGES.get("image_caption")({"timeout_s": 1, "retries": 0, "threads": 8}).process(rows)
+    assert all(r["reject"].startswith("ingest: download failed: connection error (") for r in out[:12])
+    assert [r["reject"] for r in out[12:]] == [""] * 4
+    with pytest.raises(ShardOutage, match=r"^shard train-000002: 12 of 16 samples rejected as 'ingest: download "
+                                          r"failed: connection error'"):
+        check_shard_rejections(out)
+    check_shard_rejections(out[8:])  # 4 of 8: a few dead hosts in a shard are input
 
 
 def test_download_params_are_validated_up_front():

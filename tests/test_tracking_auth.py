@@ -73,5 +73,35 @@ def test_basic_auth_server_refuses_unauthenticated_calls(tmp_path, monkeypatch):
                 return e.code
 
         assert (call(None), call("admin:wrong-password-123"), call(f"admin:{password}")) == (401, 401, 200)
+        # a tracking_uri with the credentials in it works, and they are never logged: params, config file
+        from mlflow.tracking import MlflowClient
+
+        from pipeline.config import load_config
+        from pipeline.tracking import start_run
+
+        authed = uri.replace("http://", f"http://admin:{password}@")
+        cfg = load_config("pipeline.yaml", [f"mlflow.tracking_uri={authed}", f"run.output_dir={tmp_path / 'run'}"])
+        run_id = start_run(cfg)
+        client = MlflowClient(authed)
+        params = client.get_run(run_id).data.params
+        assert params["mlflow.tracking_uri"] == uri.replace("http://", "http://admin:***@")
+        assert not [k for k, v in params.items() if password in v]
+        logged = client.download_artifacts(run_id, "config/pipeline.yaml", str(tmp_path))
+        text = open(logged).read()
+        assert password not in text and "admin:***@" in text
     finally:
         stop_server(proc)
+
+
+def test_credentials_are_redacted_in_what_is_shared():
+    from pipeline.config import dump_config, load_config, public_config, redact_uri
+
+    assert redact_uri("http://bob:s3cret@mlflow.corp:5000/x?y=1") == "http://bob:***@mlflow.corp:5000/x?y=1"
+    assert redact_uri("http://mlflow.corp:5000") == "http://mlflow.corp:5000"
+    assert redact_uri("sqlite:///runs/mlflow.db") == "sqlite:///runs/mlflow.db"
+    cfg = load_config("pipeline.yaml", ["mlflow.tracking_uri=https://bob:s3cret@mlflow.corp",
+                                        "ray.address=ray://u:pw@head:10001"])
+    shared = public_config(cfg)
+    assert shared["mlflow"]["tracking_uri"] == "https://bob:***@mlflow.corp"
+    assert shared["ray"]["address"] == "ray://u:***@head:10001"
+    assert "s3cret" not in dump_config(cfg, redact=True) and "s3cret" in dump_config(cfg)  # a job keeps its own

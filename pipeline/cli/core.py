@@ -38,7 +38,9 @@ def _paths(cfg, summary: dict, summary_file: str) -> dict:
 
     out, tr = Path(cfg.run.output_dir), summary.get("train") or {}
     best = default_checkpoint(cfg)
-    mlflow = f"run {tr['mlflow_run_id']} at {cfg.mlflow.tracking_uri}" if tr.get("mlflow_run_id") else None
+    from pipeline.config import redact_uri
+
+    mlflow = f"run {tr['mlflow_run_id']} at {redact_uri(cfg.mlflow.tracking_uri)}" if tr.get("mlflow_run_id") else None
     return {"shards": str(cfg.shard_dir) if "preprocess" in summary else None,
             "best model": str(best) if best.is_file() and ("train" in summary or "evaluate" in summary) else None,
             "mlflow": mlflow, "report": summary.get("report"), "summary": str(out / summary_file),
@@ -75,7 +77,8 @@ def cmd_preprocess(args) -> int:
     retry = _retry_prefix(args)  # first: it may name the config
     cfg = load(args)
     with _console(args, cfg) as con:
-        summary = {"preprocess": preprocess(cfg, progress=args.verbose, force=args.force, retry_rejected=retry)}
+        summary = {"preprocess": preprocess(cfg, progress=args.verbose, force=args.force, retry_rejected=retry,
+                                             verify=args.verify)}
         _finish(con, args, cfg, "preprocess", summary if not args.json else summary["preprocess"])
     return 0
 
@@ -119,7 +122,8 @@ def cmd_run(args) -> int:
     retry = _retry_prefix(args)  # first: it may name the config
     cfg = load(args)
     with _console(args, cfg) as con:
-        summary = {"preprocess": preprocess(cfg, progress=args.verbose, force=args.force, retry_rejected=retry)}
+        summary = {"preprocess": preprocess(cfg, progress=args.verbose, force=args.force, retry_rejected=retry,
+                                             verify=args.verify)}
         # Short: the per-epoch history is in <output_dir>/train-<model>.json (and MLflow).
         summary["train"] = {k: v for k, v in train(cfg).items() if k != "history"}
         summary["evaluate"] = _timed(evaluate, cfg)
@@ -181,6 +185,9 @@ def register(sub) -> None:
             p.add_argument("--retry-rejected", nargs="?", const="", default=None, metavar="REASON_PREFIX",
                            help="also redo the finished shards holding samples rejected with a reason starting "
                                 "with REASON_PREFIX (e.g. 'ingest: download'; none: any rejection)")
+            p.add_argument("--verify", action="store_true",
+                           help="hash every finished tar before trusting it (default: its size and mtime / ETag "
+                                "against its stats; a full hash reads the whole shard set)")
         if name == "train":
             p.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
         if name == "evaluate":

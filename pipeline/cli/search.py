@@ -9,13 +9,15 @@ from pipeline.cli.args import common_args, load
 
 
 def _defaults(args):
-    """(shard dir, model, index dir): the flags, else the config's shards, best model and <output_dir>/index."""
+    """(config, shard dir, model, index dir): the flags, else the config's shards, best model and
+    <output_dir>/index. The config's stages are where query stages take their model files from: a checkpoint's
+    own config names none that is loaded (pipeline/serving/embedder.py: trusted_stages)."""
     cfg = load(args)
     from pipeline.evaluation.retrieval import default_checkpoint
 
     shards = Path(args.shards) if getattr(args, "shards", None) else Path(cfg.shard_dir)
     index = Path(args.index) if getattr(args, "index", None) else Path(cfg.run.output_dir) / "index"
-    return shards, args.model or str(default_checkpoint(cfg)), index
+    return cfg, shards, args.model or str(default_checkpoint(cfg)), index
 
 
 def cmd_index(args) -> int:
@@ -23,8 +25,8 @@ def cmd_index(args) -> int:
     from pipeline.search.index import build
     from pipeline.serving.embedder import load as load_embedder
 
-    shards, model, out = _defaults(args)
-    info = build(shards, load_embedder(model), out, splits=args.splits, exact_below=args.exact_below,
+    cfg, shards, model, out = _defaults(args)
+    info = build(shards, load_embedder(model, cfg.stages), out, splits=args.splits, exact_below=args.exact_below,
                  log=lambda m: print(m, file=sys.stderr))
     n = info["counts"]
     items = sum(n[k] for k in ("image", "region", "text", "phrase"))
@@ -42,8 +44,8 @@ def cmd_search(args) -> int:
     if len(given) != 1:
         print("densevse search: give exactly one of QUERY, --image PHOTO, --regions PHRASE", file=sys.stderr)
         return 2
-    _, _, root = _defaults(args)
-    ix = Index.open(root, model=args.model)
+    cfg, _, _, root = _defaults(args)
+    ix = Index.open(root, model=args.model, stages=cfg.stages)
     if args.image:
         kind, hits = "captions", ix.captions(args.image, args.k)
     elif args.regions:
@@ -61,8 +63,8 @@ def cmd_serve(args) -> int:
     """The search page and its JSON API on HOST:PORT (pipeline/search/app.py)."""
     from pipeline.search.app import serve
 
-    _, _, root = _defaults(args)
-    serve(root, model=args.model, host=args.host, port=args.port)
+    cfg, _, _, root = _defaults(args)
+    serve(root, model=args.model, host=args.host, port=args.port, stages=cfg.stages, allow_hosts=args.allow_hosts)
     return 0
 
 
@@ -96,4 +98,7 @@ def register(subparsers) -> None:
     v.add_argument("--model", default=None, help="query model (default: the index's own)")
     v.add_argument("--host", default="127.0.0.1")
     v.add_argument("--port", type=int, default=8008)
+    v.add_argument("--allow-host", dest="allow_hosts", action="append", default=[], metavar="NAME[:PORT]",
+                   help="another Host header to answer (a name or address clients reach this server by; needed "
+                        "with --host 0.0.0.0). Others are refused: a guard against DNS rebinding")
     v.set_defaults(func=cmd_serve)

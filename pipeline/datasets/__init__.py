@@ -8,12 +8,18 @@ A sample spec is a dict::
      "gold": {} | {"boxes": [[x0, y0, x1, y1], ...], "labels": [...],
                    "trees": {"0": "(S ...)"},                 # gold PTB trees by caption index, if known
                    "links": {"0": [[start, end, box], ...]},  # gold phrase token span -> box, if known
-                   "columns": {"license": ...}}}            # a table's save_additional_columns (table, img2dataset)
+                   "columns": {"license": ...}},            # a table's save_additional_columns (table, img2dataset)
+     "reject": "dataset: ..."}   # optional: the reader itself rejects the sample, with this reason
 
 `source` is a local path or one of stages/fetch.py's URIs: an http(s) URL (table), `<shard>.tar#<member>` or
 `<shard>.parquet#<key>` (img2dataset), or an `s3://` / `gs://` object. A reader gets `root` as a pathlib-style
 object (pipeline/storage.as_path: a `Path`, or a `UPath` for a dataset.root in object storage), so the same
 reader code lists and reads either, and the sources it derives from root are URIs when root is one.
+
+A reader rejects what it can tell is unusable but is no reason to stop the run (Flickr8k's captions under an
+id that names no image) by yielding the spec with a `reject` reason: it is planned and recorded in the manifest
+like any rejected sample, and no stage touches it. Such specs are kept whatever `dataset.splits` says (they
+usually belong to no split).
 
 Readers check the annotation files and raise DatasetError naming file and line for malformed ones (JSON or XML
 that does not parse, an image path that is absolute or leaves the dataset folder: base.inside); a missing
@@ -34,6 +40,9 @@ def read_dataset(cfg, root: storage.Location) -> Iterator[dict]:
     """Sample specs of the configured dataset, restricted to cfg.splits and cfg.limit per split."""
     counts: dict[str, int] = {}
     for spec in READERS.get(cfg.kind)(storage.as_path(root), cfg):
+        if spec.get("reject"):
+            yield spec
+            continue
         if spec["split"] not in cfg.splits:
             continue
         counts[spec["split"]] = counts.get(spec["split"], 0) + 1

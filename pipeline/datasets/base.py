@@ -40,6 +40,26 @@ def read_json(path: Path) -> Any:
         raise DatasetError(f"{path}: not valid JSON ({e})") from None
 
 
+def linked_dir(path: Path) -> Path:
+    """`path`, or where it points when it is a symbolic link stored as a small text file holding a relative
+    path (what git writes with core.symlinks=false, and what a copy that does not keep links leaves: the
+    flickr8k-1k slice's `images` names `../flickr8k/images` this way). The target must be a folder beside
+    `path`'s own folder or below it (at most one `..`), so a dataset cannot point a reader at /etc."""
+    if not path.is_file() or path.stat().st_size > 1024:
+        return path
+    target = path.read_bytes().decode("utf-8", "replace").strip()
+    if not target or os.path.isabs(target) or "\n" in target:
+        return path
+    norm = os.path.normpath(target)
+    if norm.split(os.sep)[:2] == ["..", ".."] or norm == "..":
+        raise DatasetError(f"{path} links to {target!r}, outside the datasets folder")
+    resolved, parts = path.parent, norm.split(os.sep)
+    while parts and parts[0] == "..":  # climbed lexically: works for a UPath as for a Path
+        resolved, parts = resolved.parent, parts[1:]
+    resolved = resolved.joinpath(*parts)
+    return resolved if resolved.is_dir() else path
+
+
 def inside(base: Path, source: Path, *parts) -> Path:
     """base / parts... for a path the annotation file `source` names; a DatasetError naming both when a part is
     not text or not UTF-8, is absolute, or the joined path climbs out of base with '..'. An annotation file

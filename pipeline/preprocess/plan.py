@@ -47,10 +47,10 @@ from stages.base import empty_row
 PLAN_DIR = "plan"  # under the shard dir: on a cluster, where every node already reads and writes shards
 CHUNK_ROWS = 65536  # samples per spooled chunk and (about) per plan file
 MAX_GROUPS = 512  # plan files at most (each open while routing): groups grow past CHUNK_ROWS beyond 33M samples
-SAMPLE_COLUMNS = ("split", "key", "source", "captions", "gold")
-PLAN_SCHEMA = pa.schema([("shard", pa.string()), ("split", pa.string()), ("key", pa.list_(pa.string())),
-                         ("source", pa.list_(pa.string())), ("captions", pa.list_(pa.string())),
-                         ("gold", pa.list_(pa.string()))])
+SAMPLE_COLUMNS = ("split", "key", "source", "captions", "gold", "reject")
+LIST_COLUMNS = SAMPLE_COLUMNS[1:]  # per sample, aligned lists in a shard's plan row
+PLAN_SCHEMA = pa.schema([("shard", pa.string()), ("split", pa.string()),
+                         *((c, pa.list_(pa.string())) for c in LIST_COLUMNS)])
 
 
 def plan_dir(shard_dir: storage.Location) -> storage.Location:
@@ -132,6 +132,7 @@ def _spool(specs: Iterable[dict], spool: Path, chunk_rows: int) -> tuple[list[Pa
         cols["source"].append(s["source"])
         cols["captions"].append(json.dumps(s["captions"]))
         cols["gold"].append(json.dumps(s.get("gold") or {}))
+        cols["reject"].append(s.get("reject") or "")  # a reader's own rejection (pipeline/datasets)
         if len(cols["key"]) >= chunk_rows:
             flush()
     flush()
@@ -192,7 +193,7 @@ def _write_group(src: Path, dst: Path, split: str, first_shard: int, n_rows: int
         raise RuntimeError(f"plan group {src.name}: {len(t)} rows, expected {n_rows}")
     offsets = pa.array(list(range(0, n_rows, n)) + [n_rows], pa.int32())
     names = [shards.shard_name(split, first_shard + i) for i in range(len(offsets) - 1)]
-    lists = {c: pa.ListArray.from_arrays(offsets, t[c].combine_chunks()) for c in ("key", "source", "captions", "gold")}
+    lists = {c: pa.ListArray.from_arrays(offsets, t[c].combine_chunks()) for c in LIST_COLUMNS}
     table = pa.table({"shard": pa.array(names, pa.string()), "split": pa.array([split] * len(names), pa.string()),
                       **lists}, schema=PLAN_SCHEMA)
     pq.write_table(table, dst, row_group_size=1)  # one shard per row group: a worker reads just its own
@@ -202,8 +203,8 @@ def _write_group(src: Path, dst: Path, split: str, first_shard: int, n_rows: int
 
 def shard_rows(plan_row: dict) -> list[dict]:
     """The rows (stages/base.py columns) of one shard, from its plan row: what a worker builds."""
-    return [empty_row(key=k, split=plan_row["split"], shard=plan_row["shard"], source=s, captions=c, gold=g)
-            for k, s, c, g in zip(plan_row["key"], plan_row["source"], plan_row["captions"], plan_row["gold"])]
+    return [empty_row(key=k, split=plan_row["split"], shard=plan_row["shard"], source=s, captions=c, gold=g, reject=r)
+            for k, s, c, g, r in zip(*(plan_row[c] for c in LIST_COLUMNS))]
 
 
 def read_shard(path: str, row_group: int) -> dict:
@@ -223,7 +224,7 @@ def plan_rows(out: Path) -> Iterator[dict]:
 # The download settings (stages/fetch.py) decide whether a URL is fetched, not what a fetched sample's bytes are
 # (a failed one is a rejection, redone by --retry-rejected).
 RUNTIME_PARAMS = frozenset({"threads", "num_threads", "device", "pos_batch_size", "constituency_batch_size",
-                            "timeout_s", "retries", "backoff_s", "max_redirects", "user_agent"})
+                            "timeout_s", "retries", "backoff_s", "max_redirects", "user_agent", "deny_private"})
 # Blocks of dataset options that only their own dataset.kind reads: hashed only for that kind, so adding a
 # kind never changes the fingerprint of shards made for another (they would be refused on resume).
 KIND_BLOCKS = ("table", "img2dataset")

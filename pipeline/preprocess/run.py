@@ -14,7 +14,9 @@ import gc
 import json
 import logging
 import math
+import os
 import pickle
+import signal
 import sys
 import tempfile
 import time
@@ -24,11 +26,12 @@ from pipeline.config import PipelineConfig, StageConfig
 from pipeline.console import emit
 from pipeline.preprocess import ship, shards
 from pipeline.preprocess.cost import Clock, add_cost, summarize_costs
+from pipeline.preprocess.lock import ShardDirLock
 from pipeline.preprocess.plan import (check_resume, fingerprint, plan, plan_dir, read_shard, retry_shards,
                                      shard_rows)
 from pipeline.preprocess.prepare import prepare_stage_models
 from pipeline.raylocal import init_ray, node_resources
-from stages.base import STAGES, is_transient
+from stages.base import STAGES, check_shard_rejections, is_transient
 
 log = logging.getLogger("densevse.preprocess")
 STAGE_ORDER = ("ingest", "regions", "features", "parse")
@@ -45,6 +48,30 @@ RAY_ACTOR_RESTARTS = 3  # a model stage's actor that dies is restarted this ofte
 # declared dead, each call fails at once as "actor unavailable" and uses up a retry (seen in CI: 3 were gone
 # before the actor restarted elsewhere, and the run failed). A crash loop stays bounded by RAY_ACTOR_RESTARTS.
 RAY_ACTOR_TASK_RETRIES = 20
+# Ray's own retries of the plan-read and write tasks: bounded like the stage tasks' (Ray's default retries a task
+# whose worker dies forever: an OOM there would loop); their transient errors are retried inside (retry_transient).
+TASK_RETRIES = {"max_retries": RAY_TASK_RETRIES, "retry_exceptions": False}
+# Recovery tests: the write task of this shard SIGKILLs its own worker, as the kernel's OOM killer would.
+KILL_WRITE = "DENSEVSE_KILL_WRITE"
+
+
+def retry_transient(fn, what: str):
+    """fn(), rerun while it fails transiently (stages.base.is_transient: memory, GPU, I/O, the network, the object
+    store), RETRY_TRIES tries in all with backoff; then a RuntimeError naming `what` and the error, which fails
+    the shard's task. Bad input is raised at once (a stage records it as a rejection before it gets here)."""
+    for attempt in range(1, RETRY_TRIES + 1):
+        try:
+            return fn()
+        except Exception as e:
+            if not is_transient(e):
+                raise
+            if attempt == RETRY_TRIES:
+                raise RuntimeError(f"{what}: {type(e).__name__}: {e} (after {RETRY_TRIES} tries)") from e
+            wait = RETRY_BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("%s: %s: %s; retry %d/%d in %.1f s", what, type(e).__name__, e, attempt, RETRY_TRIES - 1,
+                        wait)
+            _free_memory()
+            time.sleep(wait)
 
 
 def _run_stage(stage, payload: bytes, batch_size: int) -> bytes:
@@ -59,21 +86,7 @@ def _run_stage(stage, payload: bytes, batch_size: int) -> bytes:
     out: list[dict] = []
     for i in range(0, len(rows), batch_size):
         batch = rows[i:i + batch_size]
-        for attempt in range(1, RETRY_TRIES + 1):
-            try:
-                out.extend(stage.process([dict(r) for r in batch]))
-                break
-            except Exception as e:
-                if not is_transient(e):
-                    raise
-                if attempt == RETRY_TRIES:
-                    raise RuntimeError(f"stage {stage.name}: shard {shard}: {type(e).__name__}: {e} "
-                                       f"(after {RETRY_TRIES} tries)") from e
-                wait = RETRY_BACKOFF_S * 2 ** (attempt - 1)
-                log.warning("stage %s: shard %s: %s: %s; retry %d/%d in %.1f s", stage.name, shard,
-                            type(e).__name__, e, attempt, RETRY_TRIES - 1, wait)
-                _free_memory()
-                time.sleep(wait)
+        out.extend(retry_transient(lambda: stage.process([dict(r) for r in batch]), f"stage {stage.name}: shard {shard}"))
     if len(out) != len(rows) or [r["key"] for r in out] != [r["key"] for r in rows]:
         raise RuntimeError(f"stage {stage.name} changed the rows of shard {shard}")
     return pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL)
@@ -179,13 +192,21 @@ def _add_stage(ds, sc: StageConfig, actors: int | None, models=None):
         args["models"] = models
         return ds.map_batches(_StageOnShards, fn_constructor_kwargs=args, concurrency=actors, **common,
                               max_restarts=RAY_ACTOR_RESTARTS, max_task_retries=RAY_ACTOR_TASK_RETRIES)
-    return ds.map_batches(_StageOnShards(**args, load=False), concurrency=sc.concurrency, **common,
-                          max_retries=RAY_TASK_RETRIES, retry_exceptions=False)
+    return ds.map_batches(_StageOnShards(**args, load=False), concurrency=sc.concurrency, **common, **TASK_RETRIES)
 
 
 def _write(batch, shard_dir: str, fingerprint: dict | None = None):
-    stats = [shards.write_shard(pickle.loads(p), storage.location(shard_dir), s, fingerprint, json.loads(c))
-             for s, p, c in zip(batch["shard"], batch["rows"], batch["cost"])]
+    """Write each shard of the batch. Before it, the outage guard: a shard whose rejections are mostly of one
+    kind that says the network or the store failed, not the inputs (stages.base.check_shard_rejections), stops
+    the run naming the reason, instead of being finished with every sample rejected."""
+    stats = []
+    for s, p, c in zip(batch["shard"], batch["rows"], batch["cost"]):
+        rows = pickle.loads(p)
+        check_shard_rejections(rows)
+        if os.environ.get(KILL_WRITE) == s:
+            os.kill(os.getpid(), signal.SIGKILL)
+        stats.append(retry_transient(lambda: shards.write_shard(rows, storage.location(shard_dir), s, fingerprint,
+                                                                json.loads(c)), f"write: shard {s}"))
     return {"shard": [st["shard"] for st in stats], "n_ok": [st["n_ok"] for st in stats],
             "n_rejected": [st["n_rejected"] for st in stats], "cost": [json.dumps(st["cost"]) for st in stats]}
 
@@ -196,7 +217,7 @@ def _shard_items(batch):
     out = {"shard": [], "rows": [], "cost": []}
     for path, rg in zip(batch["file"], batch["row_group"]):
         t = Clock()
-        r = read_shard(str(path), int(rg))
+        r = retry_transient(lambda: read_shard(str(path), int(rg)), f"plan: {path} row group {rg}")
         out["shard"].append(r["shard"])
         out["rows"].append(pickle.dumps(shard_rows(r), protocol=pickle.HIGHEST_PROTOCOL))
         out["cost"].append(add_cost("", "plan", t.lap()))
@@ -209,25 +230,37 @@ def shard_dataset(ray, plan_path: storage.Location, infos: list[dict], skip: set
     items = [{"file": str(storage.join(plan_path, i["file"])), "row_group": i["row_group"]}
              for i in infos if i["shard"] not in skip]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
-    return ds.map_batches(_shard_items, batch_size=1, batch_format="numpy")
+    return ds.map_batches(_shard_items, batch_size=1, batch_format="numpy", **TASK_RETRIES)
 
 
 def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
-               retry_rejected: str | None = None) -> dict:
+               retry_rejected: str | None = None, verify: bool = False) -> dict:
     """Run (or resume) preprocessing; returns the run summary (also written to <shard_dir>/summary.json).
 
-    A finished shard made with another config (its stats' fingerprint differs) stops the run before any shard
-    work with a ConfigError naming the changed keys; `force` redoes those shards instead. `retry_rejected`
-    (a reason prefix, "" for any) also redoes the finished shards holding samples rejected with such a reason
-    (plan.retry_shards), and only those. Stage models are prepared first (trained on first use) so that the
-    fingerprint hashes the model files the run will use."""
+    One run per shard dir at a time (lock.ShardDirLock: a second fails at once, naming the holder); temporary
+    files crashed runs left there are removed first. A finished shard made with another config (its stats'
+    fingerprint differs) stops the run before any shard work with a ConfigError naming the changed keys;
+    `force` redoes those shards instead. `retry_rejected` (a reason prefix, "" for any) also redoes the finished
+    shards holding samples rejected with such a reason (plan.retry_shards), and only those. A finished shard is
+    trusted by its tar's size and mtime / ETag; `verify` hashes every tar. Stage models are prepared first
+    (trained on first use) so that the fingerprint hashes the model files the run will use."""
+    storage.makedirs(cfg.shard_dir)
+    with ShardDirLock(cfg.shard_dir, run=cfg.run.name) as lock:
+        swept = shards.sweep_temp(cfg.shard_dir)
+        if swept:
+            log.warning("removed %d temporary file(s) that an earlier run left in %s: %s", len(swept),
+                        cfg.shard_dir, [p.name for p in swept[:5]])
+        return _preprocess(cfg, lock, progress, force, retry_rejected, verify)
+
+
+def _preprocess(cfg: PipelineConfig, lock: ShardDirLock, progress: bool, force: bool, retry_rejected: str | None,
+                verify: bool) -> dict:
     t0 = time.time()
     shard_dir = cfg.shard_dir
-    storage.makedirs(shard_dir)
     infos = plan(cfg)
     planned = {i["shard"]: i["keys_sha256"] for i in infos}
     n_samples = sum(i["n"] for i in infos)
-    done = shards.finished_shards(shard_dir, planned)
+    done = shards.finished_shards(shard_dir, planned, verify=verify)
     t_plan = time.time()
     prepare_stage_models(cfg)
     t_prep = time.time()
@@ -260,7 +293,7 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
         todo, n, written = sum(i["n"] for i in infos if i["shard"] not in done), 0, []
         t_run = time.time()
         for w in ds.map_batches(_write, fn_kwargs={"shard_dir": str(shard_dir), "fingerprint": fp}, batch_size=1,
-                                batch_format="numpy").iter_rows():
+                                batch_format="numpy", **TASK_RETRIES).iter_rows():
             written.append(w)  # one row per shard written: the console's samples/s and ETA
             n += int(w["n_ok"]) + int(w["n_rejected"])
             if len(written) == 1:
@@ -279,6 +312,7 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
     if stale:
         log.warning("%d shard(s) in %s are not in this run's plan: left out of the manifest, so never read: %s",
                     len(stale), shard_dir, stale[:5])
+    lock.check()  # never write the manifest of a run whose lease another run took over
     manifest = shards.write_manifest(shard_dir, sorted(planned))
     summary = {"samples": n_samples, "shards": len(planned), "shards_skipped": len(done),
                "shards_written": len(planned) - len(done), "shards_redone_config_changed": len(redo),

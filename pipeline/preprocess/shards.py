@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -37,7 +38,9 @@ MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("split", pa.string()), ("shard", pa.string()), ("source", pa.string()),
     ("status", pa.string()), ("reason", pa.string()), ("n_captions", pa.int32()),
     ("n_caption_rejects", pa.int32()), ("n_regions", pa.int32()), ("n_phrases", pa.int32()),
+    ("fingerprint", pa.string()),  # the config fingerprint (sha256) the sample's shard was made with
 ])
+TMP_SUFFIX = ".tmp"  # temporary files are ".<name>.<pid>.tmp" (swept at the start of a run: sweep_temp)
 
 
 class ShardError(DatasetError):
@@ -73,17 +76,46 @@ def write_atomic(path: Location, text: str) -> None:
 
 
 def _tmp_for(shard_dir: Location, name: str) -> Path:
-    """A local temporary file to build `name` in: next to it (then os.replace) or, for a URI, in the temp dir."""
-    base = Path(tempfile.gettempdir()) if storage.is_uri(shard_dir) else Path(shard_dir)
-    return base / f".{name}.{os.getpid()}.tmp"
+    """A local temporary file to build `name` in: next to it (then os.replace), or for a URI a fresh file in the
+    temp dir (a unique name: two shard dirs may have shards of the same name). The caller removes it on failure."""
+    if storage.is_uri(shard_dir):
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=TMP_SUFFIX)
+        os.close(fd)
+        return Path(tmp)
+    return Path(shard_dir) / f".{name}.{os.getpid()}{TMP_SUFFIX}"
+
+
+def sweep_temp(shard_dir: Location) -> list[Path]:
+    """Remove the temporary files crashed runs left in a local shard dir (a full disk stays full otherwise);
+    returns them. Only safe under the shard dir's lock (preprocess/lock.py): no other run is writing there.
+    An object store has none: its temporary files are local to the writer and removed on failure."""
+    if storage.is_uri(shard_dir) or not Path(shard_dir).is_dir():
+        return []
+    d = Path(shard_dir)
+    found = sorted([*d.glob(f".*{TMP_SUFFIX}"), *d.glob(".*.old")])  # files, and the plan's temporary dirs
+    for p in found:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return found
 
 
 def _version(path: Location) -> int | str | None:
     """What changes when a file is rewritten: a local file's mtime_ns, an object's ETag."""
+    return _stat(path)[1]
+
+
+def _stat(path: Location) -> tuple[int, int | str | None]:
+    """(size, version) in one call (one HEAD request for an object); FileNotFoundError when absent."""
     if not storage.is_uri(path):
-        return Path(path).stat().st_mtime_ns
+        st = Path(path).stat()
+        return st.st_size, st.st_mtime_ns
     fs, p = storage.filesystem(path)
-    return fs.info(p).get("ETag")
+    info = fs.info(p)
+    if info.get("type") == "directory":
+        raise FileNotFoundError(path)
+    return int(info["size"]), info.get("ETag")
 
 
 def sample_files(row: dict) -> dict:
@@ -123,12 +155,15 @@ def write_shard(rows: list[dict], shard_dir: Path, shard: str, fingerprint: dict
         raise ValueError(f"shard {shard} got duplicate keys: {[k for k, n in Counter(keys).items() if n > 1][:5]}")
     tar = tar_path(shard_dir, shard)
     tmp = _tmp_for(shard_dir, f"{shard}.tar")
-    with wds.TarWriter(str(tmp)) as sink:
-        for r in rows:
-            if not r["reject"]:
-                sink.write(sample_files(r))
-    tar_bytes, tar_sha256 = tmp.stat().st_size, file_sha256(tmp)
-    storage.upload(tmp, tar)
+    try:
+        with wds.TarWriter(str(tmp)) as sink:
+            for r in rows:
+                if not r["reject"]:
+                    sink.write(sample_files(r))
+        tar_bytes, tar_sha256 = tmp.stat().st_size, file_sha256(tmp)
+        storage.upload(tmp, tar)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failure (a full disk, a failed upload): never left behind
     samples = [manifest_entry(r) for r in rows]
     rejects = Counter(s["reason"] for s in samples if s["status"] == "rejected")
     caption_rejects = Counter(c["reason"] for r in rows for c in json.loads(r["caption_rejects"]))
@@ -173,13 +208,14 @@ def tar_problem(shard_dir: Path, st: dict, full: bool) -> str | None:
     recorded ones (one stat, no read) and hashes the tar only when they moved (copied, touched or rewritten);
     full=True always hashes (a resume, which repairs, also catches bytes changed in place with the mtime restored)."""
     tar = tar_path(shard_dir, st["shard"])
-    if not storage.is_file(tar):
+    try:
+        size, version = _stat(tar)
+    except FileNotFoundError:
         return f"{tar} is missing"
-    size = storage.size(tar)
     if size != st.get("tar_bytes"):
         return f"{tar} has {size} bytes, its stats file says {st.get('tar_bytes')}"
     recorded = st.get("tar_etag" if storage.is_uri(tar) else "tar_mtime_ns")
-    if not full and recorded is not None and _version(tar) == recorded:
+    if not full and recorded is not None and version == recorded:
         return None
     if file_sha256(tar) != st.get("tar_sha256"):
         return f"{tar}: sha256 differs from the one in its stats file"
@@ -191,10 +227,11 @@ def keys_sha256(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()
 
 
-def finished_shards(shard_dir: Path, planned: dict[str, str]) -> dict[str, dict]:
+def finished_shards(shard_dir: Path, planned: dict[str, str], verify: bool = False) -> dict[str, dict]:
     """The stats of each planned shard (name -> keys_sha256 of its planned keys) whose stats list exactly its
-    planned keys and whose tar is the one they describe (size and sha256, always hashed: a resume is where
-    damage is repaired).
+    planned keys and whose tar is the one they describe: its size and mtime (an object's ETag) are the
+    recorded ones, else its sha256 is (tar_problem). `verify` (`--verify`) hashes every tar: it also catches
+    bytes changed in place with the mtime restored, at the cost of reading the whole set (on S3, downloading it).
 
     Anything else (no stats, truncated or altered tar, a changed plan) is redone whole on the next run."""
     done = {}
@@ -204,7 +241,7 @@ def finished_shards(shard_dir: Path, planned: dict[str, str]) -> dict[str, dict]
             listed = keys_sha256([s["key"] for s in st["samples"]]) if st else None
         except (KeyError, TypeError):
             continue
-        if listed == digest and tar_problem(shard_dir, st, full=True) is None:
+        if listed == digest and tar_problem(shard_dir, st, full=verify) is None:
             done[shard] = st
     return done
 
@@ -225,38 +262,72 @@ def write_manifest(shard_dir: Path, shards: list[str]) -> Path:
     """manifest.parquet from the shards' stats, written a shard at a time (its size does not bound memory)."""
     path = storage.join(shard_dir, MANIFEST)
     tmp = _tmp_for(shard_dir, MANIFEST)
+    try:
+        _write_manifest(tmp, shard_dir, shards)
+        storage.upload(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write_manifest(tmp: Path, shard_dir: Path, shards: list[str]) -> None:
     with pq.ParquetWriter(tmp, MANIFEST_SCHEMA) as w:
         batch: list[dict] = []
         for st in iter_stats(shard_dir, shards):
-            batch += st["samples"]
+            fp = (st.get("fingerprint") or {}).get("sha256")
+            batch += [{**s, "fingerprint": fp} for s in st["samples"]]
             if len(batch) >= 65536:
                 w.write_table(pa.Table.from_pylist(batch, schema=MANIFEST_SCHEMA))
                 batch = []
         w.write_table(pa.Table.from_pylist(batch, schema=MANIFEST_SCHEMA))
-    storage.upload(tmp, path)
-    return path
 
 
-def manifest_shards(shard_dir: Path, split: str | None = None) -> list[str]:
-    """The shards of the manifest (of one split, or all), sorted: the shard set of the last preprocess run."""
+def read_manifest(shard_dir: Location) -> dict[str, tuple[str, str | None]]:
+    """shard -> (split, config fingerprint) of every manifest shard (the fingerprint is None in a manifest
+    written before it was recorded). A ShardError when the shards were made with more than one config: one
+    shard set never mixes them (e.g. 256-d and 1280-d features after a crashed `--force` redo)."""
     path = storage.join(shard_dir, MANIFEST)
     if not storage.is_file(path):
         raise FileNotFoundError(f"no {MANIFEST} in {shard_dir}: run `densevse preprocess` first")
     with storage.open_file(path) as f:
-        rows = pq.read_table(f, columns=["split", "shard"]).to_pylist()
-    return sorted({r["shard"] for r in rows if split is None or r["split"] == split})
+        pf = pq.ParquetFile(f)
+        cols = [c for c in ("split", "shard", "fingerprint") if c in pf.schema_arrow.names]
+        rows = pf.read(columns=cols).to_pylist()
+    out = {r["shard"]: (r["split"], r.get("fingerprint")) for r in rows}
+    _one_config(path, {s: fp for s, (_, fp) in out.items() if fp})
+    return out
 
 
-def verified_stats(shard_dir: Path, shard: str) -> dict:
-    """A manifest shard's stats, after checking its tar is the one they describe (tar_problem, full=False)."""
+def _one_config(where, fingerprints: dict[str, str]) -> None:
+    """ShardError naming the configs (fingerprint -> shard count) when the shards hold more than one."""
+    kinds = Counter(fingerprints.values())
+    if len(kinds) > 1:
+        seen = ", ".join(f"{fp[:12]} ({n} shard{'s' * (n != 1)})" for fp, n in kinds.most_common())
+        raise ShardError(f"{where}: the shards were made with {len(kinds)} different configs (fingerprints "
+                         f"{seen}); a shard set never mixes them: re-run `densevse preprocess` (with --force "
+                         f"if a redo was cut short) to finish one")
+
+
+def manifest_shards(shard_dir: Path, split: str | None = None) -> list[str]:
+    """The shards of the manifest (of one split, or all), sorted: the shard set of the last preprocess run."""
+    return sorted(s for s, (sp, _) in read_manifest(shard_dir).items() if split is None or sp == split)
+
+
+def verified_stats(shard_dir: Path, shard: str, fingerprint: str | None = None) -> dict:
+    """A manifest shard's stats, after checking its tar is the one they describe (tar_problem, full=False) and,
+    given the manifest's `fingerprint` for it, that it was not rewritten with another config since."""
     st = read_stats(shard_dir, shard)
+    where = f"shard {shard} of {storage.join(shard_dir, MANIFEST)}"
     if st is None:
         raise ShardError(f"{stats_path(shard_dir, shard)} is missing or unreadable, but {MANIFEST} lists shard "
                          f"{shard}: re-run `densevse preprocess` to redo it")
     problem = tar_problem(shard_dir, st, full=False)
     if problem:
-        raise ShardError(f"{problem} (shard {shard} of {storage.join(shard_dir, MANIFEST)}): "
-                         f"re-run `densevse preprocess` to redo it")
+        raise ShardError(f"{problem} ({where}): re-run `densevse preprocess` to redo it")
+    made = (st.get("fingerprint") or {}).get("sha256")
+    if fingerprint and made != fingerprint:
+        raise ShardError(f"{where} was rewritten with another config ({str(made)[:12]}) than the manifest's "
+                         f"({fingerprint[:12]}), by a run that did not finish: re-run `densevse preprocess`")
     return st
 
 
@@ -268,9 +339,10 @@ def shard_paths(shard_dir: Location, split: str) -> list[Location]:
     directory with its stats and must not be read. Verification is size + mtime against the stats, re-hashing
     a tar only when its mtime moved: every training/evaluation start calls this, and hashing every tar each time
     would read the whole set; in-place damage that keeps the mtime is caught by the full hash of a resume."""
-    names = manifest_shards(shard_dir, split)
+    listed = read_manifest(shard_dir)
+    names = sorted(s for s, (sp, _) in listed.items() if sp == split)
     for name in names:
-        verified_stats(shard_dir, name)
+        verified_stats(shard_dir, name, listed[name][1])
     return [tar_path(shard_dir, name) for name in names]
 
 
@@ -282,8 +354,9 @@ def dataset_sha256(shard_dir: Path) -> str | None:
     if not storage.is_file(storage.join(shard_dir, MANIFEST)):
         return None
     h = hashlib.sha256()
-    for name in manifest_shards(shard_dir):
-        st = verified_stats(shard_dir, name)
+    listed = read_manifest(shard_dir)
+    for name in sorted(listed):
+        st = verified_stats(shard_dir, name, listed[name][1])
         h.update(json.dumps([name, st["tar_sha256"], (st.get("fingerprint") or {}).get("sha256")]).encode() + b"\n")
     return h.hexdigest()
 

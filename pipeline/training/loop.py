@@ -10,9 +10,10 @@ The loop owns what the models share, so that it cannot drift apart between them:
     afterwards the best epoch without optimizer state (`save_best`), the summary, the registered model.
   * worker: restore (Ray's latest checkpoint after a worker-group restart, else the one `resume` found), DDP
     with join() for ranks with unequal shares, the all-reduce of the epoch's loss sums (an epoch of 0 training
-    pairs is an error, not a zero loss), rank 0 evaluates, logs the epoch to MLflow and reports the checkpoint;
-    early stopping (`task.patience`, decided by rank 0, obeyed by all); each epoch's data-wait vs compute
-    timing (`Task.batches`: a prefetching thread, pipeline/training/prefetch.py) as compute_share.
+    pairs is an error, not a zero loss), rank 0 evaluates, reports the checkpoint, then logs the epoch to MLflow
+    (best-effort, below); early stopping (`task.patience`, decided by rank 0, obeyed by all); each epoch's
+    data-wait vs compute timing (`Task.batches`: a prefetching thread, pipeline/training/prefetch.py) as
+    compute_share.
 
 A Task (below) is what differs: data, model, loss, validation metric, checkpoint extras, registration.
 The config travels to the workers as the validated PipelineConfig object, the task as the pickled instance
@@ -23,15 +24,25 @@ Paths: <storage>/<run.name>-<task.name>-<stamp>/checkpoint_*/model.pt (one per e
 train.storage_path, a local path or URI, default <output_dir>/ray_train), <output_dir>/models/<task.name>/best.pt,
 <output_dir>/train-<task.name>.json (the summary).
 
+MLflow outages: the checkpoint (which holds the whole history) is reported before MLflow is called, and that
+call is bounded (pipeline.tracking.bounded: about 2 s when the server is down, at most 17 s when it hangs) and
+best-effort: a failure is a warning on the console, and the next epoch that reaches MLflow also logs every epoch
+MLflow lacks (tracking.backfill, each at its step); the driver backfills once more after training. MLflow still
+down then: the job keeps best.pt and succeeds, its summary lists the epochs MLflow lacks ("mlflow_missing_epochs")
+and says no model was registered. MLflow down before training: a clear error, nothing trained.
+
 Recovery tests: DENSEVSE_FAIL_AT_EPOCH=N makes rank 0 raise at the start of epoch N unless it restored from a
 Ray checkpoint: one crash, which FailureConfig recovers from (with train.max_failures=0: a failed job). Read on
-the driver when `fit` is called and handed to the workers in their runtime env.
+the driver when `fit` is called and handed to the workers in their runtime env. DENSEVSE_EPOCH_BARRIER=<dir> (same
+path to the workers): rank 0, after reporting epoch N's checkpoint and before logging it to MLflow, creates
+<dir>/reported-N and waits for <dir>/go-N, so that a test acts (stops the MLflow server) at a known point.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -42,6 +53,7 @@ import torch
 
 from models.checkpoint import is_complete, load_checkpoint
 from pipeline import storage as store
+from pipeline.config import public_config, redact_uri
 from pipeline.console import emit
 from pipeline.storage import Location
 from pipeline.raylocal import REPO, cpus_per_worker, init_ray, node_resources
@@ -49,6 +61,8 @@ from pipeline.training.prefetch import StepTimer, prefetch
 from pipeline.training.stopping import early_stop
 
 FAIL_AT_EPOCH = "DENSEVSE_FAIL_AT_EPOCH"
+EPOCH_BARRIER = "DENSEVSE_EPOCH_BARRIER"
+log = logging.getLogger("densevse.train")
 
 
 class Task:
@@ -64,6 +78,9 @@ class Task:
     patience: int | None = None  # early stopping (pipeline/training/stopping.py): epochs without a better best_score
     prefetch_depth = 2   # batches prepared ahead by `batches` (0: inline, no thread)
     step_timer: StepTimer | None = None  # the epoch's data-wait vs compute timing, reset by the loop per epoch
+    # {"<stage>.<field>": sha256} of the stage model files the train shards were made with (set by `fit`): the
+    # checkpoint records them, so a user's model file for embedding new input is checked against them
+    model_files: dict[str, str] = {}
 
     def prepare(self, cfg, paths: list[Path], state: dict | None) -> dict:
         """Driver, once: check the train shards, build what every worker needs (vocabularies...), from `state`
@@ -162,7 +179,6 @@ def for_workers(cfg):
 def fit(cfg, task: Task, resume: bool = False) -> dict:
     """Train `task` on cfg's train shards; `resume`: continue from its latest checkpoint (and MLflow run).
     Returns the summary, also written to <output_dir>/train-<task.name>.json."""
-    from pipeline import tracking
     from pipeline.preprocess.shards import shard_paths
 
     t0 = time.time()
@@ -175,21 +191,18 @@ def fit(cfg, task: Task, resume: bool = False) -> dict:
         raise FileNotFoundError(f"--resume: no checkpoint of {task.name} under {storage(cfg)}")
     state = load_dir(resume_from) if resume_from else None
     info = task.prepare(cfg, paths, state)
-    env = {"PYTHONPATH": str(REPO), **_fail_env()}
+    task.model_files = _model_files(cfg.shard_dir, paths[0])
+    env = {"PYTHONPATH": str(REPO), **_fail_env(), EPOCH_BARRIER: os.environ.get(EPOCH_BARRIER, "")}
     init_ray(cfg)  # before the MLflow run: a Ray that fails to start leaves no empty run behind
     run_id = _mlflow_run(cfg, task, state)
     try:
         result = _trainer(cfg, task, run_id, resume_from, env).fit()
         summary = {**_summary(cfg, task, result, info), "seconds": round(time.time() - t0, 1), "mlflow_run_id": run_id}
-        if run_id and summary["early_stop"]:
-            from mlflow.tracking import MlflowClient
-
-            MlflowClient(cfg.mlflow.tracking_uri).set_tag(run_id, "early_stop", summary["early_stop"])
         if run_id:
-            summary["registered_version"] = task.register(cfg, run_id, summary["history"], best_path(cfg, task.name))
+            _end_tracking(cfg, task, run_id, result, summary)
     except BaseException as e:
         if run_id:  # a failed job shows as FAILED in MLflow (with why), not as a run forever RUNNING
-            tracking.end_run(cfg.mlflow.tracking_uri, run_id, "FAILED", f"{type(e).__name__}: {e}")
+            _mark_failed(cfg.mlflow.tracking_uri, run_id, e)
         raise
     (Path(cfg.run.output_dir) / f"train-{task.name}.json").write_text(json.dumps(summary, indent=1, default=str))
     return summary
@@ -205,6 +218,14 @@ def _summary(cfg, task: Task, result, info: dict) -> dict:
             "checkpoint": result.checkpoint.path, "best_model": str(best)}
 
 
+def _model_files(shard_dir, tar) -> dict[str, str]:
+    """The stage model files' sha256 recorded in a train shard's config fingerprint (the set holds one config)."""
+    from pipeline.preprocess.shards import read_stats, shard_of
+    from pipeline.serving.embedder import recorded_model_files
+
+    return recorded_model_files((read_stats(shard_dir, shard_of(tar)) or {}).get("fingerprint"))
+
+
 def _fail_env() -> dict:
     """The fault injection for the workers' env, always set ("" when off): workers inherit the env the local Ray
     was started with, which may hold an older value. A malformed value fails here, not in a worker."""
@@ -215,21 +236,101 @@ def _fail_env() -> dict:
 
 
 def _mlflow_run(cfg, task: Task, state: dict | None) -> str | None:
-    """The resumed checkpoint's MLflow run, else a new one named <run.name>-<task.name>; None without tracking."""
+    """The resumed checkpoint's MLflow run, else a new one named <run.name>-<task.name>; None without tracking.
+    An MLflow that does not answer now is an error before anything trains (bounded: seconds, not MLflow's
+    minutes of retries): tracking was asked for, and a run begun without it could never be logged to."""
     from pipeline import tracking
 
     if not cfg.mlflow.tracking_uri:
         return None
+    try:
+        with tracking.bounded():
+            return _open_run(cfg, task, state)
+    except Exception as e:  # noqa: BLE001 - connection, HTTP, auth: all mean no run to log into
+        raise RuntimeError(
+            f"MLflow at {redact_uri(cfg.mlflow.tracking_uri)} did not answer before training ({type(e).__name__}: "
+            f"{_short(e)}); nothing was trained. Start the server (`densevse mlflow`) or fix mlflow.tracking_uri, "
+            f"or set mlflow.tracking_uri to null to train without tracking.") from e
+
+
+def _open_run(cfg, task: Task, state: dict | None) -> str:
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
     if state is not None and state.get("mlflow_run_id"):
         tracking.reopen_run(cfg.mlflow.tracking_uri, state["mlflow_run_id"])
         return state["mlflow_run_id"]
-    from mlflow.tracking import MlflowClient
-
     run_id = tracking.start_run(cfg)
     client = MlflowClient(cfg.mlflow.tracking_uri)
     client.set_tag(run_id, "mlflow.runName", f"{cfg.run.name}-{task.name}")
     client.set_tag(run_id, "model", task.model_name)
     return run_id
+
+
+def _short(e: BaseException, n: int = 300) -> str:
+    """An exception's text as one readable line: for MLflow's HTTP errors (the whole URL, urllib3's retry chain)
+    the root cause ("... [Errno 111] Connection refused", "Read timed out"), cut to n characters."""
+    text = " ".join(str(e).split())
+    if "Caused by " in text:
+        text = text.rsplit("Caused by ", 1)[1].rstrip(")")
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _end_tracking(cfg, task: Task, run_id: str, result, summary: dict) -> None:
+    """After training, best.pt written: backfill the epochs MLflow lacks, tag early stopping, register. An MLflow
+    still down loses nothing: the job succeeds with best.pt, the summary lists the epochs MLflow lacks and says
+    nothing was registered (a warning says so). A registration error while MLflow answers is a real error."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+
+    uri, best = cfg.mlflow.tracking_uri, best_path(cfg, task.name)
+    try:
+        with tracking.bounded():
+            late = tracking.backfill(uri, run_id, summary["history"])
+    except Exception as e:  # noqa: BLE001 - an outage: reported below, the training is kept
+        missing = _unlogged_at_end(result, summary["history"])
+        summary.update(registered_version=None, mlflow_missing_epochs=missing,
+                       mlflow_error=f"{type(e).__name__}: {_short(e)}")
+        log.warning("MLflow at %s does not answer after training (%s): steps %s are missing from run %s, no model "
+                    "was registered and the run stays RUNNING there. Nothing trained is lost: the best model is %s and "
+                    "every epoch's metrics are in the summary (history) and in each checkpoint.",
+                    uri, summary["mlflow_error"], missing, run_id, best)
+        return
+    if late:
+        summary["mlflow_backfilled_epochs"] = late
+        log.warning("MLflow had missed steps %s of run %s: logged now", late, run_id)
+    try:
+        if summary["early_stop"]:
+            MlflowClient(uri).set_tag(run_id, "early_stop", summary["early_stop"])
+        summary["registered_version"] = task.register(cfg, run_id, summary["history"], best)
+    except Exception as e:
+        if tracking.answers(uri, run_id):
+            raise
+        summary.update(registered_version=None, mlflow_error=f"{type(e).__name__}: {_short(e)}")
+        log.warning("MLflow at %s stopped answering while the model was registered (%s): no model registered, run %s "
+                    "may stay RUNNING. Nothing trained is lost: the best model is %s.", uri, summary["mlflow_error"],
+                    run_id, best)
+
+
+def _unlogged_at_end(result, history: list[dict]) -> list[int]:
+    """The epochs MLflow lacks as far as the workers knew: the last checkpoint's list (its own epoch included:
+    logged after the checkpoint, so unknown here); every epoch for a checkpoint without one."""
+    with result.checkpoint.as_directory() as d:
+        known = load_checkpoint(Path(d) / "model.pt").get("mlflow_unlogged")
+    return sorted(known) if known is not None else [h["epoch"] for h in history]
+
+
+def _mark_failed(uri: str, run_id: str, error: BaseException) -> None:
+    """end_run(FAILED) with why, never raising: an MLflow that is down must not hide the job's real error."""
+    from pipeline import tracking
+
+    try:
+        with tracking.bounded():
+            tracking.end_run(uri, run_id, "FAILED", f"{type(error).__name__}: {error}")
+    except Exception as e:  # noqa: BLE001
+        log.warning("MLflow run %s not marked FAILED (MLflow at %s: %s: %s)", run_id, uri, type(e).__name__, _short(e))
 
 
 def _trainer(cfg, task: Task, run_id: str | None, resume_from: Location | None, env: dict):
@@ -286,8 +387,6 @@ def worker(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from pipeline import tracking
-
     cfg, task, run_id = config["cfg"], config["task"], config["mlflow_run_id"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -299,6 +398,7 @@ def worker(config: dict) -> None:
     _setup_data(cfg, task, rank, world, device)
     core, model, opt = _build(task, state, world, device)
     history = state["history"] if state else []
+    unlogged = list(state.get("mlflow_unlogged") or []) if state else []  # epochs MLflow may lack
     stop = None
     fail_at = int(os.environ.get(FAIL_AT_EPOCH) or -1) if rank == 0 and not from_ray else -1
 
@@ -311,17 +411,54 @@ def worker(config: dict) -> None:
             metrics.update(task.evaluate(core))
             history.append(metrics)
             if run_id:
-                tracking.log_epoch(cfg.mlflow.tracking_uri, run_id, metrics, step=epoch)
-            checkpoint = _checkpoint(cfg, task, core, opt, epoch, history, run_id)
+                unlogged = sorted({*unlogged, epoch})  # until MLflow has it
+            checkpoint = _checkpoint(cfg, task, core, opt, epoch, history, run_id, unlogged)
             emit({"step": "train", "epochs": task.epochs, **metrics})  # the driver's console shows the epoch
             stop = early_stop(history, task.best_score, task.patience)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint)  # first: an MLflow outage must not cost the epoch
         if checkpoint is not None:  # Ray has copied it to the run's storage
             shutil.rmtree(checkpoint.path, ignore_errors=True)
+        if rank == 0 and run_id:
+            _barrier(epoch)
+            unlogged = log_epochs(cfg.mlflow.tracking_uri, run_id, history, unlogged, epoch)
         if _all_stop(rank == 0 and stop is not None, world, device):
             if rank == 0:
                 emit({"step": "train", "message": stop})
             break
+
+
+def log_epochs(uri: str, run_id: str, history: list[dict], unlogged: list[int], epoch: int) -> list[int]:
+    """Rank 0, once epoch `epoch`'s checkpoint is reported: log it, and every earlier epoch MLflow lacks, bounded
+    and best-effort (module docstring). Returns the epochs MLflow may still lack: [] once a backfill went through,
+    else `unlogged` (which holds `epoch`); a failure is a warning on the driver's console, never an exception."""
+    from pipeline import tracking
+
+    try:
+        with tracking.bounded():
+            done = tracking.backfill(uri, run_id, history)
+    except Exception as e:  # noqa: BLE001 - whatever MLflow's failure, the training goes on
+        msg = (f"warning: MLflow at {redact_uri(uri)} did not take epoch {epoch + 1}'s metrics ({type(e).__name__}: "
+               f"{_short(e, 200)}); training goes on, and MLflow steps {unlogged} are logged once it answers again")
+        log.warning(msg)
+        emit({"step": "train", "message": msg})
+        return unlogged
+    late = sorted(set(done) - {epoch})
+    if late:
+        emit({"step": "train", "message": f"MLflow answers again: steps {late} logged late"})
+    return []
+
+
+def _barrier(epoch: int) -> None:
+    """The test hook DENSEVSE_EPOCH_BARRIER (module docstring); off when unset or empty."""
+    where = os.environ.get(EPOCH_BARRIER)
+    if not where:
+        return
+    (Path(where) / f"reported-{epoch}").touch()
+    deadline = time.time() + 600
+    while not (Path(where) / f"go-{epoch}").exists():
+        if time.time() > deadline:
+            raise TimeoutError(f"{EPOCH_BARRIER}: no go-{epoch} in {where} within 600 s")
+        time.sleep(0.1)
 
 
 def _all_stop(stop: bool, world: int, device) -> bool:
@@ -393,12 +530,15 @@ def _train_epoch(cfg, task: Task, model, core, opt, epoch: int, world: int) -> d
             "pairs_per_s": n / max(seconds, 1e-9), "epoch_seconds": seconds, **task.step_timer.metrics()}
 
 
-def _checkpoint(cfg, task: Task, core, opt, epoch: int, history: list[dict], run_id: str | None):
-    """model.pt in a temp dir, as a Ray checkpoint (the caller removes the dir once reported)."""
+def _checkpoint(cfg, task: Task, core, opt, epoch: int, history: list[dict], run_id: str | None,
+                unlogged: list[int] | None = None):
+    """model.pt in a temp dir, as a Ray checkpoint (the caller removes the dir once reported). `unlogged`: the
+    epochs MLflow lacks as of now (this one included: it is logged after the checkpoint is reported)."""
     import ray.train
 
     tmp = Path(tempfile.mkdtemp(prefix=f"densevse-{task.name}-"))
     torch.save({"model_name": task.model_name, "hparams": core.hparams, "state_dict": core.state_dict(),
                 "optimizer": opt.state_dict(), **task.checkpoint_extra(), "epoch": epoch, "history": history,
-                "mlflow_run_id": run_id, "config": cfg.model_dump(mode="json")}, tmp / "model.pt")
+                "mlflow_run_id": run_id, "mlflow_unlogged": list(unlogged or []), "model_files": task.model_files,
+                "config": public_config(cfg)}, tmp / "model.pt")  # credentials redacted: checkpoints are shared
     return ray.train.Checkpoint.from_directory(str(tmp))
