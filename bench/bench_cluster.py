@@ -23,8 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cluster import jobs  # noqa: E402
-from cluster.local import local_cluster  # noqa: E402
+from densevse.pipeline import jobs  # noqa: E402
+from densevse.cluster.local import local_cluster  # noqa: E402
 
 
 def run_layout(name: str, layout: dict, overrides: list[str], out: Path, repeats: int) -> dict:

@@ -17,10 +17,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.datasets.flickr8k import parse_token_file  # noqa: E402
-from models.parser import DEFAULT_DIR  # noqa: E402
-from stages.base import empty_row  # noqa: E402
-from stages.parse import StanzaParse, caption_stats  # noqa: E402
+from densevse.pipeline.datasets.flickr8k import parse_token_file  # noqa: E402
+from densevse.models.parser import DEFAULT_DIR  # noqa: E402
+from densevse.stages.base import empty_row  # noqa: E402
+from densevse.stages.parse import StanzaParse, caption_stats  # noqa: E402
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-1k" / "Flickr8k.token.txt"
 
@@ -61,8 +61,8 @@ def main() -> None:
         texts = [t for caps in parse_token_file(FLICKR).values() for t in caps][: args.n]
         source = "flickr8k"
     else:
-        from pipeline.datasets.synthetic import treebank
-        from models.trees import from_ptb
+        from densevse.pipeline.datasets.synthetic import treebank
+        from densevse.models.trees import from_ptb
 
         texts, source = [" ".join(from_ptb(s)["tokens"]) for s in treebank(args.n, seed=7)], "synthetic"
     stage.parse_texts(texts[:20])  # warm-up

@@ -71,7 +71,7 @@ def specs(path: Path):
 def _count(batch):
     """The no-op stage. It imports the project, as every real stage's worker does (pipeline.preprocess.run, ~7 s
     with torch): the new path's plan reader lives there, and the old path must not look faster for skipping it."""
-    import pipeline.preprocess.run  # noqa: F401
+    import densevse.pipeline.preprocess.run  # noqa: F401
 
     return {"shard": batch["shard"], "n": [len(pickle.loads(p)) for p in batch["rows"]]}
 
@@ -98,7 +98,7 @@ def child(variant: str, table: Path, out: Path) -> dict:
         old = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(old)
         old.read_dataset = lambda *_: specs(table)
-        from pipeline.config import load_config
+        from densevse.pipeline.config import load_config
 
         rows = old.plan(load_config(None, [f"shards.samples_per_shard={PER_SHARD}", f"run.output_dir={out}"]))
         planned: dict[str, int] = {}
@@ -111,8 +111,8 @@ def child(variant: str, table: Path, out: Path) -> dict:
         items = [{"shard": s, "rows": pickle.dumps(rs, protocol=pickle.HIGHEST_PROTOCOL)} for s, rs in by_shard.items()]
         ds = ray.data.from_items(items, override_num_blocks=len(items))
     else:
-        from pipeline.preprocess.plan import write_plan
-        from pipeline.preprocess.run import shard_dataset
+        from densevse.pipeline.preprocess.plan import write_plan
+        from densevse.pipeline.preprocess.run import shard_dataset
 
         infos = write_plan(specs(table), PER_SHARD, out / "plan")
         planned = {i["shard"]: i["n"] for i in infos}

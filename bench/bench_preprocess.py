@@ -30,7 +30,7 @@ def run(out: Path, images: int, cpus: int, extra: list[str]) -> dict:
             f"dataset.synthetic.test_images={images // 4}", f"ray.num_cpus={cpus}",
             f"stages.features.concurrency={cpus}", *extra,
             *[f"stages.{s}.num_cpus=0.25" for s in ("ingest", "regions", "features", "parse")]]
-    cmd = [sys.executable, "-m", "pipeline.cli", "preprocess", str(ROOT / "pipeline.yaml"), "--quiet"]
+    cmd = [sys.executable, "-m", "densevse.pipeline.cli", "preprocess", str(ROOT / "pipeline.yaml"), "--quiet"]
     for s in sets:
         cmd += ["-s", s]
     cores = sorted(os.sched_getaffinity(0))[:cpus]  # Ray's num_cpus is logical: pin the process tree as well
@@ -55,8 +55,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench_preprocess"))
     ap.add_argument("-s", "--set", dest="extra", action="append", default=[], help="extra config override")
     args = ap.parse_args()
-    from pipeline.config import SyntheticConfig
-    from pipeline.datasets.synthetic import generate
+    from densevse.pipeline.config import SyntheticConfig
+    from densevse.pipeline.datasets.synthetic import generate
 
     t0 = time.time()
     generate(args.out / "dataset", SyntheticConfig(num_images=args.images, test_images=args.images // 4))

@@ -21,8 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.evaluation.proposals import format_table  # noqa: E402
-from pipeline.stage_models import detector as d  # noqa: E402
+from densevse.pipeline.evaluation.proposals import format_table  # noqa: E402
+from densevse.pipeline.stage_models import detector as d  # noqa: E402
 
 BACKBONES = ("efficientnet-lite0", "efficientnet-lite2")
 

@@ -23,10 +23,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages import STAGES  # noqa: E402
-from stages.base import empty_row, npy_bytes, npy_load  # noqa: E402
-from models.detector import default_detector_dir  # noqa: E402
-from models.metrics import proposal_recall
+from densevse.stages import STAGES  # noqa: E402
+from densevse.stages.base import empty_row, npy_bytes, npy_load  # noqa: E402
+from densevse.models.detector import default_detector_dir  # noqa: E402
+from densevse.models.metrics import proposal_recall
 
 FLICKR = ROOT.parent / "shared" / "data" / "flickr8k-1k" / "images"
 
@@ -38,7 +38,7 @@ def jpeg(img) -> bytes:
 
 
 def synthetic_rows(n: int, seed: int):
-    from pipeline.datasets.synthetic import make_image
+    from densevse.pipeline.datasets.synthetic import make_image
 
     rows, labels = [], []
     for i in range(n):

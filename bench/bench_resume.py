@@ -26,8 +26,8 @@ def write_set(shard_dir, n: int, shard_mb: float) -> dict[str, str]:
     """n shards with stats, as preprocess writes them; returns the plan's {shard: keys_sha256}."""
     import numpy as np
 
-    from pipeline.preprocess import shards
-    from stages.base import empty_row, npy_bytes
+    from densevse.pipeline.preprocess import shards
+    from densevse.stages.base import empty_row, npy_bytes
 
     rng = np.random.default_rng(0)
     per = int(shard_mb * 2**20 / 10)
@@ -44,7 +44,7 @@ def write_set(shard_dir, n: int, shard_mb: float) -> dict[str, str]:
 
 
 def time_both(shard_dir, planned: dict, repeats: int) -> dict[str, float]:
-    from pipeline.preprocess import shards
+    from densevse.pipeline.preprocess import shards
 
     best = {"hash every tar (before; --verify)": float("inf"), "size + mtime/ETag (now)": float("inf")}
     for _ in range(repeats):

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.search import vectors
+from densevse.pipeline.search import vectors
 
 CHUNK = 65_536
 

@@ -35,7 +35,7 @@ def pct(xs, q):
 def bench_index(run: Path, out: Path) -> dict:
     model = next((run / "models").glob("*/best.pt"))
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "index", "--shards", str(run / "shards"), "--model",
+    r = subprocess.run([sys.executable, "-m", "densevse.pipeline.cli", "index", "--shards", str(run / "shards"), "--model",
                         str(model), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, check=True)
     wall = time.time() - t0
     info = json.loads(r.stdout)
@@ -45,8 +45,8 @@ def bench_index(run: Path, out: Path) -> dict:
 
 
 def bench_queries(index_dir: Path, n: int, config: Path) -> dict:
-    from pipeline.config import load_config
-    from pipeline.search.query import Index
+    from densevse.pipeline.config import load_config
+    from densevse.pipeline.search.query import Index
 
     # the query stages take their model files from the user's own config, never from the checkpoint's
     ix = Index.open(index_dir, stages=load_config(config).stages)
@@ -64,9 +64,9 @@ def bench_queries(index_dir: Path, n: int, config: Path) -> dict:
 
 def bench_rest(uri: str, requests: int, clients: int) -> dict:
     sys.path.insert(0, str(ROOT))
-    from pipeline.tracking import free_port
+    from densevse.pipeline.tracking import free_port
 
-    from pipeline.serving import rest
+    from densevse.pipeline.serving import rest
 
     t0 = time.time()
     proc, url = rest.start("models:/densevse-hmlstm@champion", uri, free_port(), Path(tempfile.mkdtemp()) / "serve.log")

@@ -18,8 +18,8 @@ import torch
 
 
 def steps_per_s(naive: bool, batches, dims: dict, cfg) -> float:
-    from models import build_model
-    from models.losses import embedding_loss
+    from densevse.models import build_model
+    from densevse.models.losses import embedding_loss
 
     torch.manual_seed(0)
     model = build_model("hmlstm", cfg.train, **dims)
@@ -39,10 +39,10 @@ def steps_per_s(naive: bool, batches, dims: dict, cfg) -> float:
 
 
 def main(argv=None) -> int:
-    from pipeline.config import parse_config
-    from pipeline.training.data import batched_pairs, build_vocabs, iter_pairs, iter_samples
-    from models.batch import collate
-    from pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.config import parse_config
+    from densevse.pipeline.training.data import batched_pairs, build_vocabs, iter_pairs, iter_samples
+    from densevse.models.batch import collate
+    from densevse.pipeline.preprocess.shards import shard_paths
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=Path, default=None)
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     print(f"  level-batched {fast:8.1f} pairs/s\n  naive         {slow:8.1f} pairs/s\n  ratio         {fast / slow:8.1f}x")
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    from pipeline.training.embedding import train
+    from densevse.pipeline.training.embedding import train
 
     res = {}
     for w in args.workers:

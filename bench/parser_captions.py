@@ -22,9 +22,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models import trees as T  # noqa: E402
-from models.parser import DEFAULT_DIR  # noqa: E402
-from pipeline.datasets.flickr8k import parse_token_file  # noqa: E402
+from densevse.models import trees as T  # noqa: E402
+from densevse.models.parser import DEFAULT_DIR  # noqa: E402
+from densevse.pipeline.datasets.flickr8k import parse_token_file  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 FLICKR = SHARED / "flickr8k-1k" / "Flickr8k.token.txt"
@@ -53,8 +53,8 @@ def label_histogram(stage, captions: list[str]) -> dict:
 
 
 def synthetic_f1(model_dir: Path, n: int = 500) -> dict:
-    from pipeline.datasets.synthetic import treebank
-    from pipeline.stage_models.parser import evaluate
+    from densevse.pipeline.datasets.synthetic import treebank
+    from densevse.pipeline.stage_models.parser import evaluate
 
     return evaluate(model_dir, list(dict.fromkeys(treebank(n, seed=777))))
 
@@ -70,7 +70,7 @@ def main() -> int:
     if not FLICKR.is_file():
         print(f"no {FLICKR}: nothing to measure", file=sys.stderr)
         return 2
-    from stages.parse import StanzaParse
+    from densevse.stages.parse import StanzaParse
 
     flickr_all = [c for caps in parse_token_file(FLICKR).values() for c in caps]
     shown = sample_captions(args.show)

@@ -1,8 +1,8 @@
 """Embedding models, selected by `train.model` in pipeline.yaml: hmlstm (ours), vse and dvsa (baselines)."""
 from __future__ import annotations
 
-from models import baselines, hmlstm  # noqa: F401  (register the models)
-from models.base import MODELS
+from densevse.models import baselines, hmlstm  # noqa: F401  (register the models)
+from densevse.models.base import MODELS
 
 
 def build_model(name: str, train_cfg, **dims):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.registry import Registry
+from densevse.models.registry import Registry
 
 NEG_INF = float("-inf")
 MODELS: Registry = Registry("model")  # train.model names one of these

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from models.base import MODELS, NEG_INF, EmbeddingModel, l2norm, word_embedding
+from densevse.models.base import MODELS, NEG_INF, EmbeddingModel, l2norm, word_embedding
 
 
 @MODELS.register("vse")

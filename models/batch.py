@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import trees
-from models.vocab import Vocab, normalize
+from densevse.models import trees
+from densevse.models.vocab import Vocab, normalize
 
 
 def caption_tokens(caption: dict) -> list[str]:

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.checkpoint import load_checkpoint
-from models.metrics import box_iou
-from models.mrnn import MRNN, PHRASE, SENTENCE
-from models.vocab import Vocab
+from densevse.models.checkpoint import load_checkpoint
+from densevse.models.metrics import box_iou
+from densevse.models.mrnn import MRNN, PHRASE, SENTENCE
+from densevse.models.vocab import Vocab
 
 
 def pad_images(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +25,7 @@ def pad_images(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 def build_model(cfg, vocab: Vocab, feat_dim: int) -> MRNN:
     word_init = None
     if cfg.train.word_vectors == "glove-6b-50d":
-        from models.vocab import glove_init
+        from densevse.models.vocab import glove_init
 
         word_init = glove_init(vocab, seed=cfg.train.seed)[0]
     c = cfg.captioner

@@ -67,8 +67,8 @@ def load_checkpoint(path: str | Path, device="cpu", sha256: str | None = None) -
 def load_model(path: str | Path, device="cpu", sha256: str | None = None):
     """(model, vocab, labels, checkpoint dict) from a model.pt written by training (or its directory); `sha256`:
     as load_checkpoint."""
-    from models import rebuild
-    from models.vocab import Vocab
+    from densevse.models import rebuild
+    from densevse.models.vocab import Vocab
 
     path = Path(path)
     if path.is_dir():

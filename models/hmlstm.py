@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models.base import MODELS, EmbeddingModel, l2norm, word_embedding
+from densevse.models.base import MODELS, EmbeddingModel, l2norm, word_embedding
 
 
 class ChildSumTreeLSTM(nn.Module):

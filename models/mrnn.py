@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.base import word_embedding
-from models.vocab import PAD, UNK
+from densevse.models.base import word_embedding
+from densevse.models.vocab import PAD, UNK
 
 BOS, EOS = "<bos>", "<eos>"
 SPECIALS = [PAD, UNK, BOS, EOS]  # ids 0..3 in every captioner vocabulary

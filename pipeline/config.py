@@ -10,9 +10,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline import storage
-from pipeline.errors import ConfigError
-from stages import STAGES
+from densevse.pipeline import storage
+from densevse.pipeline.errors import ConfigError
+from densevse.stages import STAGES
 
 
 # A local path (Path) or an object-store URI kept intact as a string (pipeline/storage.py); a bad scheme is an error

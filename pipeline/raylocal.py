@@ -2,9 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def init_ray(cfg):
@@ -19,8 +16,7 @@ def init_ray(cfg):
     else:
         n = max(cfg.ray.num_cpus or os.cpu_count() or 1, cfg.train.num_workers)
         ray.init(address="local", num_cpus=n, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONPATH": str(REPO)},
-                              "worker_process_setup_hook": "pipeline.raylocal.quiet_ray_loggers"})
+                 runtime_env={"worker_process_setup_hook": "densevse.pipeline.raylocal.quiet_ray_loggers"})
     return ray
 
 

@@ -74,10 +74,10 @@ def _matched_images(cfg, checkpoint: Path, paths: list[Path], out: Path, n: int 
     matched it best; (png name, captions) each."""
     import torch
 
-    from models.batch import collate
-    from models.checkpoint import load_model
-    from pipeline.serving.describe import draw
-    from pipeline.training.data import eval_items
+    from densevse.models.batch import collate
+    from densevse.models.checkpoint import load_model
+    from densevse.pipeline.serving.describe import draw
+    from densevse.pipeline.training.data import eval_items
 
     model, vocab, labels, _ = load_model(checkpoint, "cpu")
     model.eval()
@@ -106,10 +106,10 @@ def _matched_images(cfg, checkpoint: Path, paths: list[Path], out: Path, n: int 
 
 def _captioned_images(cfg, paths: list[Path], out: Path, n: int = 4) -> list[tuple[str, list[str]]]:
     """When the run has a trained captioner: the first n test images described (caption, region phrases, dense)."""
-    from models.captioner import Captioner
-    from pipeline.serving.describe import Describer, draw, region_proposer
-    from pipeline.training.captioner import default_checkpoint
-    from pipeline.training.data import iter_samples
+    from densevse.models.captioner import Captioner
+    from densevse.pipeline.serving.describe import Describer, draw, region_proposer
+    from densevse.pipeline.training.captioner import default_checkpoint
+    from densevse.pipeline.training.data import iter_samples
 
     ck = default_checkpoint(cfg)
     if not ck.is_file():
@@ -141,8 +141,8 @@ def _figures(title: str, figs: list[tuple[str, list[str]]]) -> list[str]:
 
 def write_report(cfg, summary: dict) -> Path:
     """<output_dir>/report/report.html from the run's summary ({"train", "evaluate"}) and its saved history."""
-    from pipeline.evaluation.retrieval import default_checkpoint
-    from pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.evaluation.retrieval import default_checkpoint
+    from densevse.pipeline.preprocess.shards import shard_paths
 
     out = Path(cfg.run.output_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)

@@ -15,13 +15,13 @@ import math
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
 
-from pipeline import storage
+from densevse.pipeline import code, storage
 
-REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- server
 
@@ -157,7 +157,7 @@ def manifest_sha256(shard_dir: Path) -> str | None:
     """The hash of the data a run trains on, logged as `dataset.manifest_sha256` (name kept so runs logged
     before stay comparable): shards.dataset_sha256, over each manifest shard's tar sha256 and config
     fingerprint, since a hash of manifest.parquet alone stays the same when only the features change."""
-    from pipeline.preprocess.shards import dataset_sha256
+    from densevse.pipeline.preprocess.shards import dataset_sha256
 
     return dataset_sha256(shard_dir)
 
@@ -168,7 +168,7 @@ def start_run(cfg) -> str:
     from mlflow.entities import Param
     from mlflow.tracking import MlflowClient
 
-    from pipeline.config import dump_config, public_config
+    from densevse.pipeline.config import dump_config, public_config
 
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
     exp = mlflow.set_experiment(cfg.mlflow.experiment)
@@ -293,8 +293,8 @@ def finish_run(cfg, run_id: str, history: list[dict], best_path: Path, score: fl
     """Curves, alignment figure, and the best embedding model logged + registered with the stage models it
     needs for raw input (pipeline/serving/pyfunc.py); the version becomes `champion` when its validation
     `score` beats the current champion's. Returns the version."""
-    from pipeline.serving.embedder import bundled_paths, is_pickle_file
-    from pipeline.serving.pyfunc import signature
+    from densevse.pipeline.serving.embedder import bundled_paths, is_pickle_file
+    from densevse.pipeline.serving.pyfunc import signature
 
     stages = {name: (sc.impl, sc.params) for name, sc in cfg.stages}
     paths = bundled_paths(stages)
@@ -323,8 +323,8 @@ def example_input(shard_dir: Path):
 
     import pandas as pd
 
-    from pipeline.preprocess.shards import shard_paths
-    from pipeline.training.data import iter_samples
+    from densevse.pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.training.data import iter_samples
 
     for split in ("val", "train"):
         for s in iter_samples(shard_paths(shard_dir, split)[:1], with_image=True):
@@ -335,7 +335,7 @@ def example_input(shard_dir: Path):
 
 def register_captioner(cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
     """Loss curve + the best checkpoint as a pyfunc model registered as cfg.captioner.registered_model."""
-    from pipeline.serving.pyfunc import pyfunc_signature
+    from densevse.pipeline.serving.pyfunc import pyfunc_signature
 
     return _log_model(cfg.mlflow.tracking_uri, run_id, history, best_path, "captioner_model.py", pyfunc_signature(),
                       cfg.captioner.registered_model)
@@ -365,13 +365,14 @@ def _log_model(uri: str, run_id: str, history: list[dict], best_path: Path, code
         client.log_figure(run_id, fig, f"plots/{fig_name}.png")
     if figures is not None:
         figures(client)
-    with mlflow.start_run(run_id=run_id):
+    model_file = code.ROOT / "pipeline" / "serving" / code_model
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="densevse-code-") as tmp:
+        shipped = code.ship([code.module_name(model_file)], Path(tmp))  # only what loading the model imports
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(REPO / "pipeline" / "serving" / code_model),
+            name="model", python_model=str(model_file),
             artifacts={"checkpoint": str(best_path), **(extra_artifacts or {})},
             signature=signature, registered_model_name=name, input_example=input_example,
-            code_paths=[str(REPO / "models"), str(REPO / "pipeline"), str(REPO / "stages")],
-            pip_requirements=REQUIREMENTS)
+            code_paths=[str(shipped)], pip_requirements=REQUIREMENTS)
         mlflow.set_tag("best_model", str(best_path))
     version = info.registered_model_version
     if version is not None:
@@ -427,10 +428,10 @@ def alignment_figure(best_path: Path, shard_dir: Path, split: str = "val"):
     import torch
     from PIL import Image
 
-    from models.batch import collate
-    from models.checkpoint import load_model
-    from pipeline.preprocess.shards import shard_paths
-    from pipeline.training.data import eval_items
+    from densevse.models.batch import collate
+    from densevse.models.checkpoint import load_model
+    from densevse.pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.training.data import eval_items
 
     paths = shard_paths(shard_dir, split) or shard_paths(shard_dir, "test") or shard_paths(shard_dir, "train")
     items = next(eval_items(paths[:1], 1, 1, with_image=True), None)

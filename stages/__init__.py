@@ -1,3 +1,3 @@
 """Preprocessing stages. Importing this package registers every stage in STAGES (heavy libraries load lazily)."""
-from stages.base import STAGES, Reject, Stage  # noqa: F401
-from stages import ingest, gold, features, regions, features_extra, regions_features, parse  # noqa: F401,E402
+from densevse.stages.base import STAGES, Reject, Stage  # noqa: F401
+from densevse.stages import ingest, gold, features, regions, features_extra, regions_features, parse  # noqa: F401,E402

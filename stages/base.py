@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
-from models.registry import Registry
+from densevse.models.registry import Registry
 
 STAGES: Registry[type["Stage"]] = Registry("stage")
 log = logging.getLogger("densevse.stages")

@@ -11,9 +11,9 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from models.efficientnet import IMAGENET_MEAN, IMAGENET_STD, STRIDE, letterbox, load_efficientnet_lite0
-from stages.base import STAGES, Params, Reject, Stage, box_features, npy_load
-from stages.images import to_array
+from densevse.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD, STRIDE, letterbox, load_efficientnet_lite0
+from densevse.stages.base import STAGES, Params, Reject, Stage, box_features, npy_load
+from densevse.stages.images import to_array
 
 class EfficientNetParams(Params):
     """What every EfficientNet-Lite0 extractor needs: weights, device, threads."""

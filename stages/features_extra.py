@@ -14,10 +14,10 @@ from __future__ import annotations
 import numpy as np
 from pydantic import Field
 
-from stages.base import STAGES, box_features
-from stages.features import EfficientNetParams, EfficientNetStage, row_boxes
-from stages.images import to_array
-from stages.regions import DetectorStage
+from densevse.stages.base import STAGES, box_features
+from densevse.stages.features import EfficientNetParams, EfficientNetStage, row_boxes
+from densevse.stages.images import to_array
+from densevse.stages.regions import DetectorStage
 
 
 class CropParams(EfficientNetParams):

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from stages.base import Params, Reject, SourceUnavailable
+from densevse.stages.base import Params, Reject, SourceUnavailable
 
 try:
     VERSION = metadata.version("densevse")

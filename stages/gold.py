@@ -9,8 +9,8 @@ import json
 
 import numpy as np
 
-from models import trees
-from stages.base import STAGES, Reject, Stage, npy_bytes
+from densevse.models import trees
+from densevse.stages.base import STAGES, Reject, Stage, npy_bytes
 
 
 def whole_image_box(width: int, height: int) -> list[float]:

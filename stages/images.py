@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from stages.base import Reject, is_transient
-from stages.fetch import DownloadParams, download_url, img2dataset_failure, read_object, read_tar_member, source_kind
+from densevse.stages.base import Reject, is_transient
+from densevse.stages.fetch import DownloadParams, download_url, img2dataset_failure, read_object, read_tar_member, source_kind
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is rejected, not silently grey-filled
 # 32 MiB: far above a dataset photo (COCO's largest is ~1 MB), far below what hurts a worker's memory.

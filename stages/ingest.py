@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import Field
 
-from stages.base import STAGES, Reject, Stage, guarded
-from stages.fetch import DownloadParams, source_kind
-from stages.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_rgb, is_plain_jpeg, read_bytes, to_jpeg
-from stages.text import clean_caption
+from densevse.stages.base import STAGES, Reject, Stage, guarded
+from densevse.stages.fetch import DownloadParams, source_kind
+from densevse.stages.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_rgb, is_plain_jpeg, read_bytes, to_jpeg
+from densevse.stages.text import clean_caption
 
 def check_caption(text, max_words: int) -> tuple[str, str | None]:
     """(cleaned text, None) for a usable caption, else (text, reason): stages/text.py's checks + a word limit."""

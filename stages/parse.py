@@ -27,11 +27,11 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from models import trees as T
-from models.parser import DEFAULT_DIR, build_pipeline
-from stages.base import STAGES, Params as StageParams, Stage, is_transient
-from stages.gold import attach_tree
-from stages.text import clean_caption
+from densevse.models import trees as T
+from densevse.models.parser import DEFAULT_DIR, build_pipeline
+from densevse.stages.base import STAGES, Params as StageParams, Stage, is_transient
+from densevse.stages.gold import attach_tree
+from densevse.stages.text import clean_caption
 
 log = logging.getLogger("densevse.parse")
 

@@ -16,9 +16,9 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, field_validator
 
-from models.detector import build_detector, default_detector_dir, load_cfg, resolve
-from stages.base import STAGES, Params, Reject, Stage, guarded, is_transient, npy_bytes
-from stages.images import decode_rgb
+from densevse.models.detector import build_detector, default_detector_dir, load_cfg, resolve
+from densevse.stages.base import STAGES, Params, Reject, Stage, guarded, is_transient, npy_bytes
+from densevse.stages.images import decode_rgb
 
 
 class DetectorParams(Params):

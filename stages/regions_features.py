@@ -17,8 +17,8 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from stages.base import STAGES, _feats, npy_bytes, npy_load
-from stages.regions import Detectron2Regions, RegionParams
+from densevse.stages.base import STAGES, _feats, npy_bytes, npy_load
+from densevse.stages.regions import Detectron2Regions, RegionParams
 
 log = logging.getLogger("densevse.stages")
 BACKBONES = ("build_efficientnet_fpn_backbone", "build_efficientnet_lite0_fpn_backbone")
@@ -44,7 +44,7 @@ class Detectron2RegionFeatures(Detectron2Regions):
         super().__init__(params)
         import torch
 
-        from models.efficientnet import load_efficientnet_lite0
+        from densevse.models.efficientnet import load_efficientnet_lite0
 
         e = self.cfg.MODEL.EFFICIENTNET
         if self.cfg.MODEL.BACKBONE.NAME not in BACKBONES or e.NAME != "efficientnet-lite0":
@@ -94,8 +94,8 @@ class Detectron2RegionFeatures(Detectron2Regions):
         backbone only, no detection; the features-stage interface (stages.base.box_features rules)."""
         import torch
 
-        from stages.base import box_features
-        from stages.features import row_boxes
+        from densevse.stages.base import box_features
+        from densevse.stages.features import row_boxes
 
         def prepare(row):
             n, entries = len(row_boxes(row)), []  # bad boxes reject the row here

@@ -25,7 +25,7 @@ GUM_SLICE_DOCS = ("GUM_academic_art", "GUM_academic_exposure", "GUM_academic_dis
 
 def gum_slice(dst: Path, n: int = 20) -> Path:
     """A treebank dir with the first n real GUM trees of one train, one dev and one test document."""
-    from pipeline.stage_models.treebank import split_trees
+    from densevse.pipeline.stage_models.treebank import split_trees
 
     (dst / "const").mkdir(parents=True)
     (dst / "splits.md").write_text((GUM / "splits.md").read_text())
@@ -54,7 +54,7 @@ def detector_dir(tmp_path_factory):
     from detectron2.checkpoint import DetectionCheckpointer
     from detectron2.modeling import build_model
 
-    from pipeline.stage_models.detector import DetectorSpec, build_cfg
+    from densevse.pipeline.stage_models.detector import DetectorSpec, build_cfg
 
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("det")
@@ -74,10 +74,10 @@ STAGE_MODELS = Path(".cache") / "test-stage-models"  # relative, like the defaul
 def stage_models():
     """A tiny Detectron2 detector and Stanza parser, trained by the project's trainers (cached in .cache/):
     the real model stages, fast. Returns their dirs relative to the repo root, as the defaults are named."""
-    from pipeline.stage_models.detector import DetectorSpec
-    from pipeline.stage_models.detector import train as train_detector
-    from pipeline.stage_models.parser import TrainSpec
-    from pipeline.stage_models.parser import train as train_parser
+    from densevse.pipeline.stage_models.detector import DetectorSpec
+    from densevse.pipeline.stage_models.detector import train as train_detector
+    from densevse.pipeline.stage_models.parser import TrainSpec
+    from densevse.pipeline.stage_models.parser import train as train_parser
 
     train_detector(ROOT / STAGE_MODELS / "detector", DetectorSpec(iters=4, num_images=16, eval_images=0,
                                                                   ims_per_batch=2))
@@ -100,9 +100,9 @@ def tiny_run(stage_models, tmp_path_factory):
     """`densevse run` on 40 synthetic images with the tiny stage models, tracked in a real MLflow server on
     127.0.0.1 (stopped at the end of the session), so the HM-LSTM is registered there with its stage models.
     Yields (config, tracking URI)."""
-    from pipeline import tracking
-    from pipeline.cli.main import main
-    from pipeline.config import load_config
+    from densevse.pipeline import tracking
+    from densevse.pipeline.cli.main import main
+    from densevse.pipeline.config import load_config
 
     tmp = tmp_path_factory.mktemp("tiny-run")
     proc, uri = tracking.start_server(tmp / "mlflow")
@@ -134,7 +134,7 @@ def search_index(tiny_run, tmp_path_factory):
     cfg, _ = tiny_run
     out = tmp_path_factory.mktemp("index") / "index"
     model = Path(cfg.run.output_dir) / "models" / cfg.train.model / "best.pt"
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", "index", "--shards", str(cfg.shard_dir), "--model",
+    r = subprocess.run([sys.executable, "-m", "densevse.pipeline.cli", "index", "--shards", str(cfg.shard_dir), "--model",
                         str(model), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
@@ -172,7 +172,7 @@ def s3_server(tmp_path_factory):
 
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("moto.server")
-    from pipeline.tracking import free_port
+    from densevse.pipeline.tracking import free_port
 
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "ab")

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from models import trees
-from pipeline import storage
-from pipeline.preprocess import shards
-from stages.base import empty_row, npy_bytes
+from densevse.models import trees
+from densevse.pipeline import storage
+from densevse.pipeline.preprocess import shards
+from densevse.stages.base import empty_row, npy_bytes
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40)}
 SHAPES = ("circle", "square", "triangle", "star")

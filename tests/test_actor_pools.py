@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import StageConfig
-from pipeline.preprocess.run import actor_pool_sizes
+from densevse.pipeline.config import StageConfig
+from densevse.pipeline.preprocess.run import actor_pool_sizes
 
 
 def _stages(model_cpus: float = 1.0, concurrency: int | None = None, detector: bool = False) -> dict:

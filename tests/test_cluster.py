@@ -21,9 +21,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from cluster import jobs
-from cluster.local import local_cluster
-from pipeline.config import load_config, parse_config
+from densevse.pipeline import jobs
+from densevse.cluster.local import local_cluster
+from densevse.pipeline.config import load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,7 +83,7 @@ def test_kuberay_raycluster_and_rayjob():
     rc, job = docs["RayCluster"], docs["RayJob"]
     assert rc["apiVersion"] == job["apiVersion"] == "ray.io/v1"
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == rc["metadata"]["name"]
-    assert job["spec"]["entrypoint"].startswith("python -m pipeline.cli run /config/pipeline.yaml")
+    assert job["spec"]["entrypoint"].startswith("python -m densevse.pipeline.cli run /config/pipeline.yaml")
 
     pods = [rc["spec"]["headGroupSpec"]["template"]] + [g["template"] for g in rc["spec"]["workerGroupSpecs"]]
     assert len({c["image"] for p in pods for c in p["spec"]["containers"]}) == 1  # one image everywhere
@@ -116,14 +116,16 @@ def test_kuberay_raycluster_and_rayjob():
 def test_staged_job_carries_project_and_resolved_config(tmp_path):
     cfg = jobs.job_config(ROOT / "pipeline.yaml", ["train.epochs=3", "run.name=staged"])
     staged = jobs.stage(cfg, tmp_path / "project")
-    assert (staged / "pipeline" / "cli" / "main.py").is_file() and (staged / "cluster" / "jobs.py").is_file()
-    assert not any((staged / d).exists() for d in (".venv", "runs", ".git"))
+    code = staged / "densevse"  # laid out as installed: importable as densevse.* from the working dir
+    assert (code / "pipeline" / "cli" / "main.py").is_file() and (code / "pipeline" / "jobs.py").is_file()
+    assert not any((staged / d).exists() for d in (".venv", "runs", ".git", "pipeline", "models"))
+    assert not list(code.rglob("__pycache__"))
     named = [Path(rel) for _, rel in jobs.local_stage_models(cfg)]
     shipped = [p.relative_to(staged) for p in (staged / ".cache").rglob("*") if p.is_file()]
     assert all(any(p.is_relative_to(n) for n in named) for p in shipped), (shipped, named)  # only those the config names
     shipped = load_config(staged / jobs.JOB_CONFIG)
     assert shipped.train.epochs == 3 and shipped.run.name == "staged" and shipped.ray.address == "auto"
-    assert jobs.entrypoint("run") == f"python -m pipeline.cli run {jobs.JOB_CONFIG} --quiet"
+    assert jobs.entrypoint("run") == f"python -m densevse.pipeline.cli run {jobs.JOB_CONFIG} --quiet"
     env = jobs.runtime_env(staged, pip=["stanza==1.9.2"])
     assert env["working_dir"] == str(staged) and ".venv" in env["excludes"] and env["pip"] == ["stanza==1.9.2"]
 
@@ -140,8 +142,8 @@ def test_submit_names_paths_the_job_cannot_see():
 
 
 def test_job_commands_are_registered():
-    from pipeline.cli import cluster as cli
-    from pipeline.cli.main import build_parser
+    from densevse.pipeline.cli import cluster as cli
+    from densevse.pipeline.cli.main import build_parser
 
     p = build_parser()
     a = p.parse_args(["submit", "pipeline.yaml", "--address", "local", "-s", "train.epochs=1", "--wait"])
@@ -163,7 +165,7 @@ def test_jobs_api_refuses_calls_without_the_token(capsys):
 
     from ray._raylet import AuthenticationTokenLoader
 
-    from pipeline.cli.main import main
+    from densevse.pipeline.cli.main import main
 
     def get(url: str, token: str | None = None) -> int:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -185,7 +187,7 @@ def test_jobs_api_refuses_calls_without_the_token(capsys):
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    from pipeline.tracking import start_server, stop_server
+    from densevse.pipeline.tracking import start_server, stop_server
 
     proc, uri = start_server(tmp_path_factory.mktemp("mlflow"), wait=False)  # boots while the cluster starts
     yield proc, uri
@@ -223,7 +225,7 @@ def _wait(what: str, fn, timeout: float, poll: float = 0.5):
 def _checkpoints(run_dir: Path) -> list[dict]:
     """Every complete checkpoint written; a copy the kill cut short (seen in CI: the worker died while Ray
     persisted its checkpoint) was never committed, and resume passes over it (loop.latest_checkpoint)."""
-    from models.checkpoint import is_complete, load_checkpoint
+    from densevse.models.checkpoint import is_complete, load_checkpoint
 
     paths = [p for p in run_dir.glob("ray_train/*/checkpoint_*/model.pt") if is_complete(p)]
     return sorted((load_checkpoint(p) for p in paths), key=lambda c: c["epoch"])
@@ -252,7 +254,7 @@ def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster,
     training resumes from the last committed checkpoint (not from scratch) and the run is in MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import wait_server
+    from densevse.pipeline.tracking import wait_server
 
     proc, uri = mlflow_server
     wait_server(proc, uri, timeout=900)  # a loaded machine can take minutes to start it
@@ -302,7 +304,7 @@ def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster,
 def test_preprocessing_survives_killed_worker_node(cluster, tmp_path):
     """A worker node (the one running the feature actor) is SIGKILLed, all its processes, mid-preprocessing:
     the job still finishes, with every planned sample in the manifest and the tars exactly once."""
-    from pipeline.preprocess.plan import plan_dir, plan_rows
+    from densevse.pipeline.preprocess.plan import plan_dir, plan_rows
     from ray.util.state import list_nodes
 
     dash, out = cluster.dashboard, tmp_path / "pre"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from cluster import jobs
-from cluster.local import local_cluster
+from densevse.pipeline import jobs
+from densevse.cluster.local import local_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 

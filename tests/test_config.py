@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import ConfigError
-from pipeline.config import apply_override, dump_config, load_config, parse_config
+from densevse.pipeline.errors import ConfigError
+from densevse.pipeline.config import apply_override, dump_config, load_config, parse_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,7 +61,7 @@ def test_defaults_fill_missing_sections():
 
 
 def test_cli_exits_2_naming_the_key(capsys):
-    from pipeline.cli.main import main
+    from densevse.pipeline.cli.main import main
 
     assert main(["config", str(ROOT / "pipeline.yaml"), "-s", "train.epochz=3"]) == 2
     assert "train.epochz" in capsys.readouterr().err
@@ -69,9 +69,9 @@ def test_cli_exits_2_naming_the_key(capsys):
 
 def test_local_tracking_uris_made_absolute_for_workers(tmp_path, monkeypatch):
     """Ray Train workers run in another directory: relative local MLflow stores must reach them absolute."""
-    from pipeline.config import load_config
-    from pipeline.tracking import absolute_uri
-    from pipeline.training.embedding import for_workers
+    from densevse.pipeline.config import load_config
+    from densevse.pipeline.tracking import absolute_uri
+    from densevse.pipeline.training.embedding import for_workers
 
     monkeypatch.chdir(tmp_path)
     assert absolute_uri("sqlite:///runs/m.db") == f"sqlite:///{tmp_path}/runs/m.db"

@@ -5,8 +5,8 @@ import logging
 import os
 import sys
 
-from pipeline.console import MARK, Console, progress_line, summary_table
-from pipeline.report import recall_table_html
+from densevse.pipeline.console import MARK, Console, progress_line, summary_table
+from densevse.pipeline.report import recall_table_html
 
 EV = {"i2t_r1": 32.9, "i2t_r5": 70.1, "i2t_r10": 84.0, "i2t_medr": 2.0, "t2i_r1": 34.3, "t2i_r5": 71.0,
       "t2i_r10": 85.5, "t2i_medr": 2.0, "grounding_acc": 90.0, "grounding_chance": 21.0,

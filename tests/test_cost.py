@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from pipeline.console import summary_table
-from pipeline.preprocess.cost import Clock, add_cost, summarize_costs
+from densevse.pipeline.console import summary_table
+from densevse.pipeline.preprocess.cost import Clock, add_cost, summarize_costs
 
 
 def test_add_cost_accumulates_per_step():
@@ -45,7 +45,7 @@ def test_summary_table_shows_the_cost_line():
 
 
 def test_training_workers_share_the_cluster_cpus():
-    from pipeline.raylocal import cpus_per_worker
+    from densevse.pipeline.raylocal import cpus_per_worker
 
     assert cpus_per_worker(None, 1, [(2.0, 1e4)]) == 2  # one worker on this 2-core machine: both cores
     assert cpus_per_worker(None, 2, [(2.0, 1e4)]) == 1

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from conftest import COCO, FLICKR8K, FLICKR8K_FULL, needs_coco, needs_flickr8k, needs_flickr8k_full
-from models import trees
-from pipeline.config import DatasetConfig, SyntheticConfig
-from pipeline.datasets import READERS, read_dataset
-from pipeline.errors import DatasetError
-from pipeline.datasets import flickr30k_entities as f30k
-from pipeline.datasets import synthetic
+from densevse.models import trees
+from densevse.pipeline.config import DatasetConfig, SyntheticConfig
+from densevse.pipeline.datasets import READERS, read_dataset
+from densevse.pipeline.errors import DatasetError
+from densevse.pipeline.datasets import flickr30k_entities as f30k
+from densevse.pipeline.datasets import synthetic
 
 
 @needs_flickr8k
@@ -36,7 +36,7 @@ def test_flickr8k_split_filter_and_limit():
 def test_flickr8k_whole_set_counts_and_quirks():
     """The whole official set: 8,091 photos with 5 captions each (40,455), the official 6,000 / 1,000 / 1,000
     split; the 3 space-separated lines parse; the 5 lines under `...jpg.1` are one recorded rejection."""
-    from pipeline.datasets.flickr8k import parse_token_file
+    from densevse.pipeline.datasets.flickr8k import parse_token_file
 
     caps = parse_token_file(FLICKR8K_FULL / "Flickr8k.token.txt")
     photos = {n: c for n, c in caps.items() if n.endswith(".jpg")}
@@ -60,7 +60,7 @@ def test_flickr8k_whole_set_counts_and_quirks():
 
 
 def test_reader_rejections_reach_the_rows(tmp_path):
-    from pipeline.preprocess.plan import read_shard, shard_rows, write_plan
+    from densevse.pipeline.preprocess.plan import read_shard, shard_rows, write_plan
 
     specs = [{"key": "a", "split": "train", "source": "/a.jpg", "captions": ["x"]},
              {"key": "b", "split": "train", "source": "", "captions": ["y"], "reject": "dataset: no image"}]
@@ -71,7 +71,7 @@ def test_reader_rejections_reach_the_rows(tmp_path):
 
 def test_a_symlink_stored_as_a_text_file_is_followed(tmp_path):
     """flickr8k-1k's `images` is a file holding `../flickr8k/images` (a copy that lost the link)."""
-    from pipeline.datasets.base import linked_dir
+    from densevse.pipeline.datasets.base import linked_dir
 
     (tmp_path / "full" / "images").mkdir(parents=True)
     (tmp_path / "slice").mkdir()
@@ -117,7 +117,7 @@ def test_coco_malformed_json(tmp_path):
 @needs_flickr8k
 def test_karpathy_format_built_from_real_flickr8k_captions(tmp_path):
     """A dataset_flickr8k.json in Karpathy's format, made from the real token file and split lists."""
-    from pipeline.datasets.flickr8k import parse_token_file
+    from densevse.pipeline.datasets.flickr8k import parse_token_file
 
     caps = parse_token_file(FLICKR8K / "Flickr8k.token.txt")
     names = (FLICKR8K / "Flickr_8k.testImages.txt").read_text().split()[:4]

@@ -9,16 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from models.mrnn import MRNN, PHRASE, SENTENCE
-from models.captioner import Captioner
-from pipeline.training.captioner import Pairs, build_vocab, region_phrases, run_epoch
-from models.metrics import nearest_captions, object_precision, object_recall
-from pipeline.cli.main import main
-from pipeline.config import load_config
-from pipeline.serving.describe import Describer
-from models.captioner import dedup_boxes, dense_description
-from pipeline.training.data import iter_samples
-from pipeline.preprocess.shards import shard_paths
+from densevse.models.mrnn import MRNN, PHRASE, SENTENCE
+from densevse.models.captioner import Captioner
+from densevse.pipeline.training.captioner import Pairs, build_vocab, region_phrases, run_epoch
+from densevse.models.metrics import nearest_captions, object_precision, object_recall
+from densevse.pipeline.cli.main import main
+from densevse.pipeline.config import load_config
+from densevse.pipeline.serving.describe import Describer
+from densevse.models.captioner import dedup_boxes, dense_description
+from densevse.pipeline.training.data import iter_samples
+from densevse.pipeline.preprocess.shards import shard_paths
 from tests.shard_fixture import write_fixture_shards
 
 EFFNET_DIM = 1280  # the features stage's output: the CLI test featurises a real image
@@ -76,7 +76,7 @@ def test_mrnn_learns_and_decodes():
 def test_no_repeat_ngram_blocks_loops():
     """A model trained to loop ("4 5 6 4 5 6") repeats itself without blocking and never repeats a trigram with
     it; block_repeats bans exactly the tokens that would complete an earlier n-gram."""
-    from models.mrnn import block_repeats
+    from densevse.models.mrnn import block_repeats
 
     torch.manual_seed(0)
     m = MRNN(12, 8, embed_dim=16, hidden_dim=32, multimodal_dim=32, dropout=0.0)
@@ -232,9 +232,9 @@ def test_train_evaluate_register_end_to_end(tmp_path, monkeypatch):
     import mlflow
     import pandas as pd
 
-    from pipeline.evaluation.captions import evaluate_captioner
-    from pipeline.tracking import absolute_uri
-    from pipeline.training.captioner import train_captioner
+    from densevse.pipeline.evaluation.captions import evaluate_captioner
+    from densevse.pipeline.tracking import absolute_uri
+    from densevse.pipeline.training.captioner import train_captioner
 
     shard_dir = write_fixture_shards(tmp_path / "shards", n_train=60, n_val=10, n_test=20, feat_dim=32)
     cfg = _cfg(tmp_path, f"shards.dir={shard_dir}", "captioner.epochs=12", "captioner.batch_size=32",

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED
-from pipeline.errors import DatasetError
-from pipeline.stage_models import coco_boxes as cb
+from densevse.pipeline.errors import DatasetError
+from densevse.pipeline.stage_models import coco_boxes as cb
 
 COCO_DET, COCO_MINI = SHARED / "coco-det", SHARED / "coco-mini"
 needs_coco_det = pytest.mark.skipif(not (COCO_DET / "annotations").is_dir() or not (COCO_MINI / "annotations").is_dir(),
@@ -137,7 +137,7 @@ def test_fingerprint_follows_the_files_not_the_spelling(roots, monkeypatch):
 
 
 def test_spec_cache_key_keeps_the_synthetic_hash():
-    from pipeline.stage_models.detector import DetectorSpec, default_out, spec_hash
+    from densevse.pipeline.stage_models.detector import DetectorSpec, default_out, spec_hash
 
     assert spec_hash(DetectorSpec()) == "3c2986a760ad08b9"  # the hash before the coco fields: caches stay valid
     assert default_out(DetectorSpec()) == Path(".cache/detector-synthetic")
@@ -151,7 +151,7 @@ def test_spec_cache_key_keeps_the_synthetic_hash():
 
 
 def test_grid_baseline_order_and_shapes():
-    from pipeline.evaluation.proposals import grid_boxes
+    from densevse.pipeline.evaluation.proposals import grid_boxes
 
     b = grid_boxes(640, 480)
     assert b.dtype == np.float32 and b.shape[1] == 4
@@ -169,7 +169,7 @@ def test_grid_baseline_order_and_shapes():
 
 
 def test_recall_table_on_hand_made_boxes():
-    from models.metrics import recall_table
+    from densevse.models.metrics import recall_table
 
     gold = [np.array([[0, 0, 10, 10], [20, 20, 40, 40]]), np.array([[0, 0, 100, 100]])]
     preds = [np.array([[50, 50, 60, 60], [0, 0, 10, 12], [20, 20, 40, 40]]),  # IoU 0.833 (2nd) and 1.0 (3rd)
@@ -188,7 +188,7 @@ def test_lite2_backbone_and_the_old_backbone_name_build():
     import torch
     from detectron2.modeling import build_backbone
 
-    from pipeline.stage_models.detector import DetectorSpec, build_cfg
+    from densevse.pipeline.stage_models.detector import DetectorSpec, build_cfg
 
     cfg = build_cfg(DetectorSpec(dataset="coco", roots=["x"], backbone="efficientnet-lite2"), Path("unused"))
     assert cfg.MODEL.EFFICIENTNET.NAME == "efficientnet-lite2" and "lite2" in cfg.MODEL.EFFICIENTNET.PRETRAINED
@@ -203,7 +203,7 @@ def test_lite2_backbone_and_the_old_backbone_name_build():
 
 
 def test_cli_parses_the_coco_flags_and_reports_bad_roots(tmp_path, capsys):
-    from pipeline.cli.main import build_parser, main
+    from densevse.pipeline.cli.main import build_parser, main
 
     args = build_parser().parse_args(["regions", "train", "--dataset", "coco", "--root", "a", "--root", "b",
                                       "--backbone", "efficientnet-lite2", "--input-size", "576"])
@@ -228,9 +228,9 @@ def test_real_shared_data_counts():
 @needs_coco_det
 def test_coco_detector_trains_a_few_iterations_and_loads_in_the_regions_stage(tmp_path, capsys):
     """The real path: COCO files -> DatasetMapper -> DefaultTrainer -> saved dir -> the pipeline's regions stage."""
-    from pipeline.cli.main import main
-    from stages import STAGES
-    from stages.base import empty_row, npy_load
+    from densevse.pipeline.cli.main import main
+    from densevse.stages import STAGES
+    from densevse.stages.base import empty_row, npy_load
 
     out = tmp_path / "det"
     argv = ["regions", "train", "--dataset", "coco", "--root", str(COCO_DET), "--root", str(COCO_MINI),

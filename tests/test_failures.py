@@ -11,8 +11,8 @@ import ray.exceptions
 import torch
 from s3fs.errors import translate_boto_error
 
-from pipeline.preprocess import run
-from stages.base import (Reject, ShardOutage, SourceUnavailable, Stage, box_features, check_shard_rejections,
+from densevse.pipeline.preprocess import run
+from densevse.stages.base import (Reject, ShardOutage, SourceUnavailable, Stage, box_features, check_shard_rejections,
                          empty_row, guarded, is_transient, npy_load, outage_kind)
 
 

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image, JpegImagePlugin
 
-from pipeline.datasets import READERS
-from pipeline.datasets import flickr30k_entities as f30k
-from pipeline.errors import DatasetError
-from pipeline.serving.describe import load_image
-from stages.base import STAGES, Reject, empty_row
-from stages.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_rgb, read_bytes, to_array
-from stages.ingest import check_caption
-from stages.text import BAD_UTF8
+from densevse.pipeline.datasets import READERS
+from densevse.pipeline.datasets import flickr30k_entities as f30k
+from densevse.pipeline.errors import DatasetError
+from densevse.pipeline.serving.describe import load_image
+from densevse.stages.base import STAGES, Reject, empty_row
+from densevse.stages.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_rgb, read_bytes, to_array
+from densevse.stages.ingest import check_caption
+from densevse.stages.text import BAD_UTF8
 
 
 def _png_header(width: int, height: int) -> bytes:

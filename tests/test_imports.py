@@ -1,48 +1,16 @@
-"""No import cycles among the project's modules.
-
-Every import is read with `ast`, at module level and inside functions (an import inside a function still ties
-the two modules together; it only hides the cycle until that function runs). `from a.b import c` is an edge
-to the module a.b.c when that is a module, else to a.b. The project's layers: models/ (library) <- stages/
-<- pipeline/ <- cluster/, and bench/ on top.
-"""
+"""The project's import graph (read by densevse.pipeline.code: every import, at module level and inside
+functions): no cycles; the layers import downwards only, models/ (library) <- stages/ <- pipeline/ <- cluster/
+(bench/ on top); and pyproject.toml installs every package under the one `densevse` namespace."""
 from __future__ import annotations
 
-import ast
-from pathlib import Path
+import tomllib
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("models", "stages", "pipeline", "cluster")
+from densevse.pipeline.code import NAMESPACE, PACKAGES, ROOT, closure, graph, imports_of, project_modules
 
-
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+LAYERS = {pkg: i for i, pkg in enumerate(PACKAGES)}  # models 0 < stages 1 < pipeline 2 < cluster 3
 
 
-def project_modules() -> dict[str, Path]:
-    return {module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))}
-
-
-def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
-    """The project modules `path` imports anywhere in its body."""
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # relative import
-                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join(anchor + ([base] if base else []))
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
-        else:
-            continue
-        out.update(t for t in targets if t in known and t != name)
-    return out
-
-
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+def cycles(g: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components with more than one module (Tarjan)."""
     index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
 
@@ -51,7 +19,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         counter[0] += 1
         stack.append(v)
         on.add(v)
-        for w in sorted(graph[v]):
+        for w in sorted(g[v]):
             if w not in index:
                 visit(w)
                 low[v] = min(low[v], low[w])
@@ -68,10 +36,14 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
             if len(comp) > 1:
                 out.append(sorted(comp))
 
-    for v in sorted(graph):
+    for v in sorted(g):
         if v not in index:
             visit(v)
     return out
+
+
+def layer(module: str) -> int:
+    return LAYERS[module.split(".")[1]]
 
 
 def test_cycle_finder_finds_a_cycle():
@@ -80,21 +52,45 @@ def test_cycle_finder_finds_a_cycle():
 
 
 def test_no_import_cycles():
-    mods = project_modules()
-    assert {"pipeline.config", "stages.base", "models.batch", "cluster.jobs"} <= set(mods)
-    graph = {name: imports_of(path, name, set(mods)) for name, path in mods.items()}
-    assert "models.batch" in graph["pipeline.training.data"]  # the edges are really read
-    found = cycles(graph)
+    g = graph()
+    assert {"densevse.pipeline.config", "densevse.stages.base", "densevse.models.batch",
+            "densevse.pipeline.jobs", "densevse.cluster.local"} <= set(g)
+    assert "densevse.models.batch" in g["densevse.pipeline.serving.embedder"]  # the edges are really read
+    found = cycles(g)
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
-def test_library_does_not_import_orchestration():
-    """models/ is the library: it imports nothing from stages/, pipeline/ or cluster/; stages/ nothing from
-    pipeline/ or cluster/."""
+def test_layers_import_downwards_only():
+    """models/ imports nothing of the project's above it, stages/ nothing of pipeline/ or cluster/, pipeline/
+    nothing of cluster/ (the README's "layers import downwards only")."""
     mods = project_modules()
-    bad = []
-    for name, path in mods.items():
-        layer = name.split(".")[0]
-        above = {"models": ("stages", "pipeline", "cluster"), "stages": ("pipeline", "cluster")}.get(layer, ())
-        bad += [f"{name} -> {t}" for t in imports_of(path, name, set(mods)) if t.split(".")[0] in above]
+    bad = [f"{name} -> {t}" for name, path in mods.items() for t in imports_of(path, name, set(mods))
+           if layer(t) > layer(name)]
     assert not bad, bad
+
+
+def test_the_checks_fail_on_an_upward_import_and_a_cycle(tmp_path):
+    """What the two tests above read really catches a climbing import (pipeline -> cluster, as cli/cluster.py
+    and cluster/jobs.py once made a cycle: job submission is pipeline/jobs.py now)."""
+    mod = tmp_path / "x.py"
+    mod.write_text("def f():\n    from densevse.cluster.local import local_cluster\n")
+    known = set(project_modules())
+    assert imports_of(mod, "densevse.pipeline.cli.x", known) == {"densevse.cluster.local"}
+    assert layer("densevse.cluster.local") > layer("densevse.pipeline.cli.x")
+    assert cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b"]]
+
+
+def test_every_package_is_installed_under_the_namespace():
+    cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(cfg["packages"])
+    on_disk = {".".join([NAMESPACE, *p.parent.relative_to(ROOT).parts]) for pkg in PACKAGES
+               for p in (ROOT / pkg).rglob("__init__.py")}
+    assert listed == on_disk
+    assert cfg["package-dir"] == {f"{NAMESPACE}.{p}": p for p in PACKAGES}
+
+
+def test_a_registered_model_ships_only_what_loading_it_imports():
+    needed = closure(["densevse.pipeline.serving.embedding_model"])
+    assert "densevse.pipeline.serving.pyfunc" in needed and "densevse.models.hmlstm" in needed
+    assert not any(m.startswith(("densevse.pipeline.training", "densevse.pipeline.cli", "densevse.cluster",
+                                 "densevse.pipeline.search")) for m in needed)

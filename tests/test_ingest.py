@@ -8,9 +8,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from stages.base import STAGES, Reject, batch_to_rows, empty_row, rows_to_batch
-from stages.images import decode_rgb, read_bytes, to_array
-from stages.ingest import check_caption
+from densevse.stages.base import STAGES, Reject, batch_to_rows, empty_row, rows_to_batch
+from densevse.stages.images import decode_rgb, read_bytes, to_array
+from densevse.stages.ingest import check_caption
 
 
 def test_torchvision_nms_works():

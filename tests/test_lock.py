@@ -9,17 +9,17 @@ import time
 import numpy as np
 import pytest
 
-from pipeline import storage
-from pipeline.config import load_config
-from pipeline.preprocess import shards
-from pipeline.preprocess.lock import LOCK_NAME, LockHeld, ShardDirLock
+from densevse.pipeline import storage
+from densevse.pipeline.config import load_config
+from densevse.pipeline.preprocess import shards
+from densevse.pipeline.preprocess.lock import LOCK_NAME, LockHeld, ShardDirLock
 from shard_fixture import COLORS, SHAPES, make_row, write_fixture_shards
 
 CODES = {w: np.zeros(16) for w in (*COLORS, *SHAPES)}
 
 HOLD = """
 import sys, time
-from pipeline.preprocess.lock import ShardDirLock
+from densevse.pipeline.preprocess.lock import ShardDirLock
 with ShardDirLock(sys.argv[1], run="holder"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))
@@ -35,7 +35,7 @@ def _holder(shard_dir, seconds=60):
 
 
 def test_a_second_run_on_a_locked_shard_dir_fails_at_once_naming_the_holder(tmp_path):
-    from pipeline.preprocess.run import preprocess
+    from densevse.pipeline.preprocess.run import preprocess
 
     cfg = load_config("pipeline.yaml", [f"run.output_dir={tmp_path}", "dataset.synthetic.num_images=12",
                                         "dataset.synthetic.test_images=4"])
@@ -135,7 +135,7 @@ def test_a_write_task_whose_worker_keeps_dying_fails_the_run(tmp_path, monkeypat
     then the run fails and that shard stays unfinished (Ray's default would retry it forever)."""
     import ray
 
-    from pipeline.preprocess.run import KILL_WRITE, RAY_TASK_RETRIES, preprocess
+    from densevse.pipeline.preprocess.run import KILL_WRITE, RAY_TASK_RETRIES, preprocess
 
     if ray.is_initialized():
         ray.shutdown()

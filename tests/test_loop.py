@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config import load_config
+from densevse.pipeline.config import load_config
 from tests.shard_fixture import write_fixture_shards
 
 
@@ -23,7 +23,7 @@ def _client_runs(cfg, run_name):
     whole process, so another test's "sqlite:///mlflow.db" (relative, other cwd) would answer for this one."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import absolute_uri
+    from densevse.pipeline.tracking import absolute_uri
 
     client = MlflowClient(absolute_uri(cfg.mlflow.tracking_uri))
     exp = client.get_experiment_by_name(cfg.mlflow.experiment)
@@ -35,7 +35,7 @@ def test_captioner_failed_job_is_failed_in_mlflow_and_resumes(tmp_path, monkeypa
     """A crash at epoch 1 with no restarts allowed: the job fails and its MLflow run is FAILED. --resume then
     trains epoch 1 only, from epoch 0's checkpoint, into the same run, which ends FINISHED with each epoch once.
     (One test for both: each Ray Train job costs about a minute on a 2-core machine.)"""
-    from pipeline.training.captioner import train_captioner
+    from densevse.pipeline.training.captioner import train_captioner
 
     monkeypatch.chdir(tmp_path)  # the relative sqlite URI: the workers must log into this same store
     cfg = _cfg(tmp_path, "captioner.epochs=2", "train.max_failures=0")
@@ -58,7 +58,7 @@ def test_captioner_failed_job_is_failed_in_mlflow_and_resumes(tmp_path, monkeypa
 
 
 def test_fail_at_epoch_must_be_an_epoch(monkeypatch):
-    from pipeline.training.loop import _fail_env
+    from densevse.pipeline.training.loop import _fail_env
 
     monkeypatch.delenv("DENSEVSE_FAIL_AT_EPOCH", raising=False)
     assert _fail_env() == {"DENSEVSE_FAIL_AT_EPOCH": ""}  # set, empty: off even where Ray started with it set
@@ -71,8 +71,8 @@ def test_fail_at_epoch_must_be_an_epoch(monkeypatch):
 
 def test_resume_finds_its_own_tasks_checkpoint(tmp_path):
     """Each task resumes from its own runs only; a resume with nothing to resume from fails before Ray starts."""
-    from pipeline.training.captioner import CaptionerTask, default_checkpoint
-    from pipeline.training.loop import fit, latest_checkpoint, storage
+    from densevse.pipeline.training.captioner import CaptionerTask, default_checkpoint
+    from densevse.pipeline.training.loop import fit, latest_checkpoint, storage
 
     import os
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import tracking
-from pipeline.config import load_config
+from densevse.pipeline import tracking
+from densevse.pipeline.config import load_config
 
 HISTORY = [{"epoch": e, "train_loss": 1.0 / (e + 1), "train_pairs": 10, "val_rsum": float(e), "note": "x"}
            for e in range(4)]
@@ -73,7 +73,7 @@ def test_bound_on_a_call_to_an_mlflow_that_is_down(monkeypatch):
 
 def test_worker_log_is_best_effort(no_retries, caplog):
     """Rank 0's log of an epoch while MLflow is down: a warning, the epochs kept for later, no exception."""
-    from pipeline.training.loop import log_epochs
+    from densevse.pipeline.training.loop import log_epochs
 
     with caplog.at_level(logging.WARNING, "densevse.train"):
         assert log_epochs(_down_uri(), "0" * 32, HISTORY[:3], [1, 2], 2) == [1, 2]
@@ -96,8 +96,8 @@ def _cfg(tmp_path, uri: str):
 def test_mlflow_down_before_training_is_a_clear_error(tmp_path, no_retries, caplog):
     """Down at the start: an error that says nothing was trained; a failed job's end_run(FAILED) on an MLflow
     that is down is a warning, never an exception that would hide the job's own error."""
-    from pipeline.training.embedding import EmbeddingTask
-    from pipeline.training.loop import _mark_failed, _mlflow_run
+    from densevse.pipeline.training.embedding import EmbeddingTask
+    from densevse.pipeline.training.loop import _mark_failed, _mlflow_run
 
     cfg = _cfg(tmp_path, _down_uri())
     t = time.time()
@@ -125,7 +125,7 @@ def test_mlflow_still_down_after_training(tmp_path, no_retries, caplog):
     list) and no registered version; registration is not even tried."""
     import torch
 
-    from pipeline.training.loop import _end_tracking
+    from densevse.pipeline.training.loop import _end_tracking
 
     class Task:
         name = "hmlstm"
@@ -155,11 +155,11 @@ def test_mlflow_server_stopped_mid_training(tmp_path, monkeypatch):
     machine. (Registration is stubbed: its cost and its own tests are elsewhere.)"""
     from mlflow.tracking import MlflowClient
 
-    from models.checkpoint import load_checkpoint
-    from pipeline.console import Console
-    from pipeline.raylocal import init_ray
-    from pipeline.training.embedding import train
-    from pipeline.training.loop import EPOCH_BARRIER
+    from densevse.models.checkpoint import load_checkpoint
+    from densevse.pipeline.console import Console
+    from densevse.pipeline.raylocal import init_ray
+    from densevse.pipeline.training.embedding import train
+    from densevse.pipeline.training.loop import EPOCH_BARRIER
 
     t0 = time.time()
     root, port = tmp_path / "mlflow", tracking.free_port()

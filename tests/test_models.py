@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from models import MODELS, build_model
-from models.hmlstm import ChildSumTreeLSTM
-from models.losses import embedding_loss, hinge_ranking
-from models import trees
-from pipeline.config import TrainConfig
-from models.metrics import box_iou, grounding_accuracy, ranks, recall_at_k
-from pipeline.training.data import batched_pairs, build_vocabs, eval_items, iter_pairs, iter_samples, rank_shards
-from models.batch import collate
-from pipeline.preprocess.shards import shard_paths
+from densevse.models import MODELS, build_model
+from densevse.models.hmlstm import ChildSumTreeLSTM
+from densevse.models.losses import embedding_loss, hinge_ranking
+from densevse.models import trees
+from densevse.pipeline.config import TrainConfig
+from densevse.models.metrics import box_iou, grounding_accuracy, ranks, recall_at_k
+from densevse.pipeline.training.data import batched_pairs, build_vocabs, eval_items, iter_pairs, iter_samples, rank_shards
+from densevse.models.batch import collate
+from densevse.pipeline.preprocess.shards import shard_paths
 from shard_fixture import random_tree, write_fixture_shards
 
 
@@ -163,7 +163,7 @@ def test_dvsa_score_is_mean_over_words_of_best_region(batch):
 
 
 def test_glove_init_and_collate(batch):
-    from models.vocab import glove_init
+    from densevse.models.vocab import glove_init
 
     b, vocab, labels = batch
     emb, found = glove_init(vocab)
@@ -193,9 +193,9 @@ def test_rank_shards_disjoint_and_complete(shards, world):
 
 def test_train_refuses_shards_without_pairs(tmp_path):
     """A train split with no captions fails up front, instead of "training" epochs of 0 pairs and loss 0."""
-    from pipeline.preprocess import shards as S
-    from pipeline.config import parse_config
-    from pipeline.training.embedding import train
+    from densevse.pipeline.preprocess import shards as S
+    from densevse.pipeline.config import parse_config
+    from densevse.pipeline.training.embedding import train
     from shard_fixture import COLORS, SHAPES, make_row
 
     row = make_row(0, "train", "train-000000", 8, 32, 0, {w: np.zeros(8) for w in (*COLORS, *SHAPES)})

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from models import trees as T
-from stages.base import empty_row
-from stages.parse import check_text, looks_english, tokenize
+from densevse.models import trees as T
+from densevse.stages.base import empty_row
+from densevse.stages.parse import check_text, looks_english, tokenize
 
 FLICKR = Path(__file__).parents[1].parent / "shared" / "data" / "flickr8k-1k" / "Flickr8k.token.txt"
 TINY_DIR = Path(tempfile.gettempdir()) / "densevse-test-parser"
@@ -37,7 +37,7 @@ def test_check_text_rejects(text, reason):
 @pytest.mark.parametrize("text", ["", "  ", "!!! 42", b"caf\xe9", "bad \ufffd", "a \udcff", None])
 def test_ingest_and_parse_give_one_reason_per_cause(text):
     """The reject histogram counts a cause once: ingest and parse word it the same way."""
-    from stages.ingest import check_caption
+    from densevse.stages.ingest import check_caption
 
     assert check_caption(text, max_words=60)[1] == check_text(text)[1] is not None
 
@@ -49,7 +49,7 @@ def test_english_heuristic():
 
 
 def test_synthetic_treebank_round_trips():
-    from pipeline.datasets.synthetic import treebank
+    from densevse.pipeline.datasets.synthetic import treebank
 
     for s in treebank(200, seed=5):
         t = T.from_ptb(s)
@@ -59,7 +59,7 @@ def test_synthetic_treebank_round_trips():
 
 
 def test_params_validate_in_config():
-    from pipeline.config import parse_config
+    from densevse.pipeline.config import parse_config
 
     cfg = parse_config({"stages": {"parse": {"impl": "stanza", "params": {"model_dir": "x", "max_tokens": 30}}}})
     assert cfg.stages.parse.params.max_tokens == 30  # typed, validated once
@@ -71,21 +71,21 @@ def test_params_validate_in_config():
 
 @pytest.fixture(scope="session")
 def tiny_models():
-    from pipeline.stage_models.parser import TrainSpec, train
+    from densevse.pipeline.stage_models.parser import TrainSpec, train
 
     return train(TINY_DIR, TrainSpec(n_trees=600, tagger_steps=60, parser_epochs=3))
 
 
 @pytest.fixture(scope="session")
 def stage(tiny_models):
-    from stages.parse import StanzaParse
+    from densevse.stages.parse import StanzaParse
 
     return StanzaParse({"model_dir": str(TINY_DIR), "max_tokens": 20})
 
 
 @pytest.mark.slow
 def test_trained_dir_is_cached_and_f1_recorded(tiny_models):
-    from pipeline.stage_models.parser import TrainSpec, train
+    from densevse.pipeline.stage_models.parser import TrainSpec, train
 
     again = train(TINY_DIR, TrainSpec(n_trees=600, tagger_steps=60, parser_epochs=3))
     assert again["cached"] and again["inputs_hash"] == tiny_models["inputs_hash"]
@@ -97,7 +97,7 @@ def test_trained_dir_is_cached_and_f1_recorded(tiny_models):
 
 @pytest.mark.slow
 def test_bracket_f1_on_fresh_heldout_trees(stage):
-    from pipeline.datasets.synthetic import treebank
+    from densevse.pipeline.datasets.synthetic import treebank
 
     gold = [T.from_ptb(s) for s in treebank(150, seed=999)]  # a seed the parser never trained on
     pred, reasons = stage.parse_texts([" ".join(g["tokens"]) for g in gold])
@@ -159,8 +159,8 @@ def test_stage_runs_as_ray_batch_adapter(stage):
 def test_flickr8k_captions_parsed_or_rejected(stage):
     """All 5,000 real captions (out of the synthetic domain), through the stage as preprocessing runs it: every
     caption is parsed into a valid tree or rejected with a reason. Figures: bench/bench_parse.py --flickr8k."""
-    from pipeline.datasets.flickr8k import parse_token_file
-    from stages.parse import caption_stats
+    from densevse.pipeline.datasets.flickr8k import parse_token_file
+    from densevse.stages.parse import caption_stats
 
     by_image = parse_token_file(FLICKR)
     rows = [empty_row(key=f"f{k}", captions=json.dumps([{"index": i, "text": t} for i, t in enumerate(caps)]))
@@ -182,9 +182,9 @@ def test_flickr8k_captions_parsed_or_rejected(stage):
     ({"pos_model_path": "/nonexistent/tagger.pt"}, "/nonexistent/tagger.pt"),
 ])
 def test_prepare_fails_up_front_naming_missing_models(params, named):
-    from pipeline.config import parse_config
-    from pipeline.errors import ConfigError
-    from pipeline.preprocess.prepare import prepare_stage_models
+    from densevse.pipeline.config import parse_config
+    from densevse.pipeline.errors import ConfigError
+    from densevse.pipeline.preprocess.prepare import prepare_stage_models
 
     cfg = parse_config({"stages": {"regions": {"impl": "gold_boxes"}, "parse": {"impl": "stanza", "params": params}}})
     with pytest.raises(ConfigError, match="stages.parse.params") as e:
@@ -195,7 +195,7 @@ def test_prepare_fails_up_front_naming_missing_models(params, named):
 @pytest.mark.slow  # DNS failures take ~20 s here
 def test_models_download_offline_is_a_clear_error(tmp_path, capsys):
     """Real stanza.download: online it fetches the models; offline (as in CI here) it must fail in one clear line."""
-    from pipeline.cli.main import main
+    from densevse.pipeline.cli.main import main
 
     rc = main(["models", "download", "--dir", str(tmp_path / "stanza")])
     err = capsys.readouterr().err

@@ -7,10 +7,10 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.errors import DatasetError
-from pipeline.preprocess import shards
-from pipeline.preprocess.plan import PLAN_SCHEMA, plan_rows, retry_shards, shard_rows, write_plan
-from stages.base import COLUMNS
+from densevse.pipeline.errors import DatasetError
+from densevse.pipeline.preprocess import shards
+from densevse.pipeline.preprocess.plan import PLAN_SCHEMA, plan_rows, retry_shards, shard_rows, write_plan
+from densevse.stages.base import COLUMNS
 
 
 def specs(n, seed=0):
@@ -91,8 +91,8 @@ def test_retry_shards_selects_by_reason_prefix():
 def test_fingerprint_ignores_download_settings_and_other_kinds_options():
     """Shards made before the table/img2dataset kinds and the downloader existed keep their fingerprint: those
     options are not part of it unless they can change the shard bytes (a table run hashes its table block)."""
-    from pipeline.config import load_config
-    from pipeline.preprocess.plan import fingerprint
+    from densevse.pipeline.config import load_config
+    from densevse.pipeline.preprocess.plan import fingerprint
 
     base = fingerprint(load_config("pipeline.yaml"))
     same = fingerprint(load_config("pipeline.yaml", overrides=[

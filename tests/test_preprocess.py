@@ -8,12 +8,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.preprocess import shards
-from pipeline.config import load_config
-from pipeline.datasets import synthetic
-from pipeline.preprocess.plan import plan, plan_dir, plan_rows
-from pipeline.preprocess.run import preprocess
-from stages.base import npy_load
+from densevse.pipeline.preprocess import shards
+from densevse.pipeline.config import load_config
+from densevse.pipeline.datasets import synthetic
+from densevse.pipeline.preprocess.plan import plan, plan_dir, plan_rows
+from densevse.pipeline.preprocess.run import preprocess
+from densevse.stages.base import npy_load
 
 pytestmark = pytest.mark.slow
 # Gold boxes/trees keep this test about the orchestration (the Detectron2 and Stanza stages have their own).
@@ -155,7 +155,7 @@ def test_bad_inputs_are_recorded_not_dropped(tmp_path, ray_local, capsys):
     assert st["n_rejected"] == 4 and st["caption_reject_reasons"]["caption has 80 words"] == 4
     import webdataset as wds
     assert len(list(wds.WebDataset(str(cfg.shard_dir / "train-000000.tar"), shardshuffle=False))) == 3
-    from pipeline.cli.main import main
+    from densevse.pipeline.cli.main import main
     capsys.readouterr()
     assert main(["inspect", "--shards", str(cfg.shard_dir), "--rejects"]) == 0
     listed = json.loads(capsys.readouterr().out.split("==\n", 1)[1])
@@ -167,9 +167,9 @@ def test_bad_inputs_are_recorded_not_dropped(tmp_path, ray_local, capsys):
 def test_resume_never_mixes_configs_or_reads_stale_tars(tmp_path, ray_local, capsys):
     """A changed feature config is refused (before any work), --force redoes those shards with the new
     fingerprint; an altered tar is redone; readers take only manifest shards; the dataset hash follows."""
-    from pipeline.cli.main import main
-    from pipeline.errors import ConfigError
-    from pipeline.preprocess.plan import fingerprint
+    from densevse.pipeline.cli.main import main
+    from densevse.pipeline.errors import ConfigError
+    from densevse.pipeline.preprocess.plan import fingerprint
 
     tiny = SMALL + ["dataset.synthetic.num_images=12", "dataset.synthetic.test_images=4",
                     "shards.samples_per_shard=4", f"run.output_dir={tmp_path}"]
@@ -218,7 +218,7 @@ def test_retry_rejected_redoes_only_the_shards_with_matching_rejections(tmp_path
     import logging
     import webdataset as wds
 
-    from pipeline.cli.main import main
+    from densevse.pipeline.cli.main import main
 
     tiny = SMALL + ["dataset.synthetic.num_images=12", "dataset.synthetic.test_images=4", "shards.samples_per_shard=4",
                     "stages.features.params.input_size=64", f"run.output_dir={tmp_path}"]

@@ -16,10 +16,10 @@ DENSEVSE = str(ROOT / ".venv" / "bin" / "densevse")
 
 
 def test_real_preset_preprocesses_real_photos_with_real_models(tmp_path):
-    from pipeline.stage_models.detector import DetectorSpec
-    from pipeline.stage_models.detector import train as train_detector
-    from pipeline.stage_models.parser import TrainSpec
-    from pipeline.stage_models.parser import train as train_parser
+    from densevse.pipeline.stage_models.detector import DetectorSpec
+    from densevse.pipeline.stage_models.detector import train as train_detector
+    from densevse.pipeline.stage_models.parser import TrainSpec
+    from densevse.pipeline.stage_models.parser import train as train_parser
 
     detector, parser = tmp_path / "detector", tmp_path / "parser"
     train_detector(detector, DetectorSpec(dataset="coco", roots=[str(SHARED / "coco-det"), str(SHARED / "coco-mini")],

@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "cluster"))
 
 import install_detectron2 as inst  # noqa: E402
-from stages.base import empty_row, npy_load  # noqa: E402
-from stages.regions import Detectron2Regions, RegionParams  # noqa: E402
-from models.metrics import proposal_recall
+from densevse.stages.base import empty_row, npy_load  # noqa: E402
+from densevse.stages.regions import Detectron2Regions, RegionParams  # noqa: E402
+from densevse.models.metrics import proposal_recall
 
 
 def _jpeg(img: Image.Image, fmt="JPEG") -> bytes:
@@ -35,7 +35,7 @@ def _jpeg(img: Image.Image, fmt="JPEG") -> bytes:
 
 
 def _synthetic(i: int, seed: int = 77):
-    from pipeline.datasets.synthetic import make_image
+    from densevse.pipeline.datasets.synthetic import make_image
 
     img, ann = make_image(seed, i, 224, n_captions=1)
     return img, np.asarray(ann["boxes"], np.float32)
@@ -114,9 +114,9 @@ def test_proposal_recall():
 
 
 def test_shard_recall_reads_boxes_and_gold_from_shards(tmp_path):
-    from pipeline.preprocess import shards
-    from stages.base import npy_bytes
-    from pipeline.evaluation.proposals import shard_recall
+    from densevse.pipeline.preprocess import shards
+    from densevse.stages.base import npy_bytes
+    from densevse.pipeline.evaluation.proposals import shard_recall
 
     gold = [[10, 10, 50, 50], [100, 100, 150, 140]]
     pred = np.array([[0, 0, 224, 224], [11, 10, 50, 52], [0, 0, 5, 5]], np.float32)  # row 0 never counts
@@ -137,8 +137,8 @@ def test_shard_recall_reads_boxes_and_gold_from_shards(tmp_path):
 # ---------------------------------------------------------------- params
 
 def test_missing_weights_names_the_path(tmp_path, detector_dir):
-    from pipeline.errors import ConfigError
-    from pipeline.preprocess.prepare import ensure_detector
+    from densevse.pipeline.errors import ConfigError
+    from densevse.pipeline.preprocess.prepare import ensure_detector
 
     missing = tmp_path / "nope" / "model.pth"
     RegionParams(config=str(detector_dir), weights=str(missing))  # validators do no file I/O
@@ -156,7 +156,7 @@ def test_missing_weights_names_the_path(tmp_path, detector_dir):
 
 
 def test_default_dir_is_trained_on_demand_not_validated(tmp_path, monkeypatch):
-    from models.detector import default_detector_dir, is_default_dir
+    from densevse.models.detector import default_detector_dir, is_default_dir
 
     monkeypatch.chdir(tmp_path)  # the default dir is relative: nothing trained here
     assert is_default_dir(RegionParams().config) and not default_detector_dir().exists()
@@ -165,9 +165,9 @@ def test_default_dir_is_trained_on_demand_not_validated(tmp_path, monkeypatch):
 
 
 def test_pipeline_config_validates_region_params(tmp_path):
-    from pipeline.config import parse_config
-    from pipeline.errors import ConfigError
-    from pipeline.preprocess.prepare import prepare_stage_models
+    from densevse.pipeline.config import parse_config
+    from densevse.pipeline.errors import ConfigError
+    from densevse.pipeline.preprocess.prepare import prepare_stage_models
 
     with pytest.raises(ConfigError, match="regions.params.top_k"):  # types and ranges: when the config loads
         parse_config({"stages": {"regions": {"impl": "detectron2", "params": {"top_k": 0}}}})
@@ -217,8 +217,8 @@ def test_stage_boxes_and_bad_inputs(detector_dir):
 
 
 def test_stage_registered_and_via_ray_adapter(detector_dir):
-    from stages import STAGES
-    from stages.base import rows_to_batch
+    from densevse.stages import STAGES
+    from densevse.stages.base import rows_to_batch
 
     assert STAGES.get("detectron2") is Detectron2Regions
     stage = STAGES.get("detectron2")({"config": str(detector_dir), "top_k": 3, "threads": 1})
@@ -233,8 +233,8 @@ def test_stage_registered_and_via_ray_adapter(detector_dir):
 def test_feature_extractors_slice_batches_and_reject_bad_boxes(detector_dir):
     """ROIAlign, crop and box-head features: one row per box, float16; a row with bad boxes is rejected alone;
     a row's features do not depend on what else is in its batch (each row gets its own slice)."""
-    from stages import STAGES
-    from stages.base import npy_bytes
+    from densevse.stages import STAGES
+    from densevse.stages.base import npy_bytes
 
     img, gold = _synthetic(2)
     img2, gold2 = _synthetic(3)
@@ -258,7 +258,7 @@ def test_feature_extractors_slice_batches_and_reject_bad_boxes(detector_dir):
 # ---------------------------------------------------------------- training (Detectron2's DefaultTrainer)
 
 def test_cli_registers_regions_train():
-    from pipeline.cli.main import build_parser
+    from densevse.pipeline.cli.main import build_parser
 
     args = build_parser().parse_args(["regions", "train", "--iters", "2", "--out", "x"])
     assert args.iters == 2 and args.func.__name__ == "cmd_regions_train"
@@ -266,10 +266,10 @@ def test_cli_registers_regions_train():
 
 @pytest.mark.slow
 def test_prepare_trains_the_default_dir_once_then_caches(tmp_path, monkeypatch):
-    from pipeline.stage_models.detector import DetectorSpec, is_trained, train
-    from models.detector import default_detector_dir
-    from pipeline.evaluation.proposals import evaluate_recall
-    from pipeline.preprocess.prepare import ensure_detector
+    from densevse.pipeline.stage_models.detector import DetectorSpec, is_trained, train
+    from densevse.models.detector import default_detector_dir
+    from densevse.pipeline.evaluation.proposals import evaluate_recall
+    from densevse.pipeline.preprocess.prepare import ensure_detector
 
     monkeypatch.chdir(tmp_path)
     det = default_detector_dir()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import STAGES
-from stages.base import empty_row, npy_bytes, npy_load
+from densevse.stages import STAGES
+from densevse.stages.base import empty_row, npy_bytes, npy_load
 
 
 def _jpeg(img: Image.Image) -> bytes:
@@ -19,7 +19,7 @@ def _jpeg(img: Image.Image) -> bytes:
 
 
 def _rows(n: int = 2) -> list[dict]:
-    from pipeline.datasets.synthetic import make_image
+    from densevse.pipeline.datasets.synthetic import make_image
 
     rows = []
     for i in range(n):
@@ -72,7 +72,7 @@ def test_other_sizes_bad_rows_and_featurize(stages):
 
 
 def test_from_regions_checks_feats_and_the_config_pairs_them(tmp_path):
-    from pipeline.config import load_config
+    from densevse.pipeline.config import load_config
 
     fr = STAGES.get("from_regions")()
     boxes = npy_bytes(np.zeros((2, 4), np.float32))
@@ -91,8 +91,8 @@ def test_describe_uses_the_combined_stage(detector_dir):
     """`densevse describe` with the combined config: boxes from its detector, features from its featurize."""
     from types import SimpleNamespace
 
-    from pipeline.config import load_config
-    from pipeline.serving.describe import Describer, region_proposer
+    from densevse.pipeline.config import load_config
+    from densevse.pipeline.serving.describe import Describer, region_proposer
 
     cfg = load_config("pipeline.yaml", ["stages.regions.impl=detectron2_features", "stages.features.impl=from_regions",
                                         "stages.features.params={}", f"stages.regions.params.config={detector_dir}",
@@ -107,8 +107,8 @@ def test_describe_uses_the_combined_stage(detector_dir):
 
 
 def test_orchestrator_leaves_the_passthrough_stage_out():
-    from pipeline.config import load_config
-    from pipeline.preprocess.run import run_stages
+    from densevse.pipeline.config import load_config
+    from densevse.pipeline.preprocess.run import run_stages
 
     assert list(run_stages(load_config("pipeline.yaml"))) == ["ingest", "regions", "features", "parse"]
     cfg = load_config("pipeline.yaml", ["stages.regions.impl=detectron2_features", "stages.features.impl=from_regions",
@@ -122,8 +122,8 @@ def test_detector_backbone_keeps_the_imagenet_batchnorm_statistics(tmp_path):
     import torch
     from detectron2.modeling import build_model
 
-    from models.efficientnet import default_weights
-    from pipeline.stage_models.detector import DetectorSpec, build_cfg
+    from densevse.models.efficientnet import default_weights
+    from densevse.pipeline.stage_models.detector import DetectorSpec, build_cfg
 
     bu = build_model(build_cfg(DetectorSpec(), tmp_path)).backbone.bottom_up
     ref = torch.load(default_weights(), map_location="cpu", weights_only=True)
@@ -139,10 +139,10 @@ def test_preprocess_with_one_backbone_pass_writes_the_usual_shards(tmp_path, det
     import ray
     import webdataset as wds
 
-    from pipeline.config import load_config
-    from pipeline.preprocess.run import preprocess
-    from pipeline.preprocess.shards import shard_paths
-    from pipeline.training.embedding import EmbeddingTask
+    from densevse.pipeline.config import load_config
+    from densevse.pipeline.preprocess.run import preprocess
+    from densevse.pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.training.embedding import EmbeddingTask
 
     cfg = load_config("pipeline.yaml", [
         "dataset.synthetic.num_images=24", "dataset.synthetic.test_images=8", "shards.samples_per_shard=8",
@@ -173,8 +173,8 @@ def test_preprocess_with_one_backbone_pass_writes_the_usual_shards(tmp_path, det
 def test_serving_runs_and_bundles_the_combined_stages(detector_dir):
     """The embedder's image path (ingest -> regions -> features) with the combined config, and the model files a
     registered model carries: the detector and the head's ImageNet weights."""
-    from pipeline.config import load_config
-    from pipeline.serving.embedder import Embedder, bundled_paths
+    from densevse.pipeline.config import load_config
+    from densevse.pipeline.serving.embedder import Embedder, bundled_paths
 
     cfg = load_config("pipeline.yaml", ["stages.regions.impl=detectron2_features", "stages.features.impl=from_regions",
                                         "stages.features.params={}", f"stages.regions.params.config={detector_dir}",

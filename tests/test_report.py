@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.config import parse_config
-from pipeline.report import region_phrases, write_report
+from densevse.pipeline.config import parse_config
+from densevse.pipeline.report import region_phrases, write_report
 from tests.shard_fixture import write_fixture_shards
 
 CHROMIUM = "/usr/bin/chromium"
@@ -27,8 +27,8 @@ def test_report_has_the_table_curves_and_matched_regions(tmp_path):
     """An (untrained) embedding model's report on fixture shards: every image it names exists and is a PNG."""
     import torch
 
-    from models import build_model
-    from pipeline.training.data import build_vocabs
+    from densevse.models import build_model
+    from densevse.pipeline.training.data import build_vocabs
 
     shards = write_fixture_shards(tmp_path / "shards", n_train=10, n_val=10, n_test=10)
     cfg = parse_config({"run": {"output_dir": str(tmp_path / "run")}, "shards": {"dir": str(shards)},

@@ -5,10 +5,10 @@ import os
 
 import pytest
 
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
-from pipeline.preprocess import shards
-from pipeline.preprocess.plan import changed_keys, check_resume, fingerprint
+from densevse.pipeline.config import load_config
+from densevse.pipeline.errors import ConfigError
+from densevse.pipeline.preprocess import shards
+from densevse.pipeline.preprocess.plan import changed_keys, check_resume, fingerprint
 from shard_fixture import write_fixture_shards
 
 BASE = ["stages.regions.impl=gold_boxes", "stages.regions.params={}", "stages.parse.impl=gold_trees",

@@ -8,8 +8,8 @@ import os
 
 import pytest
 
-from pipeline import storage
-from pipeline.preprocess import shards
+from densevse.pipeline import storage
+from densevse.pipeline.preprocess import shards
 from tests.shard_fixture import write_fixture_shards
 
 
@@ -22,7 +22,7 @@ def _objects(prefix: str) -> dict[str, str]:
 
 
 def test_shards_on_s3(s3_server, capsys):
-    from pipeline.training.data import iter_samples
+    from densevse.pipeline.training.data import iter_samples
 
     d = "s3://bucket/fixture/shards"
     write_fixture_shards(d, n_train=20, n_val=10, n_test=0, per_shard=10)
@@ -32,7 +32,7 @@ def test_shards_on_s3(s3_server, capsys):
     paths = shards.shard_paths(d, "train")
     assert paths == [f"{d}/train-000000.tar", f"{d}/train-000001.tar"]
     assert len(list(iter_samples(paths))) == 20  # webdataset reads the tars from S3
-    from pipeline.cli.main import main
+    from densevse.pipeline.cli.main import main
 
     assert main(["inspect", "--shards", d + "/", "--rejects"]) == 0
     assert "train" in capsys.readouterr().out
@@ -63,8 +63,8 @@ def test_latest_checkpoint_in_s3(s3_server):
 
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.training.loop import latest_checkpoint, load_dir
+    from densevse.pipeline.config import load_config
+    from densevse.pipeline.training.loop import latest_checkpoint, load_dir
 
     cfg = load_config(None, ["train.storage_path=s3://bucket/ckpt", "train.model=vse"])
     assert latest_checkpoint(cfg, "vse") is None
@@ -108,9 +108,9 @@ def test_dataset_root_in_s3_reads_like_the_local_folder(s3_server, tmp_path, kin
     rejections (a missing image, an img2dataset failure) naming the object instead of the file."""
     import json
 
-    from pipeline.config import DatasetConfig
-    from pipeline.datasets import read_dataset
-    from stages.base import STAGES, empty_row
+    from densevse.pipeline.config import DatasetConfig
+    from densevse.pipeline.datasets import read_dataset
+    from densevse.stages.base import STAGES, empty_row
 
     local, uri = tmp_path / kind, f"s3://bucket/ds-{kind}"
     opts = _dataset(kind, local)
@@ -146,10 +146,10 @@ def test_pipeline_on_s3(s3_server, stage_models, tmp_path):
     import ray
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
-    from pipeline.config import load_config
-    from pipeline.preprocess.run import preprocess
-    from pipeline.training import embedding
+    from densevse.pipeline import tracking
+    from densevse.pipeline.config import load_config
+    from densevse.pipeline.preprocess.run import preprocess
+    from densevse.pipeline.training import embedding
     from tests.conftest import ROOT, tiny_overrides
 
     proc, uri = tracking.start_server(tmp_path / "mlflow", artifacts="s3://bucket/mlartifacts")
@@ -196,8 +196,8 @@ def test_preprocess_a_dataset_in_s3(s3_server, stage_models, tmp_path, monkeypat
     absent is a recorded rejection naming its object."""
     import pyarrow.parquet as pq
 
-    from pipeline.cli.main import main
-    from pipeline.training.data import iter_samples
+    from densevse.pipeline.cli.main import main
+    from densevse.pipeline.training.data import iter_samples
     from tests.conftest import ROOT
 
     _dataset("flickr8k", tmp_path / "f8k")

@@ -16,9 +16,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from pipeline.preprocess import run
-from stages.base import STAGES, Reject, SourceUnavailable, empty_row, is_transient
-from stages.fetch import img2dataset_failure, read_object, read_tar_member
+from densevse.pipeline.preprocess import run
+from densevse.stages.base import STAGES, Reject, SourceUnavailable, empty_row, is_transient
+from densevse.stages.fetch import img2dataset_failure, read_object, read_tar_member
 from tests.test_table_inputs import _jpeg, write_img2dataset
 
 

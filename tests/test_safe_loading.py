@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.checkpoint import UnsafeCheckpointError, load_checkpoint, load_model
+from densevse.models.checkpoint import UnsafeCheckpointError, load_checkpoint, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def test_commands_refuse_a_crafted_checkpoint_in_one_line(crafted, tmp_path, arg
     path, marker = crafted
     img = tmp_path / "a.png"
     Image.new("RGB", (32, 32)).save(img)
-    cmd = [sys.executable, "-m", "pipeline.cli", *(a.format(ck=path, img=img) for a in argv),
+    cmd = [sys.executable, "-m", "densevse.pipeline.cli", *(a.format(ck=path, img=img) for a in argv),
            "-s", "stages.regions.impl=gold_boxes", "-s", "stages.regions.params={}",
            "-s", f"run.output_dir={tmp_path / 'run'}"]
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300)

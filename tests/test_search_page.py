@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.serving import rest
-from pipeline.tracking import free_port
+from densevse.pipeline.serving import rest
+from densevse.pipeline.tracking import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +46,14 @@ def search(base: str, q: str, mode: str = "images", k: int = K):
 
 @pytest.fixture(scope="module")
 def server(search_index, tiny_run, tmp_path_factory):
-    """Base URL of `python -m pipeline.cli serve` on a free loopback port, warmed: its first sentence and first
+    """Base URL of `python -m densevse.pipeline.cli serve` on a free loopback port, warmed: its first sentence and first
     photo have built the parser and the detector, so the page's waits measure the page, not model loading. The
     stage models are the tiny run's, given as a user gives theirs (-s; a checkpoint's own paths are never used)."""
     cfg, _ = tiny_run
     port = free_port()
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--index", str(search_index),
+    proc = subprocess.Popen([sys.executable, "-m", "densevse.pipeline.cli", "serve", "--index", str(search_index),
                              "--port", str(port),
                              "-s", f"stages.regions.params.config={cfg.stages.regions.params.config}",
                              "-s", f"stages.parse.params.model_dir={cfg.stages.parse.params.model_dir}"],

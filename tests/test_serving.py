@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.errors import ModelMismatch
-from pipeline.search.query import check_model
-from pipeline.serving.pyfunc import image_bytes
+from densevse.pipeline.errors import ModelMismatch
+from densevse.pipeline.search.query import check_model
+from densevse.pipeline.serving.pyfunc import image_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "densevse-hmlstm"
@@ -31,7 +31,7 @@ MODEL = "densevse-hmlstm"
 def test_image_cells_are_data_not_addresses(tmp_path):
     """Over the model's API an image is its bytes (base64, data: URI). A path, file:// or http(s):// URI is refused
     with one reason, the same for an existing file as for a missing one (nothing is opened or fetched)."""
-    from pipeline.serving.pyfunc import IMAGE_FORMS
+    from densevse.pipeline.serving.pyfunc import IMAGE_FORMS
 
     png = tmp_path / "a.png"
     png.write_bytes(b"\x89PNG fake")
@@ -61,7 +61,7 @@ def test_champion_alias_follows_the_best_score(tmp_path):
     """A real MLflow registry (sqlite): the alias moves only to a version that scores at least as well."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import CHAMPION, promote
+    from densevse.pipeline.tracking import CHAMPION, promote
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     client.create_registered_model("m")
@@ -79,8 +79,8 @@ def test_champion_alias_follows_the_best_score(tmp_path):
 
 def _test_sample(cfg):
     """A test-split sample from the shards, and its source image file."""
-    from pipeline.preprocess.shards import shard_paths
-    from pipeline.training.data import iter_samples
+    from densevse.pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.training.data import iter_samples
 
     s = next(iter_samples(shard_paths(cfg.shard_dir, "test")))
     return s, Path(s["meta"]["source"])
@@ -148,8 +148,8 @@ def test_rest_serving_answers_like_predict_and_refuses_bad_input(tiny_run, tmp_p
     import mlflow
     import pandas as pd
 
-    from pipeline.serving import rest
-    from pipeline.tracking import free_port
+    from densevse.pipeline.serving import rest
+    from densevse.pipeline.tracking import free_port
 
     cfg, uri = tiny_run
     s, src = _test_sample(cfg)
@@ -181,7 +181,7 @@ def test_rest_serving_answers_like_predict_and_refuses_bad_input(tiny_run, tmp_p
 
         # Addresses are not images: an existing path, a missing one, file://, a live 127.0.0.1 URL that redirects.
         # One reason for all (which paths exist is not told), and the server fetches nothing.
-        from pipeline.serving.pyfunc import IMAGE_FORMS
+        from densevse.pipeline.serving.pyfunc import IMAGE_FORMS
         from tests.untrusted_fixture import recording_server
 
         with recording_server() as (base, seen):
@@ -211,7 +211,7 @@ def user_stage_models(cfg) -> list[str]:
 
 
 def _cli(*args) -> tuple[int, dict | None, str]:
-    r = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "densevse.pipeline.cli", *args], capture_output=True, text=True, cwd=ROOT,
                        timeout=600)
     try:
         out = json.loads(r.stdout)
@@ -253,7 +253,7 @@ def test_index_and_search(tiny_run, search_index, tmp_path):
     # Another model (same shape, other weights): refused before any search, one line, exit 2.
     import torch
 
-    from models.checkpoint import load_checkpoint
+    from densevse.models.checkpoint import load_checkpoint
 
     ck = load_checkpoint(Path(info["model"]["checkpoint"]))
     ck["state_dict"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ck["state_dict"].items()}

@@ -1,5 +1,5 @@
 """Stage model files travel with a run: packed on the driver, unpacked by each actor (pipeline/preprocess/ship.py),
-and shipped with a submitted job (cluster/jobs.py)."""
+and shipped with a submitted job (pipeline/jobs.py)."""
 from __future__ import annotations
 
 import shutil
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cluster import jobs
-from pipeline.config import load_config
-from pipeline.preprocess import ship
-from stages.parse import StanzaParse
-from stages.regions import RegionParams
+from densevse.pipeline import jobs
+from densevse.pipeline.config import load_config
+from densevse.pipeline.preprocess import ship
+from densevse.stages.parse import StanzaParse
+from densevse.stages.regions import RegionParams
 
 ROOT = Path(__file__).resolve().parents[1]
 

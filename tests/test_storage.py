@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import storage
-from pipeline.config import load_config
-from pipeline.errors import ConfigError
+from densevse.pipeline import storage
+from densevse.pipeline.config import load_config
+from densevse.pipeline.errors import ConfigError
 
 
 def test_location_keeps_uris_and_makes_paths():

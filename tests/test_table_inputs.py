@@ -17,13 +17,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline.config import DatasetConfig, parse_config
-from pipeline.datasets import READERS, read_dataset
-from pipeline.errors import ConfigError, DatasetError
-from stages import fetch
-from stages.base import STAGES, Reject, ShardOutage, check_shard_rejections, empty_row
-from stages.fetch import USER_AGENT, DownloadParams, call_with_deadline, download_url
-from stages.images import read_bytes
+from densevse.pipeline.config import DatasetConfig, parse_config
+from densevse.pipeline.datasets import READERS, read_dataset
+from densevse.pipeline.errors import ConfigError, DatasetError
+from densevse.stages import fetch
+from densevse.stages.base import STAGES, Reject, ShardOutage, check_shard_rejections, empty_row
+from densevse.stages.fetch import USER_AGENT, DownloadParams, call_with_deadline, download_url
+from densevse.stages.images import read_bytes
 
 
 def _jpeg(seed: int = 0, size=(48, 40)) -> bytes:
@@ -501,8 +501,8 @@ def test_preprocess_a_table_of_urls(server, stage_models, tmp_path, capsys, monk
     import webdataset as wds
 
     from conftest import ROOT
-    from pipeline.cli.main import main
-    from pipeline.preprocess import shards
+    from densevse.pipeline.cli.main import main
+    from densevse.pipeline.preprocess import shards
 
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "local.jpg").write_bytes(_jpeg(20))

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import parse_config
+from densevse.pipeline.config import parse_config
 from shard_fixture import write_fixture_shards
 
 pytestmark = pytest.mark.slow
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    from pipeline.tracking import start_server, stop_server
+    from densevse.pipeline.tracking import start_server, stop_server
 
     proc, uri = start_server(tmp_path_factory.mktemp("mlflow"), wait=False)  # boots while Ray starts
     yield proc, uri
@@ -38,14 +38,14 @@ def test_two_worker_train_crash_recovery_mlflow_registry_resume(tmp_path, mlflow
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluation.retrieval import evaluate
-    from models.checkpoint import load_model
-    from models.batch import collate
-    from pipeline.training.data import eval_items, iter_samples
-    from pipeline.preprocess.shards import shard_paths
-    from pipeline.tracking import manifest_sha256, wait_server
-    from pipeline.raylocal import init_ray
-    from pipeline.training.embedding import latest_checkpoint, train
+    from densevse.pipeline.evaluation.retrieval import evaluate
+    from densevse.models.checkpoint import load_model
+    from densevse.models.batch import collate
+    from densevse.pipeline.training.data import eval_items, iter_samples
+    from densevse.pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.tracking import manifest_sha256, wait_server
+    from densevse.pipeline.raylocal import init_ray
+    from densevse.pipeline.training.embedding import latest_checkpoint, train
 
     proc, mlflow_server = mlflow_server
     shards = write_fixture_shards(tmp_path / "shards", n_train=36, n_val=10, n_test=10, per_shard=6)
@@ -108,8 +108,8 @@ def test_failed_job_marks_its_mlflow_run_failed(tmp_path, mlflow_server, ray_loc
     """A job that fails (an injected crash, no restarts allowed) ends its MLflow run as FAILED, not RUNNING."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.tracking import wait_server
-    from pipeline.training.embedding import train
+    from densevse.pipeline.tracking import wait_server
+    from densevse.pipeline.training.embedding import train
 
     proc, uri = mlflow_server
     shards = write_fixture_shards(tmp_path / "shards", n_train=12, n_val=0, n_test=0, per_shard=6)

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from pipeline.training.embedding import EmbeddingTask
-from pipeline.training.prefetch import StepTimer, prefetch
-from pipeline.training.stopping import early_stop
+from densevse.pipeline.training.embedding import EmbeddingTask
+from densevse.pipeline.training.prefetch import StepTimer, prefetch
+from densevse.pipeline.training.stopping import early_stop
 
 
 def _hist(*rsums):
@@ -40,7 +40,7 @@ def test_early_stop_off_and_edge_cases():
 def test_patience_is_validated_in_the_config():
     from pydantic import ValidationError
 
-    from pipeline.config import load_config
+    from densevse.pipeline.config import load_config
 
     assert load_config("pipeline.yaml", ["train.patience=3"]).train.patience == 3
     assert load_config("pipeline.yaml", ["train.patience=null"]).train.patience is None  # off
@@ -126,9 +126,9 @@ def test_step_timer_splits_wait_and_compute():
 def test_training_stops_early_keeps_the_best_epoch_and_reports_compute_share(tmp_path):
     """The real Ray Train loop on fixture shards: patience 2 with a flat score stops after epoch 2 of 6, on the
     workers and in the summary (with why); best.pt is epoch 0; each epoch logs its compute share."""
-    from models.checkpoint import load_checkpoint
-    from pipeline.config import load_config
-    from pipeline.training.loop import fit
+    from densevse.models.checkpoint import load_checkpoint
+    from densevse.pipeline.config import load_config
+    from densevse.pipeline.training.loop import fit
     from tests.shard_fixture import write_fixture_shards
 
     class FlatTask(EmbeddingTask):  # local: pickled by value to the Ray workers (this module is not importable there)
@@ -155,9 +155,9 @@ def test_embedding_epoch_prefetched_or_inline_gives_the_same_training(tmp_path):
     pairs to the same loss, and the step timer says how the epoch's time was spent."""
     import torch
 
-    from pipeline.config import load_config
-    from pipeline.preprocess.shards import shard_paths
-    from pipeline.training.data import rank_shards
+    from densevse.pipeline.config import load_config
+    from densevse.pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.training.data import rank_shards
     from tests.shard_fixture import write_fixture_shards
 
     shards = tmp_path / "shards"

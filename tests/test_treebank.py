@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from models import trees as T
-from pipeline.stage_models.treebank import normalise, read_splits_md, read_treebank, split_trees
+from densevse.models import trees as T
+from densevse.pipeline.stage_models.treebank import normalise, read_splits_md, read_treebank, split_trees
 from conftest import GUM, gum_slice, needs_gum
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,7 +141,7 @@ def test_parser_trains_on_real_gum_slice_and_loads_in_the_stage(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "cached" in again.stdout
 
-    from stages.parse import StanzaParse
+    from densevse.stages.parse import StanzaParse
 
     stage = StanzaParse({"model_dir": str(out)})
     trees, reasons = stage.parse_texts(["A black dog runs across the green grass .", ""])

@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.checkpoint import ChecksumMismatch, UnsafeCheckpointError, load_checkpoint
-from pipeline.config import load_config
-from pipeline.errors import ModelMismatch
-from pipeline.search.query import Index
-from pipeline.serving.embedder import Embedder, UntrustedModelFile
+from densevse.models.checkpoint import ChecksumMismatch, UnsafeCheckpointError, load_checkpoint
+from densevse.pipeline.config import load_config
+from densevse.pipeline.errors import ModelMismatch
+from densevse.pipeline.search.query import Index
+from densevse.pipeline.serving.embedder import Embedder, UntrustedModelFile
 from tests.untrusted_fixture import RunsCode, pickle_payload, recording_server, tiny_checkpoint, tiny_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,8 +80,8 @@ def test_recorded_model_files_are_compared(detector_dir, tmp_path):
     fingerprint) warns when the caller's file is another one."""
     import warnings
 
-    from pipeline.preprocess.plan import fingerprint
-    from pipeline.serving.embedder import recorded_model_files
+    from densevse.pipeline.preprocess.plan import fingerprint
+    from densevse.pipeline.serving.embedder import recorded_model_files
 
     cfg = load_config(None, ["stages.regions.impl=detectron2", f"stages.regions.params.config={detector_dir}"])
     mine, made_with = cfg.stages, recorded_model_files(fingerprint(cfg))["regions.config"]
@@ -136,8 +136,8 @@ def test_registered_model_loads_unpickled_and_uses_only_its_bundled_files(detect
     import yaml
     from mlflow.tracking import MlflowClient
 
-    from pipeline.serving.pyfunc import signature
-    from pipeline.tracking import _log_model
+    from densevse.pipeline.serving.pyfunc import signature
+    from densevse.pipeline.tracking import _log_model
 
     evil, marker = payload
     ck = tiny_checkpoint(tmp_path / "best.pt", _stages(detector_dir, str(evil)), feat_dim=EFFNET_DIM)
@@ -170,7 +170,7 @@ def test_bundled_pkl_weights_are_refused(payload, tmp_path):
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import PythonModelContext
 
-    from pipeline.serving.pyfunc import EmbeddingPyfunc
+    from densevse.pipeline.serving.pyfunc import EmbeddingPyfunc
 
     evil, marker = payload
     ck = tiny_checkpoint(tmp_path / "best.pt", feat_dim=EFFNET_DIM)
@@ -199,7 +199,7 @@ def _evil_mlflow_model(path: Path, marker: Path) -> Path:
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "densevse.pipeline.cli", *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
 
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.serving import rest
-from pipeline.tracking import free_port
+from densevse.pipeline.serving import rest
+from densevse.pipeline.tracking import free_port
 from tests.untrusted_fixture import tiny_checkpoint, tiny_index
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,12 +29,12 @@ CTYPE = f"multipart/form-data; boundary={BOUNDARY}"
 
 @pytest.fixture(scope="module")
 def page(tmp_path_factory):
-    """(port, pid) of `python -m pipeline.cli serve` on a tiny index, bound to 127.0.0.1."""
+    """(port, pid) of `python -m densevse.pipeline.cli serve` on a tiny index, bound to 127.0.0.1."""
     tmp = tmp_path_factory.mktemp("page")
     root = tiny_index(tmp, tiny_checkpoint(tmp / "best.pt"))
     port, log_path = free_port(), tmp / "serve.log"
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", "--index", str(root), "--port",
+        proc = subprocess.Popen([sys.executable, "-m", "densevse.pipeline.cli", "serve", "--index", str(root), "--port",
                                  str(port), "-s", f"run.output_dir={tmp}"], cwd=ROOT, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
     try:
@@ -128,7 +128,7 @@ def _length(answer: bytes) -> int:
 def test_chunked_upload_without_length_stops_at_the_cap_without_holding_it(page, form):
     """100 MiB sent chunked with no Content-Length (multipart: a small field, then the photo part): a 413 once the
     20 MiB cap is passed, the server's peak RSS grows by far less than the body, and it goes on serving."""
-    from pipeline.search.app import MAX_BODY
+    from densevse.pipeline.search.app import MAX_BODY
 
     port, pid = page
     head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="note"\r\n\r\nhello\r\n--{BOUNDARY}\r\n'
@@ -163,9 +163,9 @@ def test_over_long_queries_and_captions_are_refused_quickly(page, tmp_path):
 
     # A 5 MB single word: refused on its length by the caption check that ingest, parse and every query share,
     # before the parser is even looked for (this checkpoint has none it may load).
-    from pipeline.errors import BadInput
-    from pipeline.serving.embedder import Embedder
-    from stages.ingest import check_caption
+    from densevse.pipeline.errors import BadInput
+    from densevse.pipeline.serving.embedder import Embedder
+    from densevse.stages.ingest import check_caption
 
     word = "w" * 5_000_000
     t = time.perf_counter()
@@ -184,7 +184,7 @@ def test_the_model_api_takes_image_data_not_addresses(tmp_path):
     from mlflow.exceptions import MlflowException
     from mlflow.pyfunc import PythonModelContext
 
-    from pipeline.serving.pyfunc import EmbeddingPyfunc
+    from densevse.pipeline.serving.pyfunc import EmbeddingPyfunc
     from tests.untrusted_fixture import recording_server
 
     py = EmbeddingPyfunc()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.search import vectors
+from densevse.pipeline.search import vectors
 
 DIM = 64
 

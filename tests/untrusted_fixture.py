@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from models.vocab import Vocab
+from densevse.models.vocab import Vocab
 
 WORDS = ["a", "red", "green", "blue", "yellow", "circle", "square", "triangle", "star", "left", "right", "of",
          "and", "is"]
@@ -41,7 +41,7 @@ def pickle_payload(path: Path, marker: Path) -> Path:
 
 def tiny_checkpoint(path: Path, config: dict | None = None, feat_dim: int = 32, extra: dict | None = None) -> Path:
     """An untrained HM-LSTM (embed 8) saved as training saves it, with `config` as its run config."""
-    from models.hmlstm import HMLSTM
+    from densevse.models.hmlstm import HMLSTM
 
     torch.manual_seed(0)
     vocab, labels = Vocab(WORDS), Vocab(LABELS)
@@ -53,8 +53,8 @@ def tiny_checkpoint(path: Path, config: dict | None = None, feat_dim: int = 32, 
 
 def tiny_index(tmp: Path, checkpoint: Path) -> Path:
     """`pipeline.search.index.build` of 12 fixture samples (32-d features) with `checkpoint`: the index dir."""
-    from pipeline.search.index import build
-    from pipeline.serving.embedder import Embedder
+    from densevse.pipeline.search.index import build
+    from densevse.pipeline.serving.embedder import Embedder
     from tests.shard_fixture import write_fixture_shards
 
     shards = write_fixture_shards(tmp / "shards", n_train=8, n_val=2, n_test=2, feat_dim=32, per_shard=4)

@@ -1,6 +1,6 @@
-"""`python -m pipeline.cli ...` (what a Ray job runs)."""
+"""`python -m densevse.pipeline.cli ...` (what a Ray job runs)."""
 import sys
 
-from pipeline.cli.main import main
+from densevse.pipeline.cli.main import main
 
 sys.exit(main())

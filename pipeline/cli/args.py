@@ -25,7 +25,7 @@ def is_config(path: str) -> bool:
 
 def load(args):
     """The validated config of a parsed command line."""
-    from pipeline.config import load_config
+    from densevse.pipeline.config import load_config
 
     path = args.config
     if path == DEFAULT_CONFIG and not Path(path).is_file():

@@ -6,15 +6,15 @@ import pickle
 import sys
 from pathlib import Path
 
-from pipeline.cli.args import common_args, is_config, load, overrides
+from densevse.pipeline.cli.args import common_args, is_config, load, overrides
 
 
 def cmd_describe(args) -> int:
     """Describe images: whole-image caption, region phrases, dense description (JSON on stdout)."""
-    from models.captioner import Captioner
-    from pipeline.serving.describe import Describer, draw, region_proposer
-    from pipeline.training.captioner import default_checkpoint
-    from stages.base import Reject
+    from densevse.models.captioner import Captioner
+    from densevse.pipeline.serving.describe import Describer, draw, region_proposer
+    from densevse.pipeline.training.captioner import default_checkpoint
+    from densevse.stages.base import Reject
 
     if args.images and is_config(args.images[0]):  # `densevse describe CONFIG IMAGE...`
         args.config, args.images = args.images[0], args.images[1:]
@@ -51,7 +51,7 @@ def cmd_describe(args) -> int:
 
 def cmd_train(args) -> int:
     """Train the m-RNN captioner on the run's train shards (Ray Train; MLflow when configured)."""
-    from pipeline.training.captioner import train_captioner
+    from densevse.pipeline.training.captioner import train_captioner
 
     print(json.dumps(train_captioner(load(args), resume=args.resume), indent=1, default=str))
     return 0
@@ -59,7 +59,7 @@ def cmd_train(args) -> int:
 
 def cmd_evaluate(args) -> int:
     """BLEU/METEOR/ROUGE-L/CIDEr of generated captions vs the nearest-neighbour caption baseline."""
-    from pipeline.evaluation.captions import evaluate_captioner
+    from densevse.pipeline.evaluation.captions import evaluate_captioner
 
     out = evaluate_captioner(load(args), checkpoint=args.checkpoint, split=args.split)
     print(json.dumps(out, indent=1))

@@ -1,16 +1,16 @@
-"""`densevse submit | status | logs | stop`: pipeline runs as Ray Jobs (cluster/jobs.py)."""
+"""`densevse submit | status | logs | stop`: pipeline runs as Ray Jobs (pipeline/jobs.py)."""
 from __future__ import annotations
 
 import json
 
-from cluster.jobs import COMMANDS, _info, client, default_address, follow, submit
-from pipeline.cli.args import common_args
+from densevse.pipeline.jobs import COMMANDS, _info, client, default_address, follow, submit
+from densevse.pipeline.cli.args import common_args
 
 
 def cmd_submit(args) -> int:
     """Submit a run to a Ray cluster (--address http://HEAD:8265), or run it here (--address local)."""
     if args.address == "local":  # the same verb, in this process
-        from pipeline.cli import core
+        from densevse.pipeline.cli import core
 
         args.quiet, args.resume, args.checkpoint = False, False, None
         return core.COMMANDS[args.command](args)

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.cli.args import common_args, load
+from densevse.pipeline.cli.args import common_args, load
 
 
 def _print_summary(title: str, summary: dict) -> None:
@@ -17,7 +17,7 @@ def _print_summary(title: str, summary: dict) -> None:
 
 def _retry_prefix(args) -> str | None:
     """--retry-rejected's prefix; `--retry-rejected run.yaml` (the flag before the config) is the config."""
-    from pipeline.cli.args import DEFAULT_CONFIG, is_config
+    from densevse.pipeline.cli.args import DEFAULT_CONFIG, is_config
 
     if args.retry_rejected and is_config(args.retry_rejected) and args.config == DEFAULT_CONFIG:
         args.config, args.retry_rejected = args.retry_rejected, ""
@@ -26,7 +26,7 @@ def _retry_prefix(args) -> str | None:
 
 def _console(args, cfg):
     """The verb's console (pipeline/console.py): progress, real warnings, the final table; the rest in run.log."""
-    from pipeline.console import Console
+    from densevse.pipeline.console import Console
 
     return Console(Path(cfg.run.output_dir) / "run.log",
                    "quiet" if args.quiet else "verbose" if args.verbose else "normal")
@@ -34,11 +34,11 @@ def _console(args, cfg):
 
 def _paths(cfg, summary: dict, summary_file: str) -> dict:
     """Where the outputs of a verb are, for the final table."""
-    from pipeline.evaluation.retrieval import default_checkpoint
+    from densevse.pipeline.evaluation.retrieval import default_checkpoint
 
     out, tr = Path(cfg.run.output_dir), summary.get("train") or {}
     best = default_checkpoint(cfg)
-    from pipeline.config import redact_uri
+    from densevse.pipeline.config import redact_uri
 
     mlflow = f"run {tr['mlflow_run_id']} at {redact_uri(cfg.mlflow.tracking_uri)}" if tr.get("mlflow_run_id") else None
     return {"shards": str(cfg.shard_dir) if "preprocess" in summary else None,
@@ -50,7 +50,7 @@ def _paths(cfg, summary: dict, summary_file: str) -> dict:
 def _finish(con, args, cfg, verb: str, summary: dict) -> None:
     """The summary as JSON in <output_dir>/summary.json (`run`) or <verb>-summary.json, and for the person the
     table (--json: the JSON, as `== verb ==` + JSON, which scripts parse)."""
-    from pipeline.console import summary_table
+    from densevse.pipeline.console import summary_table
 
     name = "summary.json" if verb == "run" else f"{verb}-summary.json"
     summary["paths"] = _paths(cfg, summary, name)
@@ -63,7 +63,7 @@ def _finish(con, args, cfg, verb: str, summary: dict) -> None:
 
 def _report(cfg, summary: dict) -> None:
     """report.html beside the outputs (pipeline/report.py); a failure to draw it is a warning, not a failed run."""
-    from pipeline.report import write_report
+    from densevse.pipeline.report import write_report
 
     try:
         summary["report"] = str(write_report(cfg, summary))
@@ -72,7 +72,7 @@ def _report(cfg, summary: dict) -> None:
 
 
 def cmd_preprocess(args) -> int:
-    from pipeline.preprocess.run import preprocess
+    from densevse.pipeline.preprocess.run import preprocess
 
     retry = _retry_prefix(args)  # first: it may name the config
     cfg = load(args)
@@ -84,7 +84,7 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from pipeline.training.embedding import train
+    from densevse.pipeline.training.embedding import train
 
     cfg = load(args)
     with _console(args, cfg) as con:
@@ -94,7 +94,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from pipeline.evaluation.retrieval import evaluate
+    from densevse.pipeline.evaluation.retrieval import evaluate
 
     cfg = load(args)
     with _console(args, cfg) as con:
@@ -115,9 +115,9 @@ def _timed(fn, *a, **kw) -> dict:
 
 def cmd_run(args) -> int:
     """Everything, in order, on one config: preprocess -> train -> evaluate."""
-    from pipeline.evaluation.retrieval import evaluate
-    from pipeline.preprocess.run import preprocess
-    from pipeline.training.embedding import train
+    from densevse.pipeline.evaluation.retrieval import evaluate
+    from densevse.pipeline.preprocess.run import preprocess
+    from densevse.pipeline.training.embedding import train
 
     retry = _retry_prefix(args)  # first: it may name the config
     cfg = load(args)
@@ -135,8 +135,8 @@ def cmd_run(args) -> int:
 def cmd_inspect(args) -> int:
     import pyarrow.parquet as pq
 
-    from pipeline import storage
-    from pipeline.preprocess import shards
+    from densevse.pipeline import storage
+    from densevse.pipeline.preprocess import shards
 
     shard_dir = storage.location(args.shards) if args.shards else load(args).shard_dir
     if not (storage.listdir(shard_dir, ".stats.json") if storage.is_uri(shard_dir) else Path(shard_dir).is_dir()):
@@ -152,7 +152,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from pipeline.config import dump_config
+    from densevse.pipeline.config import dump_config
 
     print(dump_config(load(args)), end="")
     return 0

@@ -6,8 +6,8 @@ import logging
 import pickle
 import sys
 
-from pipeline.cli import captioner, cluster, core, mlflow, models, search
-from pipeline.errors import BadInput, ConfigError, ModelMismatch
+from densevse.pipeline.cli import captioner, cluster, core, mlflow, models, search
+from densevse.pipeline.errors import BadInput, ConfigError, ModelMismatch
 
 VERB_GROUPS = (core, models, mlflow, captioner, search, cluster)  # each: register(subparsers), sets args.func
 

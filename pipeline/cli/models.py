@@ -5,12 +5,12 @@ import sys
 import time
 from pathlib import Path
 
-from models import detector as det
-from models.parser import DEFAULT_DIR
-from pipeline.cli.args import common_args, load
-from pipeline.stage_models import detector as detector_train
-from pipeline.stage_models import parser as parser_train
-from pipeline.stage_models.parser import PROCESSORS, TrainSpec
+from densevse.models import detector as det
+from densevse.models.parser import DEFAULT_DIR
+from densevse.pipeline.cli.args import common_args, load
+from densevse.pipeline.stage_models import detector as detector_train
+from densevse.pipeline.stage_models import parser as parser_train
+from densevse.pipeline.stage_models.parser import PROCESSORS, TrainSpec
 
 
 def cmd_parser_train(args) -> int:
@@ -90,8 +90,8 @@ def register_parser(subparsers) -> None:
 def cmd_regions_train(args) -> int:
     from pydantic import ValidationError
 
-    from pipeline.errors import DatasetError
-    from pipeline.evaluation.proposals import format_table
+    from densevse.pipeline.errors import DatasetError
+    from densevse.pipeline.evaluation.proposals import format_table
 
     fields = ("dataset", "roots", "holdout", "backbone", "input_size", "freeze_stages", "base_lr", "iters",
               "num_images", "seed", "eval_images", "threads", "ims_per_batch")

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.cli.args import common_args, load
+from densevse.pipeline.cli.args import common_args, load
 
 
 def _defaults(args):
@@ -13,7 +13,7 @@ def _defaults(args):
     <output_dir>/index. The config's stages are where query stages take their model files from: a checkpoint's
     own config names none that is loaded (pipeline/serving/embedder.py: trusted_stages)."""
     cfg = load(args)
-    from pipeline.evaluation.retrieval import default_checkpoint
+    from densevse.pipeline.evaluation.retrieval import default_checkpoint
 
     shards = Path(args.shards) if getattr(args, "shards", None) else Path(cfg.shard_dir)
     index = Path(args.index) if getattr(args, "index", None) else Path(cfg.run.output_dir) / "index"
@@ -22,8 +22,8 @@ def _defaults(args):
 
 def cmd_index(args) -> int:
     """Embed every image, region, caption and phrase of a shard set into a FAISS index (pipeline/search/index.py)."""
-    from pipeline.search.index import build
-    from pipeline.serving.embedder import load as load_embedder
+    from densevse.pipeline.search.index import build
+    from densevse.pipeline.serving.embedder import load as load_embedder
 
     cfg, shards, model, out = _defaults(args)
     info = build(shards, load_embedder(model, cfg.stages), out, splits=args.splits, exact_below=args.exact_below,
@@ -38,7 +38,7 @@ def cmd_index(args) -> int:
 
 def cmd_search(args) -> int:
     """Search an index: QUERY -> images; --image PHOTO -> captions; --regions PHRASE -> regions of any image. JSON."""
-    from pipeline.search.query import Index, draw
+    from densevse.pipeline.search.query import Index, draw
 
     given = [q for q in (args.query, args.image, args.regions) if q]
     if len(given) != 1:
@@ -61,7 +61,7 @@ def cmd_search(args) -> int:
 
 def cmd_serve(args) -> int:
     """The search page and its JSON API on HOST:PORT (pipeline/search/app.py)."""
-    from pipeline.search.app import serve
+    from densevse.pipeline.search.app import serve
 
     cfg, _, _, root = _defaults(args)
     serve(root, model=args.model, host=args.host, port=args.port, stages=cfg.stages, allow_hosts=args.allow_hosts)

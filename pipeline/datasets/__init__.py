@@ -30,10 +30,10 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from pipeline import storage
-from pipeline.datasets import (coco, flickr8k, flickr30k_entities, img2dataset, karpathy,  # noqa: F401 (register)
+from densevse.pipeline import storage
+from densevse.pipeline.datasets import (coco, flickr8k, flickr30k_entities, img2dataset, karpathy,  # noqa: F401 (register)
                                synthetic_reader, table)
-from pipeline.datasets.base import READERS
+from densevse.pipeline.datasets.base import READERS
 
 
 def read_dataset(cfg, root: storage.Location) -> Iterator[dict]:

@@ -8,8 +8,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from models.registry import Registry
-from pipeline.errors import DatasetError
+from densevse.models.registry import Registry
+from densevse.pipeline.errors import DatasetError
 
 READERS: Registry[Callable[..., Iterator[dict]]] = Registry("dataset reader")
 

@@ -10,8 +10,8 @@ import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from pipeline.datasets.base import READERS, inside, make_key, read_text, require
-from pipeline.errors import DatasetError
+from densevse.pipeline.datasets.base import READERS, inside, make_key, read_text, require
+from densevse.pipeline.errors import DatasetError
 
 _PHRASE = re.compile(r"\[/EN#(\d+)/(\S+) ([^\]]*)\]")
 

@@ -13,8 +13,8 @@ import logging
 import re
 from pathlib import Path
 
-from pipeline.datasets.base import READERS, inside, linked_dir, make_key, read_text
-from pipeline.errors import DatasetError
+from densevse.pipeline.datasets.base import READERS, inside, linked_dir, make_key, read_text
+from densevse.pipeline.errors import DatasetError
 
 SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "val": "Flickr_8k.devImages.txt",
                "test": "Flickr_8k.testImages.txt"}

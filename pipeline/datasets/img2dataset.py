@@ -18,9 +18,9 @@ from __future__ import annotations
 import tarfile
 from pathlib import Path
 
-from pipeline.datasets.base import READERS, make_key
-from pipeline.datasets.table import json_value
-from pipeline.errors import DatasetError
+from densevse.pipeline.datasets.base import READERS, make_key
+from densevse.pipeline.datasets.table import json_value
+from densevse.pipeline.errors import DatasetError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # img2dataset's encode_format values
 NEEDED = ("key", "status", "error_message", "caption")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.datasets.base import READERS, inside, make_key, read_json
-from pipeline.errors import DatasetError
+from densevse.pipeline.datasets.base import READERS, inside, make_key, read_json
+from densevse.pipeline.errors import DatasetError
 
 SPLIT_NAMES = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from models import trees
+from densevse.models import trees
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
           "yellow": (235, 215, 40), "purple": (150, 60, 190), "cyan": (40, 200, 210)}

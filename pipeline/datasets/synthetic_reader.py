@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.datasets.base import READERS
-from pipeline.datasets.synthetic import generate
+from densevse.pipeline.datasets.base import READERS
+from densevse.pipeline.datasets.synthetic import generate
 
 
 @READERS.register("synthetic")

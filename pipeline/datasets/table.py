@@ -26,9 +26,9 @@ from pathlib import Path, PurePosixPath
 from typing import Iterator
 from urllib.parse import urlparse
 
-from pipeline.config import TABLE_FORMATS
-from pipeline.datasets.base import READERS, inside, make_key, require
-from pipeline.errors import DatasetError
+from densevse.pipeline.config import TABLE_FORMATS
+from densevse.pipeline.datasets.base import READERS, inside, make_key, require
+from densevse.pipeline.errors import DatasetError
 
 
 def read_rows(path: Path, fmt: str) -> tuple[list[str], Iterator[tuple[int, dict]]]:

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from models.captioner import Captioner, dense_description
-from models.metrics import coco_scores, nearest_captions, object_precision, object_recall
-from pipeline.preprocess.shards import shard_paths
-from pipeline.training.captioner import default_checkpoint
-from pipeline.training.data import iter_samples
+from densevse.models.captioner import Captioner, dense_description
+from densevse.models.metrics import coco_scores, nearest_captions, object_precision, object_recall
+from densevse.pipeline.preprocess.shards import shard_paths
+from densevse.pipeline.training.captioner import default_checkpoint
+from densevse.pipeline.training.data import iter_samples
 
 
 def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | None = None) -> dict:
@@ -68,7 +68,7 @@ def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | N
     if cfg.mlflow.tracking_uri and run_id:
         from mlflow.tracking import MlflowClient
 
-        from pipeline.tracking import log_epoch
+        from densevse.pipeline.tracking import log_epoch
 
         log_epoch(cfg.mlflow.tracking_uri, run_id, {f"{split}_{k}": v for k, v in out.items()},
                   step=int(out["epoch"] or 0))

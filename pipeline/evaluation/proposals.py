@@ -10,8 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
-from models.metrics import proposal_recall, recall_table
-from stages.regions import predict_boxes
+from densevse.models.metrics import proposal_recall, recall_table
+from densevse.stages.regions import predict_boxes
 
 
 def shard_recall(shard_paths: Sequence[str | Path], iou: float = 0.5, top_k: int = 19) -> dict:

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.batch import collate
-from models.checkpoint import load_model
-from models.metrics import grounding_accuracy, paired_iou, recall_at_k
-from pipeline.evaluation.proposals import shard_recall
-from pipeline.preprocess.shards import shard_paths
-from pipeline.training.data import eval_items
+from densevse.models.batch import collate
+from densevse.models.checkpoint import load_model
+from densevse.models.metrics import grounding_accuracy, paired_iou, recall_at_k
+from densevse.pipeline.evaluation.proposals import shard_recall
+from densevse.pipeline.preprocess.shards import shard_paths
+from densevse.pipeline.training.data import eval_items
 
 
 @torch.no_grad()

@@ -24,8 +24,8 @@ import threading
 import time
 import uuid
 
-from pipeline import storage
-from pipeline.errors import ConfigError
+from densevse.pipeline import storage
+from densevse.pipeline.errors import ConfigError
 
 log = logging.getLogger("densevse.preprocess")
 LOCK_NAME = ".lock"

@@ -37,12 +37,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from pipeline.config import PipelineConfig
-from pipeline.datasets import read_dataset
-from pipeline.errors import ConfigError, DatasetError
-from pipeline.preprocess import shards
-from stages.base import empty_row
+from densevse.pipeline import storage
+from densevse.pipeline.config import PipelineConfig
+from densevse.pipeline.datasets import read_dataset
+from densevse.pipeline.errors import ConfigError, DatasetError
+from densevse.pipeline.preprocess import shards
+from densevse.stages.base import empty_row
 
 PLAN_DIR = "plan"  # under the shard dir: on a cluster, where every node already reads and writes shards
 CHUNK_ROWS = 65536  # samples per spooled chunk and (about) per plan file

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from models import detector as det
-from models import parser as stanza_models
-from pipeline.errors import ConfigError
+from densevse.models import detector as det
+from densevse.models import parser as stanza_models
+from densevse.pipeline.errors import ConfigError
 
 log = logging.getLogger("densevse.prepare")
 
@@ -34,13 +34,13 @@ class Training:
 
 
 def _train_detector(config: str, spec) -> dict:
-    from pipeline.stage_models import detector as trainer
+    from densevse.pipeline.stage_models import detector as trainer
 
     return trainer.train(config, spec, quiet=True)
 
 
 def _train_parser(model_dir: str) -> dict:
-    from pipeline.stage_models import parser as trainer
+    from densevse.pipeline.stage_models import parser as trainer
 
     return trainer.train(model_dir)
 
@@ -64,7 +64,7 @@ def ensure_detector(key: str, p, spec=None, jobs: list[Training] | None = None) 
     DetectorSpec()); any other config/weights must exist, else ConfigError naming `key`. With `jobs`, a
     needed training is added there (run_trainings) instead of run now."""
     if p.weights is None and det.is_default_dir(p.config):
-        from pipeline.stage_models import detector as trainer
+        from densevse.pipeline.stage_models import detector as trainer
 
         spec = spec or trainer.DetectorSpec()
         if trainer.is_trained(Path(p.config), spec):
@@ -107,7 +107,7 @@ def ensure_parser(key: str, p, jobs: list[Training] | None = None) -> None:
     """The default parser dir trained once and cached; any other Stanza models must exist."""
     own = p.model_dir is not None and Path(p.model_dir).expanduser().resolve() == stanza_models.DEFAULT_DIR.resolve()
     if own and not stanza_models.explicit_paths(p):
-        from pipeline.stage_models import parser as trainer
+        from densevse.pipeline.stage_models import parser as trainer
 
         if trainer.cached_manifest(p.model_dir) is None:
             log.info("%s: training the default Stanza parser into %s (once, ~1 min; cached afterwards; "

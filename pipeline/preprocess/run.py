@@ -21,17 +21,17 @@ import sys
 import tempfile
 import time
 
-from pipeline import storage
-from pipeline.config import PipelineConfig, StageConfig
-from pipeline.console import emit
-from pipeline.preprocess import ship, shards
-from pipeline.preprocess.cost import Clock, add_cost, summarize_costs
-from pipeline.preprocess.lock import ShardDirLock
-from pipeline.preprocess.plan import (check_resume, fingerprint, plan, plan_dir, read_shard, retry_shards,
+from densevse.pipeline import storage
+from densevse.pipeline.config import PipelineConfig, StageConfig
+from densevse.pipeline.console import emit
+from densevse.pipeline.preprocess import ship, shards
+from densevse.pipeline.preprocess.cost import Clock, add_cost, summarize_costs
+from densevse.pipeline.preprocess.lock import ShardDirLock
+from densevse.pipeline.preprocess.plan import (check_resume, fingerprint, plan, plan_dir, read_shard, retry_shards,
                                      shard_rows)
-from pipeline.preprocess.prepare import prepare_stage_models
-from pipeline.raylocal import init_ray, node_resources
-from stages.base import STAGES, check_shard_rejections, is_transient
+from densevse.pipeline.preprocess.prepare import prepare_stage_models
+from densevse.pipeline.raylocal import init_ray, node_resources
+from densevse.stages.base import STAGES, check_shard_rejections, is_transient
 
 log = logging.getLogger("densevse.preprocess")
 STAGE_ORDER = ("ingest", "regions", "features", "parse")

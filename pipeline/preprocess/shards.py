@@ -29,9 +29,9 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline import storage
-from pipeline.errors import DatasetError
-from pipeline.storage import Location
+from densevse.pipeline import storage
+from densevse.pipeline.errors import DatasetError
+from densevse.pipeline.storage import Location
 
 MANIFEST = "manifest.parquet"
 MANIFEST_SCHEMA = pa.schema([
@@ -131,7 +131,7 @@ def manifest_entry(row: dict) -> dict:
     caps = json.loads(row["captions"]) if not row["reject"] else []
     n_regions = 0
     if row["boxes"] and not row["reject"]:
-        from stages.base import npy_load
+        from densevse.stages.base import npy_load
         n_regions = int(npy_load(row["boxes"]).shape[0])
     return {"key": row["key"], "split": row["split"], "shard": row["shard"], "source": row["source"],
             "status": "rejected" if row["reject"] else "ok", "reason": row["reject"],

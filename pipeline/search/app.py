@@ -31,10 +31,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from pipeline.errors import ConfigError
-from pipeline.search.query import Index
-from pipeline.serving.rest import is_loopback
-from stages.text import MAX_CAPTION_CHARS
+from densevse.pipeline.errors import ConfigError
+from densevse.pipeline.search.query import Index
+from densevse.pipeline.serving.rest import is_loopback
+from densevse.stages.text import MAX_CAPTION_CHARS
 
 MAX_PHOTO = 20 * 1024 * 1024
 MAX_BODY = MAX_PHOTO + 65536  # + a multipart envelope

@@ -28,7 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.search import vectors
+from densevse.pipeline.search import vectors
 
 KINDS = {"image": "img_emb", "text": "text_emb", "region": "region_emb", "phrase": "phrase_emb"}
 INDEX_JSON = "index.json"
@@ -49,8 +49,8 @@ def read_jpeg(shard: str | Path, offset: int, size: int) -> bytes:
 def build(shard_dir: str | Path, embedder, out: str | Path, splits=("train", "val", "test"),
           exact_below: int = vectors.EXACT_BELOW, batch_images: int = 64, log=print) -> dict:
     """Embed every sample of `splits` and write the index to `out` (layout above). Returns index.json's dict."""
-    from pipeline.preprocess.shards import shard_paths
-    from pipeline.training.data import iter_samples
+    from densevse.pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.training.data import iter_samples
 
     t0, shard_dir, out = time.time(), Path(shard_dir), Path(out)
     tables = {k: [] for k in ("metadata", "captions", "regions", "phrases")}

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.errors import ModelMismatch
-from pipeline.search import vectors
-from pipeline.search.index import INDEX_JSON, KINDS, read_jpeg
+from densevse.pipeline.errors import ModelMismatch
+from densevse.pipeline.search import vectors
+from densevse.pipeline.search.index import INDEX_JSON, KINDS, read_jpeg
 
 
 class Index:
@@ -46,7 +46,7 @@ class Index:
         """Open the index at `root` with its own checkpoint, or `model` (a checkpoint path or an MLflow URI the
         user gave) / `embedder`, which must be the same model: ModelMismatch otherwise. `stages`: the caller's
         stage config, where query stages take their model files from."""
-        from pipeline.serving import embedder as emb
+        from densevse.pipeline.serving import embedder as emb
 
         root = Path(root)
         if not (root / INDEX_JSON).is_file():
@@ -117,8 +117,8 @@ class Index:
 def own_model(built: dict, root: Path, stages=None):
     """The Embedder of the checkpoint index.json records, loaded weights-only once its bytes match the recorded
     sha256; an MLflow URI (or a path without a sha256) is never loaded from an index's own file."""
-    from models.checkpoint import ChecksumMismatch
-    from pipeline.serving.embedder import Embedder
+    from densevse.models.checkpoint import ChecksumMismatch
+    from densevse.pipeline.serving.embedder import Embedder
 
     path = built.get("checkpoint") or built.get("source")  # "source": index.json written before checkpoint/sha256
     if not path or "://" in path or path.startswith(("models:", "runs:")):

@@ -22,15 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from models.captioner import dedup_boxes, dense_description
-from models.detector import resolve
-from stages.regions import Detectron2Regions, RegionParams, predict_boxes
+from densevse.models.captioner import dedup_boxes, dense_description
+from densevse.models.detector import resolve
+from densevse.stages.regions import Detectron2Regions, RegionParams, predict_boxes
 
 
 def region_proposer(cfg):
     """(propose(list of JPEG bytes) -> list of (R, 4) boxes, note). propose is None when the configured regions
     stage cannot propose boxes for a new image (not Detectron2, or its weights are missing)."""
-    from stages import STAGES
+    from densevse.stages import STAGES
 
     sc = cfg.stages.regions
     if not issubclass(STAGES.get(sc.impl), Detectron2Regions):
@@ -53,7 +53,7 @@ def region_proposer(cfg):
 def load_image(path: str | Path, max_side: int) -> tuple[bytes, int, int]:
     """JPEG bytes, width, height of an image file, normalised as ingest does; raises Reject for bad files.
     EXIF orientation is applied (a phone photo is described the right way up): a new image has no boxes."""
-    from stages.images import decode_rgb, read_bytes, to_jpeg
+    from densevse.stages.images import decode_rgb, read_bytes, to_jpeg
 
     img, _ = decode_rgb(read_bytes(str(path)), max_side=max_side, exif_transpose=True)
     return to_jpeg(img), img.width, img.height
@@ -63,7 +63,7 @@ class Describer:
     """Images -> descriptions, with the configured regions and features stages and a trained captioner."""
 
     def __init__(self, cfg, captioner, propose=None, note: str = ""):
-        from stages import STAGES
+        from densevse.stages import STAGES
 
         self.cfg, self.cap, self.propose, self.note = cfg, captioner, propose, note
         fc = cfg.stages.features
@@ -77,7 +77,7 @@ class Describer:
         self.max_side = cfg.stages.ingest.params.max_side
 
     def featurize(self, jpeg: bytes, w: int, h: int, boxes: np.ndarray) -> np.ndarray:
-        from stages.base import empty_row, npy_bytes, npy_load
+        from densevse.stages.base import empty_row, npy_bytes, npy_load
 
         boxes = np.concatenate([np.array([[0, 0, w, h]], np.float32), boxes.reshape(-1, 4)])
         row = empty_row(key="describe", image=jpeg, width=w, height=h, boxes=npy_bytes(boxes))
@@ -116,7 +116,7 @@ def draw(result: dict, out: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from stages.images import decode_rgb, read_bytes
+    from densevse.stages.images import decode_rgb, read_bytes
 
     img, _ = decode_rgb(read_bytes(result["image"]), max_side=max(result["width"], result["height"]),
                         exif_transpose=True)  # as load_image: the boxes are on the upright photo

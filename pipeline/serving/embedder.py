@@ -30,9 +30,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from models.batch import collate
-from pipeline.errors import BadInput, ConfigError
-from pipeline.preprocess.shards import file_sha256
+from densevse.models.batch import collate
+from densevse.pipeline.errors import BadInput, ConfigError
+from densevse.pipeline.preprocess.shards import file_sha256
 
 STAGE_ORDER = ("ingest", "regions", "features", "parse")
 
@@ -43,7 +43,7 @@ class UntrustedModelFile(ConfigError):
 
 def stage_configs(config: dict) -> dict[str, tuple[str, Any]]:
     """(impl, typed params) per stage of a run config dict (a checkpoint's "config"), validated as pipeline.yaml."""
-    from pipeline.config import StagesConfig
+    from densevse.pipeline.config import StagesConfig
 
     stages = StagesConfig.model_validate(config.get("stages") or {})
     return {name: (getattr(stages, name).impl, getattr(stages, name).params) for name in STAGE_ORDER}
@@ -65,8 +65,8 @@ def bundled_paths(stages: dict[str, tuple[str, Any]]) -> dict[str, Path]:
     """The local model files of the stages, keyed "<stage>.<field>" (MLflow artifact names): what a registered
     model must carry to run them elsewhere. The default ImageNet weights of the features stage (or of the
     combined regions stage's head) are included."""
-    from models.efficientnet import default_weights
-    from pipeline.preprocess.ship import local_model_paths
+    from densevse.models.efficientnet import default_weights
+    from densevse.pipeline.preprocess.ship import local_model_paths
 
     out = {}
     for name, (_, params) in stages.items():
@@ -127,7 +127,7 @@ def check_model_files(name: str, params, recorded: dict | None) -> None:
     shards'. Nothing is recorded: nothing to compare."""
     if not recorded:
         return
-    from pipeline.preprocess.plan import path_sha256
+    from densevse.pipeline.preprocess.plan import path_sha256
 
     for field in getattr(params, "model_paths", ()):
         want, value = recorded.get(f"{name}.{field}"), getattr(params, field, None)
@@ -190,7 +190,7 @@ class Embedder:
     def from_checkpoint(cls, path: str | Path, stages=None, sha256: str | None = None) -> Embedder:
         """The checkpoint at `path` (weights-only; `sha256`: refused unless its bytes have it), model files from
         `stages`, the caller's own stage config (`trusted_stages`)."""
-        from models.checkpoint import load_model
+        from densevse.models.checkpoint import load_model
 
         model, vocab, labels, ck = load_model(path, sha256=sha256)
         identity = {"model": ck["model_name"], "checkpoint": str(Path(path).resolve()),
@@ -199,7 +199,7 @@ class Embedder:
 
     def _stage(self, name: str):
         if name not in self._built:
-            from stages import STAGES
+            from densevse.stages import STAGES
 
             why = getattr(self, "untrusted", {}).get(name)
             if why:
@@ -212,7 +212,7 @@ class Embedder:
     # ---- images
     def image_rows(self, images: Sequence[bytes | str | Path]) -> list[dict]:
         """Shard-like rows (boxes, feats as float16 as stored) of raw images: bytes or local paths."""
-        from stages.base import empty_row
+        from densevse.stages.base import empty_row
 
         rows = []
         for i, im in enumerate(images):
@@ -228,7 +228,7 @@ class Embedder:
 
     @torch.no_grad()
     def images(self, images: Sequence[bytes | str | Path]) -> list[dict]:
-        from stages.base import npy_load
+        from densevse.stages.base import npy_load
 
         rows = self.image_rows(images)
         items = [({"key": r["key"], "feats": npy_load(r["feats"]).astype(np.float32),
@@ -250,7 +250,7 @@ class Embedder:
     # ---- texts
     def parse(self, texts: Sequence[str]) -> list[dict]:
         """Captions -> {"index", "text", "tree", "phrases"} through ingest's caption check and the parse stage."""
-        from stages.ingest import check_caption
+        from densevse.stages.ingest import check_caption
 
         impl, _ = self.stages["parse"]
         if impl == "gold_trees":
@@ -268,7 +268,7 @@ class Embedder:
             bad = [(i, r) for i, r in enumerate(reasons) if r]
         if bad:
             raise BadInput("; ".join(f"text {i}: {reason}" for i, reason in bad))
-        from models import trees as T
+        from densevse.models import trees as T
 
         return [{"index": i, "text": " ".join(tr["tokens"]), "tree": tr, "phrases": T.phrases(tr)}
                 for i, tr in enumerate(trees)]

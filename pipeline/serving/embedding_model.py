@@ -3,6 +3,6 @@ to load the model, so loading unpickles nothing (a pickled PythonModel runs what
 `pipeline` comes from the model's shipped code (code_paths) or the loading process's own tree."""
 import mlflow.models
 
-from pipeline.serving.pyfunc import EmbeddingPyfunc
+from densevse.pipeline.serving.pyfunc import EmbeddingPyfunc
 
 mlflow.models.set_model(EmbeddingPyfunc())

@@ -35,8 +35,8 @@ import math
 import mlflow.pyfunc
 import numpy as np
 
-from models.captioner import Captioner
-from models.mrnn import SENTENCE
+from densevse.models.captioner import Captioner
+from densevse.models.mrnn import SENTENCE
 
 INPUTS = ("image", "text", "feats", "boxes", "tree")
 
@@ -82,7 +82,7 @@ class EmbeddingPyfunc(mlflow.pyfunc.PythonModel):
     """mlflow.pyfunc wrapper of a trained checkpoint (module docstring)."""
 
     def load_context(self, context):
-        from models.checkpoint import load_model
+        from densevse.models.checkpoint import load_model
 
         self.checkpoint_path = context.artifacts["checkpoint"]
         self.model, self.vocab, self.labels, self.ck = load_model(self.checkpoint_path)
@@ -99,7 +99,7 @@ class EmbeddingPyfunc(mlflow.pyfunc.PythonModel):
     def make_embedder(self, given=None):
         """An Embedder whose stage models are the bundled ones, then those of `given` (an in-process caller's
         own stage config); never a path from the checkpoint's config (embedder.trusted_stages)."""
-        from pipeline.serving.embedder import Embedder
+        from densevse.pipeline.serving.embedder import Embedder
 
         return Embedder.from_loaded(self.model, self.vocab, self.labels, self.ck, {"model": self.ck["model_name"]},
                                     bundled=getattr(self, "stage_artifacts", {}), given=given)
@@ -109,8 +109,8 @@ class EmbeddingPyfunc(mlflow.pyfunc.PythonModel):
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-        from pipeline.errors import BadInput
-        from pipeline.serving.embedder import UntrustedModelFile
+        from densevse.pipeline.errors import BadInput
+        from densevse.pipeline.serving.embedder import UntrustedModelFile
 
         try:
             return pd.DataFrame(self._predict(pd.DataFrame(model_input)))
@@ -122,7 +122,7 @@ class EmbeddingPyfunc(mlflow.pyfunc.PythonModel):
     def _predict(self, df) -> list[dict]:
         import torch
 
-        from models import trees
+        from densevse.models import trees
 
         def get(row, col):
             v = row.get(col)

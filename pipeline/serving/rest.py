@@ -17,7 +17,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def is_loopback(host: str) -> bool:
@@ -41,7 +40,7 @@ def serve_command(model_uri: str, host: str = "127.0.0.1", port: int = 5001) -> 
 def start(model_uri: str, tracking_uri: str, port: int, log: Path, timeout: float = 300):
     """`mlflow models serve` in its own process group (stop it with `stop`), once /ping answers: (process, url)."""
     # MLflow execs `uvicorn` by name: the venv's bin must be on PATH even when the venv is not activated.
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PYTHONPATH": str(REPO),
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri,
            "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
     proc = subprocess.Popen(serve_command(model_uri, port=port), stdout=Path(log).open("wb"),
                             stderr=subprocess.STDOUT, env=env, start_new_session=True)

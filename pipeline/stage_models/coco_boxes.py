@@ -21,9 +21,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.datasets.base import inside
-from pipeline.datasets.coco import load_json
-from pipeline.errors import DatasetError
+from densevse.pipeline.datasets.base import inside
+from densevse.pipeline.datasets.coco import load_json
+from densevse.pipeline.errors import DatasetError
 
 XYXY_ABS = 0  # detectron2.structures.BoxMode.XYXY_ABS (kept numeric so this module needs no Detectron2)
 

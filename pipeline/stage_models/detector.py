@@ -32,14 +32,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from models.detector import (CONFIG_FILE, IMAGENET_MEAN_255, IMAGENET_STD_255, WEIGHTS_FILE, default_detector_dir,
+from densevse.models.detector import (CONFIG_FILE, IMAGENET_MEAN_255, IMAGENET_STD_255, WEIGHTS_FILE, default_detector_dir,
                              load_cfg)
-from models.checkpoint import load_checkpoint
-from models.metrics import proposal_recall
-from pipeline.errors import DatasetError
-from pipeline.evaluation.proposals import compare_proposals
-from pipeline.stage_models import coco_boxes
-from stages.regions import predict_boxes
+from densevse.models.checkpoint import load_checkpoint
+from densevse.models.metrics import proposal_recall
+from densevse.pipeline.errors import DatasetError
+from densevse.pipeline.evaluation.proposals import compare_proposals
+from densevse.pipeline.stage_models import coco_boxes
+from densevse.stages.regions import predict_boxes
 
 DEFAULT_DIR = default_detector_dir()
 TRAIN_SETS = {"synthetic": "densevse_synthetic_det_train", "coco": "densevse_coco_det_train"}
@@ -116,7 +116,7 @@ def synthetic_dicts(spec: DetectorSpec, seed: int | None = None, n: int | None =
     """Detectron2 dataset dicts; `file_name` is a synthetic:// URI the mapper renders (no files on disk)."""
     from detectron2.structures import BoxMode
 
-    from pipeline.datasets.synthetic import make_image
+    from densevse.pipeline.datasets.synthetic import make_image
 
     seed = spec.seed if seed is None else seed
     out = []
@@ -143,7 +143,7 @@ class SyntheticMapper:
         from detectron2.data import detection_utils as utils
         from detectron2.data import transforms as T
 
-        from pipeline.datasets.synthetic import make_image
+        from densevse.pipeline.datasets.synthetic import make_image
 
         s = self.spec
         img, _ = make_image(*d["synthetic"], s.image_size, s.min_objects, s.max_objects, n_captions=1)
@@ -161,7 +161,7 @@ class SyntheticMapper:
 def build_cfg(spec: DetectorSpec, out: Path, num_classes: int = 1):
     """The Detectron2 config: Base-RCNN-FPN layout, our backbone, sizes for 224-px scenes with 30-55 px objects
     (synthetic) or for photos at a ~512-px short side with objects of ~10-500 px (coco)."""
-    from models.efficientnet import default_weights
+    from densevse.models.efficientnet import default_weights
 
     cfg = load_cfg(BASE_CONFIG)
     m = cfg.MODEL
@@ -244,7 +244,7 @@ def _trainer_class(spec: DetectorSpec):
 
 def held_out(spec: DetectorSpec, n: int | None = None) -> tuple[list, list]:
     """Held-out scenes (seed + 1): PIL images and their gold boxes."""
-    from pipeline.datasets.synthetic import make_image
+    from densevse.pipeline.datasets.synthetic import make_image
 
     images, gold = [], []
     for i in range(spec.eval_images if n is None else n):

@@ -39,7 +39,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.parser import DEFAULT_DIR, MODELS_JSON, build_pipeline
+from densevse.models.parser import DEFAULT_DIR, MODELS_JSON, build_pipeline
 
 PROCESSORS = "tokenize,pos,constituency"  # what the parse stage runs
 
@@ -90,7 +90,7 @@ class TrainSpec(BaseModel):
 # ---------------------------------------------------------------- data
 
 def _augment(ptb: str, rng: random.Random, spec: TrainSpec) -> str:
-    from models.trees import from_ptb, to_ptb
+    from densevse.models.trees import from_ptb, to_ptb
 
     tree = from_ptb(ptb)
     if rng.random() < spec.capitalize_prob:
@@ -104,7 +104,7 @@ def _augment(ptb: str, rng: random.Random, spec: TrainSpec) -> str:
 def load_splits(spec: TrainSpec) -> tuple[dict[str, list[str]], dict]:
     """(train/dev/test PTB strings, report): the spec's real treebank, else the synthetic grammar's trees."""
     if spec.treebank:
-        from pipeline.stage_models.treebank import read_treebank
+        from densevse.pipeline.stage_models.treebank import read_treebank
 
         splits, report = read_treebank(spec.treebank)
         return splits, {**report, "source": str(spec.treebank)}
@@ -114,7 +114,7 @@ def load_splits(spec: TrainSpec) -> tuple[dict[str, list[str]], dict]:
 
 def make_treebank(spec: TrainSpec) -> dict[str, list[str]]:
     """Deduplicated synthetic gold trees, split train/dev/test; train/dev get the casing/period augmentation."""
-    from pipeline.datasets.synthetic import treebank
+    from densevse.pipeline.datasets.synthetic import treebank
 
     trees = list(dict.fromkeys(treebank(spec.n_trees, spec.seed)))  # dedupe, keep order
     rng = random.Random(spec.seed)
@@ -129,7 +129,7 @@ def make_treebank(spec: TrainSpec) -> dict[str, list[str]]:
 
 def to_conllu(ptbs: list[str]) -> str:
     """CoNLL-U for the tagger: FORM, UPOS, XPOS from the trees; a flat chain as a placeholder dependency tree."""
-    from models.trees import from_ptb
+    from densevse.models.trees import from_ptb
 
     blocks = []
     for k, s in enumerate(ptbs):
@@ -192,7 +192,7 @@ class _PyEvalb:
         return False
 
     def process(self, results):
-        from models.trees import evalb, from_ptb
+        from densevse.models.trees import evalb, from_ptb
 
         gold = [from_ptb(str(r.gold)) for r in results]
         pred = [from_ptb(str(r.predictions[0].tree)) for r in results]
@@ -264,8 +264,8 @@ def train_parser(data: Path, out: Path, pretrain: Path, tagger_path: Path, spec:
 def evaluate(model_dir: Path, ptbs: list[str], stage=None) -> dict:
     """Parse held-out trees' gold words with the stage's Stanza pipeline: evalb F1 (punctuation excluded, as
     Stanza's scorer), exact trees, POS accuracy. Gold words go in as they are (no re-tokenising), as evalb wants."""
-    from models.trees import evalb, from_ptb
-    from stages.parse import StanzaParse
+    from densevse.models.trees import evalb, from_ptb
+    from densevse.stages.parse import StanzaParse
 
     gold = [from_ptb(s) for s in ptbs]
     stage = stage or StanzaParse({"model_dir": str(model_dir), "max_tokens": 10_000})

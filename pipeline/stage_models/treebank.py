@@ -16,7 +16,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from models.trees import TreeError, parse_brackets
+from densevse.models.trees import TreeError, parse_brackets
 
 # Penn Treebank POS tags, with the OntoNotes/GUM additions (HYPH, NFP, ADD, AFX, GW, XX).
 POS_TAGS = frozenset("""CC CD DT EX FW IN JJ JJR JJS LS MD NN NNS NNP NNPS PDT POS PRP PRP$ RB RBR RBS RP SYM TO UH

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.batch import caption_tokens, gold_nodes
-from models.captioner import build_model, pad_images
-from models.metrics import box_iou
-from models.mrnn import MRNN, PHRASE, SENTENCE, SPECIALS
-from models.vocab import Vocab, normalize
-from pipeline.training.data import iter_samples
-from pipeline.training.loop import Task, best_path, fit
+from densevse.models.batch import caption_tokens, gold_nodes
+from densevse.models.captioner import build_model, pad_images
+from densevse.models.metrics import box_iou
+from densevse.models.mrnn import MRNN, PHRASE, SENTENCE, SPECIALS
+from densevse.models.vocab import Vocab, normalize
+from densevse.pipeline.training.data import iter_samples
+from densevse.pipeline.training.loop import Task, best_path, fit
 
 MODEL_NAME = "mrnn"
 
@@ -194,6 +194,6 @@ class CaptionerTask(Task):
         return -entry.get("val_loss", entry["train_loss"])
 
     def register(self, cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
-        from pipeline import tracking
+        from densevse.pipeline import tracking
 
         return tracking.register_captioner(cfg, run_id, history, best_path)

@@ -11,10 +11,10 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from models.batch import caption_tokens
-from models.vocab import Vocab
-from pipeline import storage
-from pipeline.preprocess.shards import shard_paths  # noqa: F401  (re-exported: the finished tars of a split)
+from densevse.models.batch import caption_tokens
+from densevse.models.vocab import Vocab
+from densevse.pipeline import storage
+from densevse.pipeline.preprocess.shards import shard_paths  # noqa: F401  (re-exported: the finished tars of a split)
 
 
 def rank_shards(paths: list[Path], rank: int, world: int) -> list[tuple[Path, int, int]]:

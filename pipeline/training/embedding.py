@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.training.loop import Task, fit, for_workers, latest_checkpoint, save_best  # noqa: F401 (public here)
+from densevse.pipeline.training.loop import Task, fit, for_workers, latest_checkpoint, save_best  # noqa: F401 (public here)
 
 
 def train(cfg, resume: bool = False) -> dict:
@@ -36,9 +36,9 @@ class EmbeddingTask(Task):
         self.patience, self.prefetch_depth = cfg.train.patience, cfg.train.prefetch
 
     def prepare(self, cfg, paths: list[Path], state: dict | None) -> dict:
-        from models.vocab import glove_init
-        from pipeline.preprocess.shards import load_stats, shard_of
-        from pipeline.training.data import build_vocabs, iter_samples
+        from densevse.models.vocab import glove_init
+        from densevse.pipeline.preprocess.shards import load_stats, shard_of
+        from densevse.pipeline.training.data import build_vocabs, iter_samples
 
         stats = load_stats(cfg.shard_dir, [shard_of(p) for p in paths])
         n_samples, n_captions = sum(st["n_ok"] for st in stats), sum(st["n_captions"] for st in stats)
@@ -55,7 +55,7 @@ class EmbeddingTask(Task):
         return {"vocab": len(self.words)}
 
     def setup(self, cfg, train_paths: list, val_paths: list[Path], device) -> None:
-        from models.vocab import Vocab
+        from densevse.models.vocab import Vocab
 
         self.tc, self.eval_cfg, self.device = cfg.train, cfg.eval, device
         self.train_paths, self.val_paths = train_paths, val_paths
@@ -63,7 +63,7 @@ class EmbeddingTask(Task):
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
     def build_model(self, hparams: dict | None) -> torch.nn.Module:
-        from models import build_model, rebuild
+        from densevse.models import build_model, rebuild
 
         if hparams is not None:
             return rebuild(self.model_name, hparams)
@@ -71,9 +71,9 @@ class EmbeddingTask(Task):
                            feat_dim=self.feat_dim, word_init=self.word_init)
 
     def train_epoch(self, model, core, opt, epoch: int) -> tuple[dict[str, float], int]:
-        from models.batch import collate
-        from models.losses import embedding_loss
-        from pipeline.training.data import batched_pairs, iter_pairs
+        from densevse.models.batch import collate
+        from densevse.models.losses import embedding_loss
+        from densevse.pipeline.training.data import batched_pairs, iter_pairs
 
         tc = self.tc
         sums, pairs = {"loss": 0.0, "loss_sentence": 0.0, "loss_phrase": 0.0}, 0
@@ -98,7 +98,7 @@ class EmbeddingTask(Task):
         return sums, pairs
 
     def evaluate(self, core) -> dict:
-        from pipeline.evaluation.retrieval import evaluate_model
+        from densevse.pipeline.evaluation.retrieval import evaluate_model
 
         if not self.val_paths:
             return {}
@@ -114,7 +114,7 @@ class EmbeddingTask(Task):
         return entry.get("val_rsum", -entry["train_loss"])
 
     def register(self, cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
-        from pipeline import tracking
+        from densevse.pipeline import tracking
 
         best = max(history, key=self.best_score)
         return tracking.finish_run(cfg, run_id, history, best_path, score=self.best_score(best))

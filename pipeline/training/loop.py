@@ -51,14 +51,14 @@ from pathlib import Path
 
 import torch
 
-from models.checkpoint import is_complete, load_checkpoint
-from pipeline import storage as store
-from pipeline.config import public_config, redact_uri
-from pipeline.console import emit
-from pipeline.storage import Location
-from pipeline.raylocal import REPO, cpus_per_worker, init_ray, node_resources
-from pipeline.training.prefetch import StepTimer, prefetch
-from pipeline.training.stopping import early_stop
+from densevse.models.checkpoint import is_complete, load_checkpoint
+from densevse.pipeline import storage as store
+from densevse.pipeline.config import public_config, redact_uri
+from densevse.pipeline.console import emit
+from densevse.pipeline.storage import Location
+from densevse.pipeline.raylocal import cpus_per_worker, init_ray, node_resources
+from densevse.pipeline.training.prefetch import StepTimer, prefetch
+from densevse.pipeline.training.stopping import early_stop
 
 FAIL_AT_EPOCH = "DENSEVSE_FAIL_AT_EPOCH"
 EPOCH_BARRIER = "DENSEVSE_EPOCH_BARRIER"
@@ -88,7 +88,7 @@ class Task:
         raise NotImplementedError
 
     def setup(self, cfg, train_paths: list, val_paths: list[Path], device) -> None:
-        """Worker: load this rank's train data (reads from pipeline.training.data.rank_shards); val_paths are
+        """Worker: load this rank's train data (reads from densevse.pipeline.training.data.rank_shards); val_paths are
         the val shards on rank 0 (which evaluates) and [] elsewhere."""
         raise NotImplementedError
 
@@ -167,7 +167,7 @@ def load_dir(d: Location) -> dict:
 def for_workers(cfg):
     """A copy of cfg with absolute paths: Ray Train workers run in another directory, so a relative shard dir,
     output dir or sqlite/file tracking URI would point somewhere else there (an empty MLflow store, say)."""
-    from pipeline.tracking import absolute_uri
+    from densevse.pipeline.tracking import absolute_uri
 
     cfg = cfg.model_copy(deep=True)
     cfg.shards.dir = cfg.shard_dir if store.is_uri(cfg.shard_dir) else Path(cfg.shard_dir).resolve()
@@ -179,7 +179,7 @@ def for_workers(cfg):
 def fit(cfg, task: Task, resume: bool = False) -> dict:
     """Train `task` on cfg's train shards; `resume`: continue from its latest checkpoint (and MLflow run).
     Returns the summary, also written to <output_dir>/train-<task.name>.json."""
-    from pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.preprocess.shards import shard_paths
 
     t0 = time.time()
     cfg = for_workers(cfg)
@@ -192,7 +192,7 @@ def fit(cfg, task: Task, resume: bool = False) -> dict:
     state = load_dir(resume_from) if resume_from else None
     info = task.prepare(cfg, paths, state)
     task.model_files = _model_files(cfg.shard_dir, paths[0])
-    env = {"PYTHONPATH": str(REPO), **_fail_env(), EPOCH_BARRIER: os.environ.get(EPOCH_BARRIER, "")}
+    env = {**_fail_env(), EPOCH_BARRIER: os.environ.get(EPOCH_BARRIER, "")}
     init_ray(cfg)  # before the MLflow run: a Ray that fails to start leaves no empty run behind
     run_id = _mlflow_run(cfg, task, state)
     try:
@@ -220,8 +220,8 @@ def _summary(cfg, task: Task, result, info: dict) -> dict:
 
 def _model_files(shard_dir, tar) -> dict[str, str]:
     """The stage model files' sha256 recorded in a train shard's config fingerprint (the set holds one config)."""
-    from pipeline.preprocess.shards import read_stats, shard_of
-    from pipeline.serving.embedder import recorded_model_files
+    from densevse.pipeline.preprocess.shards import read_stats, shard_of
+    from densevse.pipeline.serving.embedder import recorded_model_files
 
     return recorded_model_files((read_stats(shard_dir, shard_of(tar)) or {}).get("fingerprint"))
 
@@ -239,7 +239,7 @@ def _mlflow_run(cfg, task: Task, state: dict | None) -> str | None:
     """The resumed checkpoint's MLflow run, else a new one named <run.name>-<task.name>; None without tracking.
     An MLflow that does not answer now is an error before anything trains (bounded: seconds, not MLflow's
     minutes of retries): tracking was asked for, and a run begun without it could never be logged to."""
-    from pipeline import tracking
+    from densevse.pipeline import tracking
 
     if not cfg.mlflow.tracking_uri:
         return None
@@ -256,7 +256,7 @@ def _mlflow_run(cfg, task: Task, state: dict | None) -> str | None:
 def _open_run(cfg, task: Task, state: dict | None) -> str:
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
+    from densevse.pipeline import tracking
 
     if state is not None and state.get("mlflow_run_id"):
         tracking.reopen_run(cfg.mlflow.tracking_uri, state["mlflow_run_id"])
@@ -283,7 +283,7 @@ def _end_tracking(cfg, task: Task, run_id: str, result, summary: dict) -> None:
     nothing was registered (a warning says so). A registration error while MLflow answers is a real error."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
+    from densevse.pipeline import tracking
 
     uri, best = cfg.mlflow.tracking_uri, best_path(cfg, task.name)
     try:
@@ -324,7 +324,7 @@ def _unlogged_at_end(result, history: list[dict]) -> list[int]:
 
 def _mark_failed(uri: str, run_id: str, error: BaseException) -> None:
     """end_run(FAILED) with why, never raising: an MLflow that is down must not hide the job's real error."""
-    from pipeline import tracking
+    from densevse.pipeline import tracking
 
     try:
         with tracking.bounded():
@@ -431,7 +431,7 @@ def log_epochs(uri: str, run_id: str, history: list[dict], unlogged: list[int], 
     """Rank 0, once epoch `epoch`'s checkpoint is reported: log it, and every earlier epoch MLflow lacks, bounded
     and best-effort (module docstring). Returns the epochs MLflow may still lack: [] once a backfill went through,
     else `unlogged` (which holds `epoch`); a failure is a warning on the driver's console, never an exception."""
-    from pipeline import tracking
+    from densevse.pipeline import tracking
 
     try:
         with tracking.bounded():
@@ -485,8 +485,8 @@ def _restore(resume_from: str | None) -> tuple[dict | None, bool]:
 
 def _setup_data(cfg, task: Task, rank: int, world: int, device) -> None:
     """Every task shards the same way: rank r gets its reads of the train shards; rank 0 the val shards."""
-    from pipeline.preprocess.shards import shard_paths
-    from pipeline.training.data import rank_shards
+    from densevse.pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.training.data import rank_shards
 
     train = shard_paths(cfg.shard_dir, "train")
     if not train:

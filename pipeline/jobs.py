@@ -7,11 +7,12 @@
     densevse submit pipeline.yaml --address local          # the same run, in this process
 
 What is shipped: the config is loaded and validated here, overrides applied, before anything is sent; the
-project (without .venv, runs, caches, data) plus that resolved config (as densevse-job.yaml) are copied to a
-staging directory that becomes the job's runtime_env working_dir. Ray uploads it, every node unpacks it, and
-the job runs `python -m pipeline.cli <command> densevse-job.yaml` in it. The working_dir comes first on
-sys.path (and PYTHONPATH for the job's workers), so the job runs the code as it is here now, not whatever copy
-or editable install a node has. The nodes' Python environment is the cluster image's (setup.sh, see
+project's code, laid out as installed (densevse/models, densevse/stages, densevse/pipeline, densevse/cluster),
+plus that resolved config (as densevse-job.yaml) and the stage models it names by relative path are copied to
+a staging directory that becomes the job's runtime_env working_dir. Ray uploads it, every node unpacks it, and
+the job runs `python -m densevse.pipeline.cli <command> densevse-job.yaml` in it. The working_dir comes first on
+sys.path (for the job's workers too), ahead of the nodes' installed `densevse`, so the job runs the code as it
+is here now, not whatever copy or editable install a node has. The nodes' Python environment is the cluster image's (setup.sh, see
 cluster/aws.yaml); `--pip` adds packages for one job.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from densevse.pipeline.code import NAMESPACE, PACKAGES, ROOT
 JOB_CONFIG = "densevse-job.yaml"
 # Never shipped: environments, outputs, caches, datasets, VCS metadata (the runtime_env repeats them as excludes).
 EXCLUDES = [".venv", "runs", ".cache", "data", "mlruns", "mlflow", "mlflow.db", ".git", "__pycache__", "*.pyc",
@@ -43,7 +44,7 @@ def default_address() -> str:
 
 def job_config(config: str | Path | None, overrides: list[str]):
     """The validated config the job runs: overrides applied; ray.address=auto (join the cluster it runs on)."""
-    from pipeline.config import load_config
+    from densevse.pipeline.config import load_config
 
     cfg = load_config(config, overrides)
     cfg.ray.address = "auto"
@@ -54,10 +55,11 @@ def stage(cfg, dest: Path) -> Path:
     """Copy the project, the stage models the config names by relative path (trained here, under the
     otherwise excluded .cache/), and the resolved config into `dest` (the job's working_dir), so the job's
     driver finds the same models instead of training them again."""
-    from pipeline.config import dump_config
+    from densevse.pipeline.config import dump_config
 
-    shutil.copytree(ROOT, dest, ignore=shutil.ignore_patterns(*EXCLUDES), dirs_exist_ok=True)
-    (dest / ".gitignore").unlink(missing_ok=True)  # Ray's upload honours it, and it ignores .cache/
+    for pkg in PACKAGES:  # the code, importable as densevse.<pkg> from the working dir
+        shutil.copytree(ROOT / pkg, dest / NAMESPACE / pkg, ignore=shutil.ignore_patterns(*EXCLUDES),
+                        dirs_exist_ok=True)
     for _, rel in local_stage_models(cfg):
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -92,7 +94,7 @@ def unshipped_paths(cfg) -> list[tuple[str, str]]:
 
 def entrypoint(command: str, python: str = "python") -> str:
     quiet = " --quiet" if command in ("run", "preprocess") else ""  # no progress bars in job logs
-    return f"{python} -m pipeline.cli {command} {JOB_CONFIG}{quiet}"
+    return f"{python} -m densevse.pipeline.cli {command} {JOB_CONFIG}{quiet}"
 
 
 def runtime_env(working_dir: Path, pip: list[str] | None = None) -> dict:
