@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from densevse.stages import STAGES  # noqa: E402
+from densevse.stages import FEATURES, REGIONS  # noqa: E402
 from densevse.stages.base import empty_row, npy_bytes, npy_load  # noqa: E402
 from densevse.models.detector import default_detector_dir  # noqa: E402
 from densevse.models.metrics import proposal_recall
@@ -115,12 +115,12 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     res: dict = {"threads": args.threads, "detector": args.detector}
-    STAGES.get("detectron2").prepare({"config": args.detector})  # trains the default detector if missing
-    regions = STAGES.get("detectron2")({"config": args.detector, "threads": args.threads})
+    REGIONS.get("detectron2").prepare({"config": args.detector})  # trains the default detector if missing
+    regions = REGIONS.get("detectron2")({"config": args.detector, "threads": args.threads})
     extractors = {
-        "roialign": STAGES.get("efficientnet_lite0")({"threads": args.threads}),
-        "crops": STAGES.get("efficientnet_lite0_crops")({"threads": args.threads}),
-        "boxhead": STAGES.get("detectron2_boxhead")({"config": args.detector, "threads": args.threads}),
+        "roialign": FEATURES.get("efficientnet_lite0")({"threads": args.threads}),
+        "crops": FEATURES.get("efficientnet_lite0_crops")({"threads": args.threads}),
+        "boxhead": FEATURES.get("detectron2_boxhead")({"config": args.detector, "threads": args.threads}),
     }
     for name, stage in [*extractors.items(), ("regions", regions)]:  # warm-up (first call allocates)
         stage.process([dict(r) for r in synthetic_rows(1, 999)[0]])

@@ -64,7 +64,7 @@ def bench_queries(index_dir: Path, n: int, config: Path) -> dict:
 
 def bench_rest(uri: str, requests: int, clients: int) -> dict:
     sys.path.insert(0, str(ROOT))
-    from densevse.pipeline.tracking import free_port
+    from densevse.pipeline.tracking.server import free_port
 
     from densevse.pipeline.serving import rest
 

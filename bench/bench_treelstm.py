@@ -18,11 +18,11 @@ import torch
 
 
 def steps_per_s(naive: bool, batches, dims: dict, cfg) -> float:
-    from densevse.models import build_model
+    from densevse.models import new_embedding_model
     from densevse.models.losses import embedding_loss
 
     torch.manual_seed(0)
-    model = build_model("hmlstm", cfg.train, **dims)
+    model = new_embedding_model("hmlstm", cfg.train, **dims)
     model.naive = naive
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     pairs, t0 = 0, None
@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     print(f"  level-batched {fast:8.1f} pairs/s\n  naive         {slow:8.1f} pairs/s\n  ratio         {fast / slow:8.1f}x")
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    from densevse.pipeline.training.embedding import train
+    from densevse.pipeline.training.tasks import train
 
     res = {}
     for w in args.workers:

@@ -28,7 +28,7 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     from densevse.pipeline.config import load_config
     from densevse.pipeline.evaluation.retrieval import evaluate
-    from densevse.pipeline.training.embedding import train
+    from densevse.pipeline.training.tasks import train
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", nargs="?", default="pipeline.yaml")

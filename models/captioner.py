@@ -12,6 +12,8 @@ from densevse.models.metrics import box_iou
 from densevse.models.mrnn import MRNN, PHRASE, SENTENCE
 from densevse.models.vocab import Vocab
 
+MODEL_NAME = "mrnn"  # a captioner checkpoint's model_name
+
 
 def pad_images(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """(R_i, D) feature arrays -> (N, R_max, D) float tensor and its (N, R_max) mask of real rows."""
@@ -22,15 +24,12 @@ def pad_images(images: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     return feats, torch.arange(r)[None] < torch.tensor([len(f) for f in images])[:, None]
 
 
-def build_model(cfg, vocab: Vocab, feat_dim: int) -> MRNN:
-    word_init = None
-    if cfg.train.word_vectors == "glove-6b-50d":
-        from densevse.models.vocab import glove_init
-
-        word_init = glove_init(vocab, seed=cfg.train.seed)[0]
-    c = cfg.captioner
-    return MRNN(len(vocab), feat_dim, hidden_dim=c.hidden_dim, multimodal_dim=c.hidden_dim, cell=c.cell,
-                dropout=c.dropout, word_init=word_init, attention=c.attention)
+def new_mrnn(vocab_size: int, feat_dim: int, *, hidden_dim: int, cell: str, dropout: float, attention: bool,
+             word_init=None) -> MRNN:
+    """A fresh m-RNN as the captioner trains it: the multimodal layer as wide as the recurrent state.
+    word_init: (vocab_size, dim) starting word vectors (GloVe), else random."""
+    return MRNN(vocab_size, feat_dim, hidden_dim=hidden_dim, multimodal_dim=hidden_dim, cell=cell, dropout=dropout,
+                word_init=word_init, attention=attention)
 
 
 class Captioner:
@@ -42,16 +41,17 @@ class Captioner:
         self.phrase_kind = PHRASE if ck.get("phrase_pairs", 0) > 0 else SENTENCE
 
     @classmethod
-    def load(cls, path: str | Path, device="cpu") -> "Captioner":
-        path = Path(path)
-        if path.is_dir():
-            path = path / "model.pt" if (path / "model.pt").is_file() else path / "models" / "captioner" / "best.pt"
-        if not path.is_file():
-            raise FileNotFoundError(f"no captioner checkpoint at {path} (train one: `densevse captioner train`)")
-        ck = load_checkpoint(path, device)
+    def from_checkpoint(cls, ck: dict, device="cpu") -> "Captioner":
+        """From a checkpoint dict (models.checkpoint.load_checkpoint) whose model_name is MODEL_NAME."""
         model = MRNN(**ck["hparams"]).to(device)
         model.load_state_dict(ck["state_dict"])
         return cls(model, Vocab(ck["vocab"]), ck, device)
+
+    @classmethod
+    def load(cls, path: str | Path, device="cpu") -> "Captioner":
+        """A checkpoint file, for code that loads without the pipeline (the registered model); a run's
+        checkpoints by name or directory: pipeline.training.trained.load_trained."""
+        return cls.from_checkpoint(load_checkpoint(path, device), device)
 
     def describe(self, feats, kind: int, beam: int = 7, max_len: int = 24, batch: int = 256,
                  images: list | None = None, no_repeat_ngram: int = 3) -> list[tuple[str, float]]:

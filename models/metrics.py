@@ -41,6 +41,25 @@ def recall_at_k(scores: np.ndarray, caption_image: np.ndarray, ks=(1, 5, 10)) ->
     return out
 
 
+def recall_folds(scores: np.ndarray, caption_image: np.ndarray, ks=(1, 5, 10), fold_images: int = 1000) -> dict:
+    """COCO's 1K protocol: recall_at_k on each fold of `fold_images` consecutive images (with their captions),
+    averaged over the folds (5 folds of the 5K test images); "folds" says how many. With one fold of every
+    image it is the 5K protocol, i.e. recall_at_k itself. A last fold shorter than `fold_images` is refused:
+    its recall would not be comparable."""
+    scores, caption_image = np.asarray(scores), np.asarray(caption_image)
+    n_img = scores.shape[0]
+    if n_img % fold_images:
+        raise ValueError(f"{n_img} images do not split into folds of {fold_images}")
+    folds = []
+    for f in range(n_img // fold_images):
+        lo, hi = f * fold_images, (f + 1) * fold_images
+        caps = np.flatnonzero((caption_image >= lo) & (caption_image < hi))
+        folds.append(recall_at_k(scores[lo:hi][:, caps], caption_image[caps] - lo, ks))
+    out = {k: float(np.mean([r[k] for r in folds])) for k in folds[0]}
+    out["folds"] = len(folds)
+    return out
+
+
 def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """IoU of paired xyxy boxes: (N,) for a (N,4), b (N,4)."""
     a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)

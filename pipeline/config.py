@@ -12,7 +12,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from densevse.pipeline import storage
 from densevse.pipeline.errors import ConfigError
-from densevse.stages import STAGES
+from densevse.stages import FEATURES, REGIONS, STEPS
 
 
 # A local path (Path) or an object-store URI kept intact as a string (pipeline/storage.py); a bad scheme is an error
@@ -134,9 +134,10 @@ class StagesConfig(Strict):
     def _typed_params(self):
         for field in type(self).model_fields:
             sc: StageConfig = getattr(self, field)
-            if sc.impl not in STAGES:
-                raise ValueError(f"{field}.impl: unknown stage {sc.impl!r}; known: {STAGES.names()}")
-            params_cls = STAGES.get(sc.impl).Params
+            step = STEPS[field]  # the step's own registry: another step's impl is unknown here
+            if sc.impl not in step:
+                raise ValueError(f"{field}.impl: unknown {step.kind} {sc.impl!r}; known: {step.names()}")
+            params_cls = step.get(sc.impl).Params
             if isinstance(sc.params, params_cls):
                 continue
             raw = sc.params.model_dump() if isinstance(sc.params, BaseModel) else sc.params
@@ -145,7 +146,7 @@ class StagesConfig(Strict):
             except ValidationError as e:
                 raise ValueError("; ".join(f"{field}.params.{m}" for m in _describe(e).split("; "))) from None
             object.__setattr__(sc, "params", typed)  # no re-validation of the whole StageConfig
-        if STAGES.get(self.features.impl).passthrough and not STAGES.get(self.regions.impl).provides_feats:
+        if FEATURES.get(self.features.impl).passthrough and not REGIONS.get(self.regions.impl).provides_feats:
             raise ValueError(f"features.impl: {self.features.impl} takes the features the regions stage computes, "
                              f"but regions.impl {self.regions.impl} computes none (use detectron2_features)")
         return self

@@ -1,3 +1,5 @@
-"""Preprocessing stages. Importing this package registers every stage in STAGES (heavy libraries load lazily)."""
-from densevse.stages.base import STAGES, Reject, Stage  # noqa: F401
-from densevse.stages import ingest, gold, features, regions, features_extra, regions_features, parse  # noqa: F401,E402
+"""Preprocessing stages. Importing this package registers every stage in its step's registry (STEPS: INGEST,
+REGIONS, FEATURES, PARSE); heavy libraries load lazily."""
+from densevse.stages.base import FEATURES, INGEST, PARSE, REGIONS, STEPS, Reject, Stage  # noqa: F401
+from densevse.stages import (ingest, gold, features, features_crops, features_boxhead, regions,  # noqa: F401,E402
+                             regions_with_features, parse)

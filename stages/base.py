@@ -34,7 +34,14 @@ from pydantic import BaseModel, ConfigDict
 
 from densevse.models.registry import Registry
 
-STAGES: Registry[type["Stage"]] = Registry("stage")
+# One registry per step, as detectron2 keeps one per kind: a step's `impl` is looked up in its own registry only,
+# so a regions impl named as the parse stage fails validation instead of running in the wrong place.
+INGEST: Registry[type["Stage"]] = Registry("ingest stage")
+REGIONS: Registry[type["Stage"]] = Registry("regions stage")
+FEATURES: Registry[type["Stage"]] = Registry("features stage")
+PARSE: Registry[type["Stage"]] = Registry("parse stage")
+STEPS: dict[str, Registry[type["Stage"]]] = {"ingest": INGEST, "regions": REGIONS, "features": FEATURES,
+                                             "parse": PARSE}  # step (the config's stages.<step>) -> registry
 log = logging.getLogger("densevse.stages")
 
 COLUMNS = ("key", "split", "shard", "source", "image", "width", "height", "captions", "caption_rejects",
@@ -71,7 +78,8 @@ def npy_load(b: bytes) -> np.ndarray:
 
 
 class Stage:
-    """Subclass, register with `@STAGES.register("name")`, set `Params`, implement `process_row` or `process`.
+    """Subclass, register in its step's registry (`@REGIONS.register("name")`), set `name` to that step, set
+    `Params`, implement `process_row` or `process`.
 
     `uses_model = True` makes the orchestrator run the stage as a pool of Ray actors, so the model is loaded
     once per actor (in `__init__`) rather than once per batch. A regions stage with `provides_feats = True` also

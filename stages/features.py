@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import Field
 
 from densevse.models.efficientnet import IMAGENET_MEAN, IMAGENET_STD, STRIDE, letterbox, load_efficientnet_lite0
-from densevse.stages.base import STAGES, Params, Reject, Stage, box_features, npy_load
+from densevse.stages.base import FEATURES, Params, Reject, Stage, box_features, npy_load
 from densevse.stages.images import to_array
 
 class EfficientNetParams(Params):
@@ -53,7 +53,7 @@ class EfficientNetStage(Stage):
         self.std = torch.tensor(IMAGENET_STD, device=self.device).view(1, 3, 1, 1) * 255
 
 
-@STAGES.register("efficientnet_lite0")
+@FEATURES.register("efficientnet_lite0")
 class EfficientNetFeatures(EfficientNetStage):
     name = "features"
     Params = FeatureParams
@@ -80,7 +80,7 @@ class EfficientNetFeatures(EfficientNetStage):
         return box_features(self.name, rows, prepare, extract)
 
 
-@STAGES.register("from_regions")
+@FEATURES.register("from_regions")
 class FeaturesFromRegions(Stage):
     """The features stage when the regions stage already computed them (`detectron2_features`): the orchestrator
     leaves it out (no shard rows through Ray for nothing); run directly, it only checks that each row's `feats`

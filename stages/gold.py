@@ -10,7 +10,7 @@ import json
 import numpy as np
 
 from densevse.models import trees
-from densevse.stages.base import STAGES, Reject, Stage, npy_bytes
+from densevse.stages.base import PARSE, REGIONS, Reject, Stage, npy_bytes
 
 
 def whole_image_box(width: int, height: int) -> list[float]:
@@ -23,7 +23,7 @@ def attach_tree(caption: dict, tree: dict) -> dict:
     return {**caption, "text": " ".join(tree["tokens"]), "tree": tree, "phrases": trees.phrases(tree)}
 
 
-@STAGES.register("gold_boxes")
+@REGIONS.register("gold_boxes")
 class GoldBoxes(Stage):
     """Regions = the whole image + the dataset's gold boxes (row 0 is the whole image, as everywhere)."""
 
@@ -35,7 +35,7 @@ class GoldBoxes(Stage):
         row["boxes"] = npy_bytes(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
 
 
-@STAGES.register("gold_trees")
+@PARSE.register("gold_trees")
 class GoldTrees(Stage):
     """Trees from the dataset's gold PTB strings; a caption without one is rejected with that reason."""
 

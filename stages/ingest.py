@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from pydantic import Field
 
-from densevse.stages.base import STAGES, Reject, Stage, guarded
+from densevse.stages.base import INGEST, Reject, Stage, guarded
 from densevse.stages.fetch import DownloadParams, source_kind
 from densevse.stages.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_rgb, is_plain_jpeg, read_bytes, to_jpeg
 from densevse.stages.text import clean_caption
@@ -47,7 +47,7 @@ class IngestParams(DownloadParams):
     max_pixels: int = Field(MAX_IMAGE_PIXELS, ge=1, le=MAX_IMAGE_PIXELS)
 
 
-@STAGES.register("image_caption")
+@INGEST.register("image_caption")
 class Ingest(Stage):
     name = "ingest"
     Params = IngestParams

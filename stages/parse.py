@@ -29,7 +29,7 @@ from pydantic import Field
 
 from densevse.models import trees as T
 from densevse.models.parser import DEFAULT_DIR, build_pipeline
-from densevse.stages.base import STAGES, Params as StageParams, Stage, is_transient
+from densevse.stages.base import PARSE, Params as StageParams, Stage, is_transient
 from densevse.stages.gold import attach_tree
 from densevse.stages.text import clean_caption
 
@@ -84,7 +84,7 @@ def looks_english(tokens: list[str]) -> bool:
 
 # ---------------------------------------------------------------- Stanza
 
-@STAGES.register("stanza")
+@PARSE.register("stanza")
 class StanzaParse(Stage):
     """Constituency trees + phrases for every caption, one bulk Stanza call per batch."""
 

@@ -17,7 +17,7 @@ from PIL import Image
 from pydantic import Field, field_validator
 
 from densevse.models.detector import build_detector, default_detector_dir, load_cfg, resolve
-from densevse.stages.base import STAGES, Params, Reject, Stage, guarded, is_transient, npy_bytes
+from densevse.stages.base import REGIONS, Params, Reject, Stage, guarded, is_transient, npy_bytes
 from densevse.stages.images import decode_rgb
 
 
@@ -90,7 +90,7 @@ class RegionParams(DetectorParams):
     min_size: float = Field(4.0, ge=0)  # drop boxes narrower or shorter than this (original pixels)
 
 
-@STAGES.register("detectron2")
+@REGIONS.register("detectron2")
 class Detectron2Regions(DetectorStage):
     """Whole image + top-k Faster R-CNN boxes per image; one batched forward pass per batch."""
 

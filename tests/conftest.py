@@ -100,12 +100,12 @@ def tiny_run(stage_models, tmp_path_factory):
     """`densevse run` on 40 synthetic images with the tiny stage models, tracked in a real MLflow server on
     127.0.0.1 (stopped at the end of the session), so the HM-LSTM is registered there with its stage models.
     Yields (config, tracking URI)."""
-    from densevse.pipeline import tracking
     from densevse.pipeline.cli.main import main
     from densevse.pipeline.config import load_config
+    from densevse.pipeline.tracking import server
 
     tmp = tmp_path_factory.mktemp("tiny-run")
-    proc, uri = tracking.start_server(tmp / "mlflow")
+    proc, uri = server.start_server(tmp / "mlflow")
     try:
         over = [*tiny_overrides(stage_models, tmp / "run"), f"mlflow.tracking_uri={uri}"]
         cwd = os.getcwd()
@@ -119,7 +119,7 @@ def tiny_run(stage_models, tmp_path_factory):
             os.chdir(cwd)
         yield load_config(ROOT / "pipeline.yaml", over), uri
     finally:
-        tracking.stop_server(proc)
+        server.stop_server(proc)
         ray = sys.modules.get("ray")
         if ray is not None and ray.is_initialized():
             ray.shutdown()
@@ -172,7 +172,7 @@ def s3_server(tmp_path_factory):
 
     boto3 = pytest.importorskip("boto3")
     pytest.importorskip("moto.server")
-    from densevse.pipeline.tracking import free_port
+    from densevse.pipeline.tracking.server import free_port
 
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "ab")

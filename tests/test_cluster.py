@@ -187,7 +187,7 @@ def test_jobs_api_refuses_calls_without_the_token(capsys):
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    from densevse.pipeline.tracking import start_server, stop_server
+    from densevse.pipeline.tracking.server import start_server, stop_server
 
     proc, uri = start_server(tmp_path_factory.mktemp("mlflow"), wait=False)  # boots while the cluster starts
     yield proc, uri
@@ -254,7 +254,7 @@ def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster,
     training resumes from the last committed checkpoint (not from scratch) and the run is in MLflow."""
     from mlflow.tracking import MlflowClient
 
-    from densevse.pipeline.tracking import wait_server
+    from densevse.pipeline.tracking.server import wait_server
 
     proc, uri = mlflow_server
     wait_server(proc, uri, timeout=900)  # a loaded machine can take minutes to start it

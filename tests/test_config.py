@@ -34,6 +34,22 @@ def test_bad_values_name_the_key(override, named):
     assert named in str(e.value)
 
 
+def test_impl_of_another_step_is_unknown():
+    """Each step looks its impl up in its own registry: a regions impl named as the parse stage fails."""
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "pipeline.yaml", ["stages.parse.impl=gold_boxes"])
+    assert "parse.impl: unknown parse stage 'gold_boxes'; known: ['gold_trees', 'stanza']" in str(e.value)
+
+
+def test_every_stage_is_registered_under_its_own_step():
+    """A stage's `name` (the prefix of its rejection reasons and cost entries) is the step it is registered in."""
+    from densevse.stages import STEPS
+
+    assert list(STEPS) == ["ingest", "regions", "features", "parse"]
+    for step, registry in STEPS.items():
+        assert registry.names() and {registry.get(impl).name for impl in registry.names()} == {step}
+
+
 def test_overrides_parse_yaml_values():
     cfg = load_config(ROOT / "pipeline.yaml", ["train.epochs=3", "dataset.splits=[train, test]",
                                                "mlflow.tracking_uri=null", "train.lr=0.01"])
@@ -70,8 +86,8 @@ def test_cli_exits_2_naming_the_key(capsys):
 def test_local_tracking_uris_made_absolute_for_workers(tmp_path, monkeypatch):
     """Ray Train workers run in another directory: relative local MLflow stores must reach them absolute."""
     from densevse.pipeline.config import load_config
-    from densevse.pipeline.tracking import absolute_uri
-    from densevse.pipeline.training.embedding import for_workers
+    from densevse.pipeline.tracking.server import absolute_uri
+    from densevse.pipeline.training.loop import for_workers
 
     monkeypatch.chdir(tmp_path)
     assert absolute_uri("sqlite:///runs/m.db") == f"sqlite:///{tmp_path}/runs/m.db"

@@ -179,6 +179,41 @@ def test_caption_rejects_malformed_region_features(tiny):
     assert cap.caption([f], beam=2)[0][0]  # the well-formed input still captions
 
 
+def test_one_loader_builds_what_the_checkpoint_holds(tiny, tmp_path, capsys):
+    """load_trained reads model_name: a captioner from its file, a checkpoint dir or an output dir (its best.pt);
+    an embedding model as (model, vocab, labels, checkpoint); the other kind than needed is refused naming both,
+    and `densevse describe --model` says so in one line."""
+    import shutil
+
+    from densevse.models import new_embedding_model
+    from densevse.pipeline.config import TrainConfig
+    from densevse.pipeline.errors import ModelMismatch
+    from densevse.pipeline.training.trained import CAPTIONER, EMBEDDING, best_path, load_trained
+
+    ck, _, _ = tiny
+    out, ckdir = tmp_path / "run", tmp_path / "checkpoint_000001"
+    best_path(out, CAPTIONER).parent.mkdir(parents=True)
+    shutil.copy(ck, best_path(out, CAPTIONER))
+    ckdir.mkdir()
+    shutil.copy(ck, ckdir / "model.pt")
+    assert all(isinstance(load_trained(p, CAPTIONER), Captioner) for p in (ck, ckdir, out))
+    with pytest.raises(ModelMismatch, match="holds a mrnn captioner model, not the embedding model"):
+        load_trained(ck, EMBEDDING)
+    with pytest.raises(FileNotFoundError, match="densevse captioner train"):
+        load_trained(tmp_path / "nothing", CAPTIONER)
+
+    m = new_embedding_model("vse", TrainConfig(hidden_dim=8, embed_dim=8), vocab_size=4, n_labels=3, feat_dim=16)
+    emb = tmp_path / "vse.pt"
+    torch.save({"model_name": "vse", "hparams": m.hparams, "state_dict": m.state_dict(), "vocab": ["<pad>", "<unk>",
+                "a", "b"], "labels": ["<pad>", "<unk>", "x"]}, emb)
+    model, vocab, labels, got = load_trained(emb, EMBEDDING)
+    assert not model.training and len(vocab) == 4 and len(labels) == 3 and got["model_name"] == "vse"
+    with pytest.raises(ModelMismatch, match="holds a vse embedding model, not the captioner model"):
+        load_trained(emb, CAPTIONER)
+    assert main(["describe", str(_png(tmp_path / "a.png")), "--model", str(emb)]) == 2
+    assert "densevse describe: " in capsys.readouterr().err
+
+
 def _png(path, color=(200, 30, 30)):
     img = Image.new("RGB", (96, 80), (90, 90, 90))
     img.paste(color, (20, 20, 50, 50))
@@ -233,14 +268,14 @@ def test_train_evaluate_register_end_to_end(tmp_path, monkeypatch):
     import pandas as pd
 
     from densevse.pipeline.evaluation.captions import evaluate_captioner
-    from densevse.pipeline.tracking import absolute_uri
-    from densevse.pipeline.training.captioner import train_captioner
+    from densevse.pipeline.tracking.server import absolute_uri
+    from densevse.pipeline.training.tasks import train
 
     shard_dir = write_fixture_shards(tmp_path / "shards", n_train=60, n_val=10, n_test=20, feat_dim=32)
     cfg = _cfg(tmp_path, f"shards.dir={shard_dir}", "captioner.epochs=12", "captioner.batch_size=32",
                "captioner.lr=0.005", "mlflow.tracking_uri=sqlite:///mlflow.db", "ray.num_cpus=2")
     monkeypatch.chdir(tmp_path)
-    summary = train_captioner(cfg)
+    summary = train(cfg, "captioner")
     assert summary["epochs"] == 12 and summary["history"][-1]["train_loss"] < summary["history"][0]["train_loss"]
     assert int(summary["registered_version"]) == 1
     out = evaluate_captioner(cfg)

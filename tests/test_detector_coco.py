@@ -142,7 +142,7 @@ def test_spec_cache_key_keeps_the_synthetic_hash():
     assert spec_hash(DetectorSpec()) == "3c2986a760ad08b9"  # the hash before the coco fields: caches stay valid
     assert default_out(DetectorSpec()) == Path(".cache/detector-synthetic")
     coco = DetectorSpec(dataset="coco", roots=["a"])
-    assert coco.input_size == 512 and coco.num_images is None and default_out(coco) == Path(".cache/detector-coco")
+    assert coco.input_size == 448 and coco.num_images is None and default_out(coco) == Path(".cache/detector-coco")
     assert default_out(coco.model_copy(update={"backbone": "efficientnet-lite2"})) == Path(".cache/detector-coco-lite2")
     with pytest.raises(ValueError, match="root"):
         DetectorSpec(dataset="coco", roots=[])
@@ -192,7 +192,7 @@ def test_lite2_backbone_and_the_old_backbone_name_build():
 
     cfg = build_cfg(DetectorSpec(dataset="coco", roots=["x"], backbone="efficientnet-lite2"), Path("unused"))
     assert cfg.MODEL.EFFICIENTNET.NAME == "efficientnet-lite2" and "lite2" in cfg.MODEL.EFFICIENTNET.PRETRAINED
-    assert cfg.INPUT.MIN_SIZE_TRAIN == (448, 480, 512, 544, 576) and cfg.INPUT.MIN_SIZE_TEST == 512
+    assert cfg.INPUT.MIN_SIZE_TRAIN == (392, 424, 456, 488) and cfg.INPUT.MIN_SIZE_TEST == 448  # the cpu recipe
     bottom_up = build_backbone(cfg).bottom_up
     assert bottom_up.output_shape()["s5"].channels == 352  # Lite2's last stage (Lite0: 320)
     with torch.no_grad():
@@ -200,6 +200,22 @@ def test_lite2_backbone_and_the_old_backbone_name_build():
     cfg.MODEL.BACKBONE.NAME = "build_efficientnet_lite0_fpn_backbone"  # a config saved before Lite2
     cfg.MODEL.EFFICIENTNET.NAME, cfg.MODEL.EFFICIENTNET.PRETRAINED = "efficientnet-lite0", ""
     assert build_backbone(cfg).bottom_up.output_shape()["s5"].channels == 320
+
+
+def test_coco_recipe_follows_the_device_and_the_device_is_not_in_the_cache_key():
+    from densevse.pipeline.stage_models.detector import COCO_RECIPES, DetectorSpec, build_cfg, spec_hash
+
+    cpu, gpu = DetectorSpec(dataset="coco", roots=["x"]), DetectorSpec(dataset="coco", roots=["x"], device="cuda")
+    assert (cpu.iters, cpu.ims_per_batch, cpu.input_size, cpu.freeze_stages) == (375, 8, 448, 5)
+    assert (gpu.iters, gpu.freeze_stages, gpu.fpn_channels, gpu.box_head_dim) == (1300, 3, 128, 1024)
+    assert spec_hash(cpu) != spec_hash(gpu)  # two recipes, two models
+    same = DetectorSpec(dataset="coco", roots=["x"], device="cuda", workers=4, threads=2, **COCO_RECIPES["cpu"])
+    assert spec_hash(same) == spec_hash(cpu)  # the cpu recipe trained on a GPU: the same cache key
+    assert DetectorSpec(dataset="coco", roots=["x"], device="cuda", iters=7).iters == 7  # a given field wins
+    assert cpu.loader_workers == 0 and 1 <= gpu.loader_workers <= 8
+    cfg = build_cfg(gpu, Path("unused"))
+    assert cfg.MODEL.DEVICE == "cuda" and cfg.DATALOADER.NUM_WORKERS == gpu.loader_workers
+    assert cfg.MODEL.FPN.OUT_CHANNELS == 128 and cfg.MODEL.ROI_BOX_HEAD.FC_DIM == 1024
 
 
 def test_cli_parses_the_coco_flags_and_reports_bad_roots(tmp_path, capsys):
@@ -229,7 +245,7 @@ def test_real_shared_data_counts():
 def test_coco_detector_trains_a_few_iterations_and_loads_in_the_regions_stage(tmp_path, capsys):
     """The real path: COCO files -> DatasetMapper -> DefaultTrainer -> saved dir -> the pipeline's regions stage."""
     from densevse.pipeline.cli.main import main
-    from densevse.stages import STAGES
+    from densevse.stages import REGIONS
     from densevse.stages.base import empty_row, npy_load
 
     out = tmp_path / "det"
@@ -249,11 +265,30 @@ def test_coco_detector_trains_a_few_iterations_and_loads_in_the_regions_stage(tm
     photo = sorted((COCO_DET / "images" / "val2017").glob("*.jpg"))[0]
     with Image.open(photo) as im:
         w, h = im.size
-    stage = STAGES.get("detectron2")({"config": str(out), "score_thresh": 0.0, "top_k": 19, "threads": 1})
-    assert stage.cfg.MODEL.EFFICIENTNET.NAME == "efficientnet-lite0" and stage.cfg.INPUT.MIN_SIZE_TEST == 512
+    stage = REGIONS.get("detectron2")({"config": str(out), "score_thresh": 0.0, "top_k": 19, "threads": 1})
+    assert stage.cfg.MODEL.EFFICIENTNET.NAME == "efficientnet-lite0" and stage.cfg.INPUT.MIN_SIZE_TEST == 448
     row = stage.process([empty_row(key="p", image=photo.read_bytes(), width=w, height=h)])[0]
     assert row["reject"] == ""
     boxes = npy_load(row["boxes"])
     assert boxes.shape == (20, 4)  # the whole image + 19 proposals
     np.testing.assert_allclose(boxes[0], [0, 0, w, h])
     assert (boxes[:, 2] <= w + 1e-3).all() and (boxes[:, 3] <= h + 1e-3).all()
+
+
+@pytest.mark.gpu
+@needs_coco_det
+def test_coco_detector_trains_on_the_gpu(tmp_path, capsys):
+    """`densevse regions train --device cuda`: a few iterations of the cuda recipe on a tiny real slice."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from densevse.pipeline.cli.main import main
+
+    out = tmp_path / "det"
+    assert main(["regions", "train", "--dataset", "coco", "--root", str(COCO_DET), "--root", str(COCO_MINI),
+                 "--device", "cuda", "--iters", "6", "--num-images", "16", "--eval-images", "8",
+                 "--out", str(out)]) == 0
+    assert "on cuda" in capsys.readouterr().out
+    ev = json.loads((out / "eval.json").read_text())
+    assert ev["device"] == "cuda" and ev["iters"] == 6 and ev["data"]["train_images"] == 16
+    assert json.loads((out / "metrics.json").read_text().splitlines()[-1])["iteration"] >= 5

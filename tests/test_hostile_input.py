@@ -13,7 +13,7 @@ from densevse.pipeline.datasets import READERS
 from densevse.pipeline.datasets import flickr30k_entities as f30k
 from densevse.pipeline.errors import DatasetError
 from densevse.pipeline.serving.describe import load_image
-from densevse.stages.base import STAGES, Reject, empty_row
+from densevse.stages.base import INGEST, Reject, empty_row
 from densevse.stages.images import MAX_IMAGE_BYTES, MAX_IMAGE_PIXELS, decode_rgb, read_bytes, to_array
 from densevse.stages.ingest import check_caption
 from densevse.stages.text import BAD_UTF8
@@ -37,7 +37,7 @@ def _ingest(tmp_path, name, data, gold=None, **params) -> dict:
     (tmp_path / name).write_bytes(data)
     row = empty_row(key=name.split(".")[0], source=str(tmp_path / name), captions=json.dumps(["A dog ."]),
                     gold=json.dumps(gold or {}))
-    return STAGES.get("image_caption")(params).process([row])[0]
+    return INGEST.get("image_caption")(params).process([row])[0]
 
 
 # ---------------------------------------------------------------- images
@@ -180,7 +180,7 @@ def test_coco_latin1_caption_is_rejected_the_rest_read(tmp_path):
     Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
     row = empty_row(key=spec["key"], source=str(tmp_path / "a.jpg"), captions=json.dumps(spec["captions"]),
                     gold=json.dumps(spec["gold"]))
-    row = STAGES.get("image_caption")().process([row])[0]
+    row = INGEST.get("image_caption")().process([row])[0]
     assert row["reject"] == "" and [c["text"] for c in json.loads(row["captions"])] == ["A dog on a sofa ."]
     [bad] = json.loads(row["caption_rejects"])
     assert bad["reason"] == BAD_UTF8 and bad["text"] == "A caf? with a dog ."

@@ -8,7 +8,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from densevse.stages.base import STAGES, Reject, batch_to_rows, empty_row, rows_to_batch
+from densevse.stages.base import INGEST, Reject, batch_to_rows, empty_row, rows_to_batch
 from densevse.stages.images import decode_rgb, read_bytes, to_array
 from densevse.stages.ingest import check_caption
 
@@ -98,7 +98,7 @@ def test_ingest_stage_records_every_outcome(tmp_path):
         _row(tmp_path, "corrupt.jpg", _jpeg()[:200], ["A cat ."]),
         _row(tmp_path, "nocaps.jpg", _jpeg(), ["", "!!!"]),
     ]
-    stage = STAGES.get("image_caption")({"max_side": 640})
+    stage = INGEST.get("image_caption")({"max_side": 640})
     out = batch_to_rows(stage(rows_to_batch(rows)))  # the same adapter Ray Data calls
     by = {r["key"]: r for r in out}
     good = by["good"]
@@ -122,7 +122,7 @@ def test_ingest_keeps_a_plain_jpeg_within_max_side_byte_for_byte(tmp_path):
     small, big, gray, png = _jpeg((64, 48)), _jpeg((1280, 960)), _png("L"), _png("RGB")
     rows = [_row(tmp_path, f"{k}.jpg", data, ["A dog ."])
             for k, data in (("small", small), ("big", big), ("gray", gray), ("png", png), ("turned", turned))]
-    out = {r["key"]: r for r in STAGES.get("image_caption")({"max_side": 640}).process(rows)}
+    out = {r["key"]: r for r in INGEST.get("image_caption")({"max_side": 640}).process(rows)}
     assert out["small"]["image"] == small
     for k, orig in (("big", big), ("gray", gray), ("png", png), ("turned", turned)):
         r = out[k]

@@ -1,4 +1,4 @@
-"""An MLflow outage does not kill training (pipeline/training/loop.py, pipeline/tracking.py): each epoch is
+"""An MLflow outage does not kill training (pipeline/training/loop.py, pipeline/tracking/runs.py): each epoch is
 checkpointed before MLflow is called, a failed log is a warning, the missed epochs are logged (each at its step)
 once MLflow answers again; MLflow down before training is a clear error, down after it a summary that says what
 MLflow lacks. The slow test stops a real `mlflow server` mid-training and restarts it."""
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from densevse.pipeline import tracking
+from densevse.pipeline.tracking import registry, runs, server
 from densevse.pipeline.config import load_config
 
 HISTORY = [{"epoch": e, "train_loss": 1.0 / (e + 1), "train_pairs": 10, "val_rsum": float(e), "note": "x"}
@@ -19,24 +19,24 @@ HISTORY = [{"epoch": e, "train_loss": 1.0 / (e + 1), "train_pairs": 10, "val_rsu
 
 
 def _down_uri() -> str:
-    return f"http://127.0.0.1:{tracking.free_port()}"  # nothing listens: connection refused
+    return f"http://127.0.0.1:{server.free_port()}"  # nothing listens: connection refused
 
 
 @pytest.fixture
 def no_retries(monkeypatch):
     """One try per call: the fast tests of an MLflow that is down need no backoff (test_bound_* keeps it)."""
-    monkeypatch.setattr(tracking, "BOUNDED_HTTP", {**tracking.BOUNDED_HTTP, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
+    monkeypatch.setattr(runs, "BOUNDED_HTTP", {**runs.BOUNDED_HTTP, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})
 
 
 def test_unlogged_entries_and_batches():
-    assert [h["epoch"] for h in tracking.unlogged(HISTORY, [0, 2])] == [1, 3]
-    assert tracking.unlogged(HISTORY, range(4)) == []
-    batches = tracking.metric_batches(HISTORY, ts=5, limit=7)  # 3 metrics an entry ("epoch", "note": none)
+    assert [h["epoch"] for h in runs.unlogged(HISTORY, [0, 2])] == [1, 3]
+    assert runs.unlogged(HISTORY, range(4)) == []
+    batches = runs.metric_batches(HISTORY, ts=5, limit=7)  # 3 metrics an entry ("epoch", "note": none)
     assert [[(m.key, m.step) for m in b] for b in batches][0] == [
         ("train_loss", 0), ("train_pairs", 0), ("val_rsum", 0), ("train_loss", 1), ("train_pairs", 1),
         ("val_rsum", 1)]
     assert [len(b) for b in batches] == [6, 6] and all(m.timestamp == 5 for b in batches for m in b)
-    assert tracking.metric_batches([], ts=5) == []
+    assert runs.metric_batches([], ts=5) == []
 
 
 def test_backfill_logs_what_mlflow_lacks_each_at_its_step(tmp_path):
@@ -45,9 +45,9 @@ def test_backfill_logs_what_mlflow_lacks_each_at_its_step(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
     run_id = client.create_run(client.create_experiment("outage")).info.run_id
-    tracking.log_epoch(uri, run_id, HISTORY[1], step=1)
-    assert tracking.backfill(uri, run_id, HISTORY) == [0, 2, 3]
-    assert tracking.backfill(uri, run_id, HISTORY) == []  # nothing twice
+    runs.log_epoch(uri, run_id, HISTORY[1], step=1)
+    assert runs.backfill(uri, run_id, HISTORY) == [0, 2, 3]
+    assert runs.backfill(uri, run_id, HISTORY) == []  # nothing twice
     got = [(m.step, m.value) for m in client.get_metric_history(run_id, "train_loss")]
     assert sorted(got) == [(h["epoch"], h["train_loss"]) for h in HISTORY]
 
@@ -57,18 +57,18 @@ def test_bound_on_a_call_to_an_mlflow_that_is_down(monkeypatch):
     minutes; the variables are back as they were afterwards, and one set by the user is left alone."""
     import os
 
-    for k in tracking.BOUNDED_HTTP:
+    for k in runs.BOUNDED_HTTP:
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "7")
     t = time.time()
     with pytest.raises(Exception, match="get-history"):
-        with tracking.bounded():
+        with runs.bounded():
             assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
             assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
-            tracking.backfill(_down_uri(), "0" * 32, HISTORY)
+            runs.backfill(_down_uri(), "0" * 32, HISTORY)
     assert time.time() - t < 10
     assert "MLFLOW_HTTP_REQUEST_MAX_RETRIES" not in os.environ and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "7"
-    assert not tracking.answers(_down_uri(), "0" * 32)
+    assert not runs.answers(_down_uri(), "0" * 32)
 
 
 def test_worker_log_is_best_effort(no_retries, caplog):
@@ -158,22 +158,22 @@ def test_mlflow_server_stopped_mid_training(tmp_path, monkeypatch):
     from densevse.models.checkpoint import load_checkpoint
     from densevse.pipeline.console import Console
     from densevse.pipeline.raylocal import init_ray
-    from densevse.pipeline.training.embedding import train
+    from densevse.pipeline.training.tasks import train
     from densevse.pipeline.training.loop import EPOCH_BARRIER
 
     t0 = time.time()
-    root, port = tmp_path / "mlflow", tracking.free_port()
-    procs = [tracking.start_server(root, port=port, wait=False)[0]]  # boots while Ray starts
+    root, port = tmp_path / "mlflow", server.free_port()
+    procs = [server.start_server(root, port=port, wait=False)[0]]  # boots while Ray starts
     uri = f"http://127.0.0.1:{port}"
     cfg = _cfg(tmp_path, uri)
     init_ray(cfg)
-    tracking.wait_server(procs[0], uri)
+    server.wait_server(procs[0], uri)
     print(f"ray + mlflow server up: {time.time() - t0:.1f}s")
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     monkeypatch.setenv(EPOCH_BARRIER, str(barrier))
     registered = []
-    monkeypatch.setattr(tracking, "finish_run", lambda cfg, run_id, history, best, score=None:
+    monkeypatch.setattr(registry, "finish_run", lambda cfg, run_id, history, best, score=None:
                         registered.append([h["epoch"] for h in history]) or 1)
     errors: list[BaseException] = []
 
@@ -187,9 +187,9 @@ def test_mlflow_server_stopped_mid_training(tmp_path, monkeypatch):
                         raise TimeoutError(f"epoch {epoch} never reported")
                     time.sleep(0.1)
                 if epoch == 1:
-                    tracking.stop_server(procs[0])
+                    server.stop_server(procs[0])
                 if epoch == 3:
-                    procs.append(tracking.start_server(root, port=port)[0])
+                    procs.append(server.start_server(root, port=port)[0])
                 (barrier / f"go-{epoch}").touch()
         except BaseException as e:  # noqa: BLE001 - reported by the test
             errors.append(e)
@@ -221,4 +221,4 @@ def test_mlflow_server_stopped_mid_training(tmp_path, monkeypatch):
             assert got == [(h["epoch"], float(h[key])) for h in s["history"]], key
     finally:
         for proc in procs:
-            tracking.stop_server(proc)
+            server.stop_server(proc)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from densevse.models import MODELS, build_model
+from densevse.models import MODELS, new_embedding_model
 from densevse.models.hmlstm import ChildSumTreeLSTM
 from densevse.models.losses import embedding_loss, hinge_ranking
 from densevse.models import trees
@@ -72,8 +72,8 @@ def test_level_batched_tree_lstm_equals_recursive_reference(seed):
 def test_hmlstm_batched_equals_naive_on_real_batch(batch):
     b, vocab, labels = batch
     torch.manual_seed(0)
-    m = build_model("hmlstm", TrainConfig(hidden_dim=16, embed_dim=8), vocab_size=len(vocab), n_labels=len(labels),
-                    feat_dim=b.feats.shape[2]).double()
+    m = new_embedding_model("hmlstm", TrainConfig(hidden_dim=16, embed_dim=8), vocab_size=len(vocab),
+                            n_labels=len(labels), feat_dim=b.feats.shape[2]).double()
     b.feats = b.feats.double()
     outs = []
     for naive in (False, True):
@@ -126,8 +126,8 @@ def test_hinge_ranking_hand_computed():
 def test_models_train_step(name, batch):
     b, vocab, labels = batch
     torch.manual_seed(0)
-    m = build_model(name, TrainConfig(hidden_dim=16, embed_dim=8), vocab_size=len(vocab), n_labels=len(labels),
-                    feat_dim=b.feats.shape[2])
+    m = new_embedding_model(name, TrainConfig(hidden_dim=16, embed_dim=8), vocab_size=len(vocab),
+                            n_labels=len(labels), feat_dim=b.feats.shape[2])
     img, txt = m(b)
     B, T, P = len(b.keys), len(b.caption_image), len(b.phrase_node)
     assert m.scores(img, txt).shape == (B, T)
@@ -151,8 +151,8 @@ def test_models_train_step(name, batch):
 
 def test_dvsa_score_is_mean_over_words_of_best_region(batch):
     b, vocab, labels = batch
-    m = build_model("dvsa", TrainConfig(hidden_dim=16, embed_dim=8), vocab_size=len(vocab), n_labels=len(labels),
-                    feat_dim=b.feats.shape[2])
+    m = new_embedding_model("dvsa", TrainConfig(hidden_dim=16, embed_dim=8), vocab_size=len(vocab),
+                            n_labels=len(labels), feat_dim=b.feats.shape[2])
     with torch.no_grad():
         img, txt = m(b)
         s = m.scores(img, txt)
@@ -195,7 +195,7 @@ def test_train_refuses_shards_without_pairs(tmp_path):
     """A train split with no captions fails up front, instead of "training" epochs of 0 pairs and loss 0."""
     from densevse.pipeline.preprocess import shards as S
     from densevse.pipeline.config import parse_config
-    from densevse.pipeline.training.embedding import train
+    from densevse.pipeline.training.tasks import train
     from shard_fixture import COLORS, SHAPES, make_row
 
     row = make_row(0, "train", "train-000000", 8, 32, 0, {w: np.zeros(8) for w in (*COLORS, *SHAPES)})

@@ -217,11 +217,11 @@ def test_stage_boxes_and_bad_inputs(detector_dir):
 
 
 def test_stage_registered_and_via_ray_adapter(detector_dir):
-    from densevse.stages import STAGES
+    from densevse.stages import REGIONS
     from densevse.stages.base import rows_to_batch
 
-    assert STAGES.get("detectron2") is Detectron2Regions
-    stage = STAGES.get("detectron2")({"config": str(detector_dir), "top_k": 3, "threads": 1})
+    assert REGIONS.get("detectron2") is Detectron2Regions
+    stage = REGIONS.get("detectron2")({"config": str(detector_dir), "top_k": 3, "threads": 1})
     img, _ = _synthetic(1)
     batch = stage(rows_to_batch([empty_row(key="a", image=_jpeg(img), width=224, height=224)] * 2))
     assert all(r == "" for r in batch["reject"])
@@ -233,7 +233,7 @@ def test_stage_registered_and_via_ray_adapter(detector_dir):
 def test_feature_extractors_slice_batches_and_reject_bad_boxes(detector_dir):
     """ROIAlign, crop and box-head features: one row per box, float16; a row with bad boxes is rejected alone;
     a row's features do not depend on what else is in its batch (each row gets its own slice)."""
-    from densevse.stages import STAGES
+    from densevse.stages import FEATURES
     from densevse.stages.base import npy_bytes
 
     img, gold = _synthetic(2)
@@ -243,9 +243,9 @@ def test_feature_extractors_slice_batches_and_reject_bad_boxes(detector_dir):
     rows = [empty_row(key="a", image=_jpeg(img), width=224, height=224, boxes=npy_bytes(boxes)),
             empty_row(key="bad", image=_jpeg(img), width=224, height=224, boxes=npy_bytes(np.zeros((0, 4), np.float32))),
             empty_row(key="b", image=_jpeg(img2), width=224, height=224, boxes=npy_bytes(boxes2))]
-    for stage in (STAGES.get("efficientnet_lite0")({"input_size": 128, "threads": 1}),
-                  STAGES.get("efficientnet_lite0_crops")({"crop_size": 64, "threads": 1}),
-                  STAGES.get("detectron2_boxhead")({"config": str(detector_dir), "threads": 1})):
+    for stage in (FEATURES.get("efficientnet_lite0")({"input_size": 128, "threads": 1}),
+                  FEATURES.get("efficientnet_lite0_crops")({"crop_size": 64, "threads": 1}),
+                  FEATURES.get("detectron2_boxhead")({"config": str(detector_dir), "threads": 1})):
         out = stage.process([dict(r) for r in rows])
         f = npy_load(out[0]["feats"])
         assert f.shape == (len(boxes), stage.dim) and f.dtype == np.float16 and np.isfinite(f).all()

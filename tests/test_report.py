@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from densevse.pipeline.config import parse_config
-from densevse.pipeline.report import region_phrases, write_report
+from densevse.pipeline.report import write_report
+from densevse.pipeline.tracking.figures import region_phrases
 from tests.shard_fixture import write_fixture_shards
 
 CHROMIUM = "/usr/bin/chromium"
@@ -27,15 +28,15 @@ def test_report_has_the_table_curves_and_matched_regions(tmp_path):
     """An (untrained) embedding model's report on fixture shards: every image it names exists and is a PNG."""
     import torch
 
-    from densevse.models import build_model
+    from densevse.models import new_embedding_model
     from densevse.pipeline.training.data import build_vocabs
 
     shards = write_fixture_shards(tmp_path / "shards", n_train=10, n_val=10, n_test=10)
     cfg = parse_config({"run": {"output_dir": str(tmp_path / "run")}, "shards": {"dir": str(shards)},
                         "train": {"embed_dim": 16, "hidden_dim": 16, "word_vectors": "random"}})
     vocab, labels = build_vocabs(sorted(shards.glob("train-*.tar")))
-    m = build_model(cfg.train.model, cfg.train, vocab_size=len(vocab), n_labels=len(labels), feat_dim=32,
-                    word_init=None)
+    m = new_embedding_model(cfg.train.model, cfg.train, vocab_size=len(vocab), n_labels=len(labels), feat_dim=32,
+                            word_init=None)
     best = tmp_path / "run" / "models" / cfg.train.model / "best.pt"
     best.parent.mkdir(parents=True)
     torch.save({"model_name": cfg.train.model, "hparams": m.hparams, "state_dict": m.state_dict(),

@@ -110,7 +110,7 @@ def test_dataset_root_in_s3_reads_like_the_local_folder(s3_server, tmp_path, kin
 
     from densevse.pipeline.config import DatasetConfig
     from densevse.pipeline.datasets import read_dataset
-    from densevse.stages.base import STAGES, empty_row
+    from densevse.stages.base import INGEST, empty_row
 
     local, uri = tmp_path / kind, f"s3://bucket/ds-{kind}"
     opts = _dataset(kind, local)
@@ -122,7 +122,7 @@ def test_dataset_root_in_s3_reads_like_the_local_folder(s3_server, tmp_path, kin
         specs = list(read_dataset(cfg, cfg.root))
         rows = [empty_row(key=s["key"], source=s["source"], captions=json.dumps(s["captions"]),
                           gold=json.dumps(s["gold"])) for s in specs]
-        out = STAGES.get("image_caption")().process(rows)
+        out = INGEST.get("image_caption")().process(rows)
         return specs, {r["key"]: (r["reject"], r["image"], r["captions"]) for r in out}
 
     local_specs, local_out = samples(local)
@@ -146,13 +146,13 @@ def test_pipeline_on_s3(s3_server, stage_models, tmp_path):
     import ray
     from mlflow.tracking import MlflowClient
 
-    from densevse.pipeline import tracking
     from densevse.pipeline.config import load_config
     from densevse.pipeline.preprocess.run import preprocess
-    from densevse.pipeline.training import embedding
+    from densevse.pipeline.tracking import server
+    from densevse.pipeline.training.tasks import train
     from tests.conftest import ROOT, tiny_overrides
 
-    proc, uri = tracking.start_server(tmp_path / "mlflow", artifacts="s3://bucket/mlartifacts")
+    proc, uri = server.start_server(tmp_path / "mlflow", artifacts="s3://bucket/mlartifacts")
     cwd = os.getcwd()
     os.chdir(ROOT)  # the stage model paths are relative to the repo root
     try:
@@ -164,7 +164,7 @@ def test_pipeline_on_s3(s3_server, stage_models, tmp_path):
         before = _objects("run/shards/")
         assert "run/shards/summary.json" in before and "run/shards/manifest.parquet" in before
 
-        summary = embedding.train(cfg)
+        summary = train(cfg)
         assert summary["epochs"] == 1
         assert any(k.endswith("/model.pt") for k in _objects("run/ray_train/")), "no checkpoint in S3"
         version = summary["registered_version"]
@@ -184,7 +184,7 @@ def test_pipeline_on_s3(s3_server, stage_models, tmp_path):
         assert shards.read_stats("s3://bucket/run/shards", "train-000001")["n_planned"] > 0
     finally:
         os.chdir(cwd)
-        tracking.stop_server(proc)
+        server.stop_server(proc)
         if ray.is_initialized():
             ray.shutdown()
 

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from densevse.pipeline.preprocess import run
-from densevse.stages.base import STAGES, Reject, SourceUnavailable, empty_row, is_transient
+from densevse.stages.base import INGEST, Reject, SourceUnavailable, empty_row, is_transient
 from densevse.stages.fetch import img2dataset_failure, read_object, read_tar_member
 from tests.test_table_inputs import _jpeg, write_img2dataset
 
@@ -132,7 +132,7 @@ def test_the_proxy_serves_and_a_missing_object_is_still_a_rejection(proxy, objec
         "download failed in img2dataset: HTTP Error 404: Not Found"
     rows = [empty_row(key=f"k{i}", shard="train-000000", source=f"{objects}/{name}", captions='["A photo."]')
             for i, name in enumerate(("a.jpg", "gone.jpg"))]
-    out = STAGES.get("image_caption")().process(rows)
+    out = INGEST.get("image_caption")().process(rows)
     assert [r["reject"] for r in out] == ["", f"ingest: missing image file {objects}/gone.jpg"]
     with pytest.raises(Reject, match=r"^missing tar file s3://bucket/faults/i2d/gone\.tar$"):
         read_tar_member(f"{objects}/i2d/gone.tar#x.jpg", 2**20)
@@ -151,14 +151,14 @@ def test_object_store_faults_fail_the_shard_never_reject_its_samples(fault, prox
     assert is_transient(e.value) and is_transient(e.value.__cause__)  # the library's own error is classified too
     rows = [empty_row(key=f"k{i}", shard="train-000004", source=uri, captions='["A photo."]') for i in range(3)]
     with pytest.raises(SourceUnavailable):
-        STAGES.get("image_caption")().process(rows)
+        INGEST.get("image_caption")().process(rows)
     assert [r["reject"] for r in rows] == ["", "", ""]
     monkeypatch.setattr(run, "RETRY_BACKOFF_S", 0)
     with caplog.at_level(logging.WARNING, logger="densevse.preprocess"), \
             pytest.raises(RuntimeError, match=f"^stage ingest: shard train-000004: SourceUnavailable: "
                                               f"{re.escape(f'reading {uri}: {FAULTS[fault]}')}.* "
                                               rf"\(after {run.RETRY_TRIES} tries\)$"):
-        run._run_stage(STAGES.get("image_caption")(), pickle.dumps(rows), batch_size=2)
+        run._run_stage(INGEST.get("image_caption")(), pickle.dumps(rows), batch_size=2)
     assert caplog.text.count("stage ingest: shard train-000004: SourceUnavailable") == run.RETRY_TRIES - 1
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from densevse.pipeline.serving import rest
-from densevse.pipeline.tracking import free_port
+from densevse.pipeline.tracking.server import free_port
 
 pytestmark = pytest.mark.slow
 

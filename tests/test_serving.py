@@ -61,7 +61,7 @@ def test_champion_alias_follows_the_best_score(tmp_path):
     """A real MLflow registry (sqlite): the alias moves only to a version that scores at least as well."""
     from mlflow.tracking import MlflowClient
 
-    from densevse.pipeline.tracking import CHAMPION, promote
+    from densevse.pipeline.tracking.registry import CHAMPION, promote
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     client.create_registered_model("m")
@@ -149,7 +149,7 @@ def test_rest_serving_answers_like_predict_and_refuses_bad_input(tiny_run, tmp_p
     import pandas as pd
 
     from densevse.pipeline.serving import rest
-    from densevse.pipeline.tracking import free_port
+    from densevse.pipeline.tracking.server import free_port
 
     cfg, uri = tiny_run
     s, src = _test_sample(cfg)

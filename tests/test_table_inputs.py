@@ -21,7 +21,7 @@ from densevse.pipeline.config import DatasetConfig, parse_config
 from densevse.pipeline.datasets import READERS, read_dataset
 from densevse.pipeline.errors import ConfigError, DatasetError
 from densevse.stages import fetch
-from densevse.stages.base import STAGES, Reject, ShardOutage, check_shard_rejections, empty_row
+from densevse.stages.base import INGEST, Reject, ShardOutage, check_shard_rejections, empty_row
 from densevse.stages.fetch import USER_AGENT, DownloadParams, call_with_deadline, download_url
 from densevse.stages.images import read_bytes
 
@@ -202,7 +202,7 @@ def test_deny_private_default_comes_from_the_environment_which_the_cloud_configs
     assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]["DENSEVSE_DENY_PRIVATE"] == "1"
     monkeypatch.setenv("DENSEVSE_DENY_PRIVATE", "1")
     assert DownloadParams().deny_private is True
-    assert STAGES.get("image_caption")().params.deny_private is True
+    assert INGEST.get("image_caption")().params.deny_private is True
     assert DownloadParams(deny_private=False).deny_private is False
     monkeypatch.setenv("DENSEVSE_DENY_PRIVATE", "0")
     assert DownloadParams().deny_private is False
@@ -297,7 +297,7 @@ def test_ingest_records_download_failures_by_prefix(server):
     paths = ["/img/4.jpg", "/missing.jpg", "/page.html", "/redirect.jpg"]
     rows = [empty_row(key=f"k{i}", source=f"{server}{p}", captions=json.dumps(["A red square on grey."]))
             for i, p in enumerate(paths)]
-    stage = STAGES.get("image_caption")({"timeout_s": 0.5, "retries": 0, "threads": 4})
+    stage = INGEST.get("image_caption")({"timeout_s": 0.5, "retries": 0, "threads": 4})
     out = {r["source"].removeprefix(server): r for r in stage.process(rows)}
     assert out["/img/4.jpg"]["reject"] == "" and out["/img/4.jpg"]["width"] == 48
     assert out["/redirect.jpg"]["reject"] == ""
@@ -316,7 +316,7 @@ def test_a_download_outage_rejects_the_samples_and_then_stops_the_shard(server):
     urls = [f"{dead}/img/{i}.jpg" for i in range(12)] + [f"{server}/img/{i}.jpg" for i in range(4)]
     rows = [empty_row(key=f"k{i}", shard="train-000002", source=u, captions=json.dumps(["A photo."]))
             for i, u in enumerate(urls)]
-    out = STAGES.get("image_caption")({"timeout_s": 1, "retries": 0, "threads": 8}).process(rows)
+    out = INGEST.get("image_caption")({"timeout_s": 1, "retries": 0, "threads": 8}).process(rows)
     assert all(r["reject"].startswith("ingest: download failed: connection error (") for r in out[:12])
     assert [r["reject"] for r in out[12:]] == [""] * 4
     with pytest.raises(ShardOutage, match=r"^shard train-000002: 12 of 16 samples rejected as 'ingest: download "
@@ -470,7 +470,7 @@ def test_img2dataset_reader_and_its_rejections(tmp_path):
     assert specs["i2d_000000000"]["gold"] == {"columns": {"url": "http://x/000000000.jpg"}}
     rows = [empty_row(key=k, source=s["source"], captions=json.dumps(s["captions"]), gold=json.dumps(s["gold"]))
             for k, s in specs.items()]
-    out = {r["key"]: r for r in STAGES.get("image_caption")().process(rows)}
+    out = {r["key"]: r for r in INGEST.get("image_caption")().process(rows)}
     assert {k: r["reject"] for k, r in out.items()} == {
         "i2d_000000000": "", "i2d_000000002": "", "i2d_000010000": "",
         "i2d_000000001": "ingest: download failed in img2dataset: HTTP Error 404: Not Found",

@@ -11,7 +11,7 @@ import pytest
 
 from densevse.pipeline.cli.main import main
 from densevse.pipeline.serving.rest import is_loopback
-from densevse.pipeline.tracking import server_command, server_env
+from densevse.pipeline.tracking.server import server_command, server_env
 
 
 def test_non_loopback_host_without_auth_is_refused(tmp_path, capsys):
@@ -54,7 +54,7 @@ def test_basic_auth_server_refuses_unauthenticated_calls(tmp_path, monkeypatch):
     """A real basic-auth server on 127.0.0.1: the REST API answers 401 without credentials and with a wrong
     password, and serves the admin; /health stays open (start_server waits on it)."""
     pytest.importorskip("flask_wtf", reason="the basic-auth app needs mlflow[auth]")
-    from densevse.pipeline.tracking import start_server, stop_server
+    from densevse.pipeline.tracking.server import start_server, stop_server
 
     password = "correct-horse-battery"
     monkeypatch.setenv("MLFLOW_AUTH_ADMIN_PASSWORD", password)
@@ -77,7 +77,7 @@ def test_basic_auth_server_refuses_unauthenticated_calls(tmp_path, monkeypatch):
         from mlflow.tracking import MlflowClient
 
         from densevse.pipeline.config import load_config
-        from densevse.pipeline.tracking import start_run
+        from densevse.pipeline.tracking.runs import start_run
 
         authed = uri.replace("http://", f"http://admin:{password}@")
         cfg = load_config("pipeline.yaml", [f"mlflow.tracking_uri={authed}", f"run.output_dir={tmp_path / 'run'}"])

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    from densevse.pipeline.tracking import start_server, stop_server
+    from densevse.pipeline.tracking.server import start_server, stop_server
 
     proc, uri = start_server(tmp_path_factory.mktemp("mlflow"), wait=False)  # boots while Ray starts
     yield proc, uri
@@ -43,9 +43,11 @@ def test_two_worker_train_crash_recovery_mlflow_registry_resume(tmp_path, mlflow
     from densevse.models.batch import collate
     from densevse.pipeline.training.data import eval_items, iter_samples
     from densevse.pipeline.preprocess.shards import shard_paths
-    from densevse.pipeline.tracking import manifest_sha256, wait_server
+    from densevse.pipeline.tracking.runs import manifest_sha256
+    from densevse.pipeline.tracking.server import wait_server
     from densevse.pipeline.raylocal import init_ray
-    from densevse.pipeline.training.embedding import latest_checkpoint, train
+    from densevse.pipeline.training.loop import latest_checkpoint
+    from densevse.pipeline.training.tasks import train
 
     proc, mlflow_server = mlflow_server
     shards = write_fixture_shards(tmp_path / "shards", n_train=36, n_val=10, n_test=10, per_shard=6)
@@ -108,8 +110,8 @@ def test_failed_job_marks_its_mlflow_run_failed(tmp_path, mlflow_server, ray_loc
     """A job that fails (an injected crash, no restarts allowed) ends its MLflow run as FAILED, not RUNNING."""
     from mlflow.tracking import MlflowClient
 
-    from densevse.pipeline.tracking import wait_server
-    from densevse.pipeline.training.embedding import train
+    from densevse.pipeline.tracking.server import wait_server
+    from densevse.pipeline.training.tasks import train
 
     proc, uri = mlflow_server
     shards = write_fixture_shards(tmp_path / "shards", n_train=12, n_val=0, n_test=0, per_shard=6)

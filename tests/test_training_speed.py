@@ -172,7 +172,7 @@ def test_embedding_epoch_prefetched_or_inline_gives_the_same_training(tmp_path):
         paths = shard_paths(shards, "train")
         task.prepare(cfg, paths, None)
         task.setup(cfg, rank_shards(paths, 0, 1), [], torch.device("cpu"))
-        model = task.build_model(None)
+        model = task.make_model(None)
         sums, pairs = task.train_epoch(model, model, torch.optim.Adam(model.parameters(), lr=1e-3), 0)
         m = task.step_timer.metrics()
         assert pairs > 0 and task.step_timer.steps >= 2 and 0 < m["compute_share"] <= 1

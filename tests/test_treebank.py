@@ -148,3 +148,18 @@ def test_parser_trains_on_real_gum_slice_and_loads_in_the_stage(tmp_path):
     assert reasons[0] is None and trees[0]["tokens"][:3] == ["A", "black", "dog"]
     T.validate(trees[0])
     assert trees[1] is None and "empty" in reasons[1]
+
+
+@needs_gum
+@pytest.mark.gpu
+def test_parser_trains_on_the_gpu(tmp_path):
+    """`densevse parser train --device cuda` on a real GUM slice: Stanza's trainers run on the GPU."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from densevse.pipeline.stage_models.parser import TrainSpec, train
+
+    bank = gum_slice(tmp_path / "gum-slice", 20)
+    m = train(tmp_path / "model", TrainSpec.for_treebank(str(bank), tagger_steps=10, parser_epochs=1),
+              device="cuda")
+    assert m["device"] == "cuda" and 0.0 <= m["eval"]["test"]["bracket_f1"] <= 1.0

@@ -129,7 +129,7 @@ print(json.dumps({"dims": [len(e) for e in out["embedding"]], "boxes": [b is not
 
 
 def test_registered_model_loads_unpickled_and_uses_only_its_bundled_files(detector_dir, payload, tmp_path):
-    """Registered through pipeline/tracking.py (_log_model) in a real sqlite registry, loaded in a fresh process
+    """Registered through tracking/registry.py (_log_model) in a real sqlite registry, loaded in a fresh process
     with MLflow's pickle deserialization switched off: it loads (nothing is unpickled), and its raw-image path
     runs the bundled detector and weights, never the checkpoint config's evil.pkl."""
     import mlflow
@@ -137,7 +137,7 @@ def test_registered_model_loads_unpickled_and_uses_only_its_bundled_files(detect
     from mlflow.tracking import MlflowClient
 
     from densevse.pipeline.serving.pyfunc import signature
-    from densevse.pipeline.tracking import _log_model
+    from densevse.pipeline.tracking.registry import _log_model
 
     evil, marker = payload
     ck = tiny_checkpoint(tmp_path / "best.pt", _stages(detector_dir, str(evil)), feat_dim=EFFNET_DIM)

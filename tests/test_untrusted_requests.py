@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from densevse.pipeline.serving import rest
-from densevse.pipeline.tracking import free_port
+from densevse.pipeline.tracking.server import free_port
 from tests.untrusted_fixture import tiny_checkpoint, tiny_index
 
 ROOT = Path(__file__).resolve().parents[1]

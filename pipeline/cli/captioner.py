@@ -11,9 +11,9 @@ from densevse.pipeline.cli.args import common_args, is_config, load, overrides
 
 def cmd_describe(args) -> int:
     """Describe images: whole-image caption, region phrases, dense description (JSON on stdout)."""
-    from densevse.models.captioner import Captioner
+    from densevse.pipeline.errors import ModelMismatch
     from densevse.pipeline.serving.describe import Describer, draw, region_proposer
-    from densevse.pipeline.training.captioner import default_checkpoint
+    from densevse.pipeline.training.trained import CAPTIONER, best_path, load_trained
     from densevse.stages.base import Reject
 
     if args.images and is_config(args.images[0]):  # `densevse describe CONFIG IMAGE...`
@@ -23,8 +23,8 @@ def cmd_describe(args) -> int:
         return 2
     cfg = load(args)
     try:
-        cap = Captioner.load(args.model or default_checkpoint(cfg))
-    except (FileNotFoundError, pickle.UnpicklingError) as e:  # missing, or refused (would run code)
+        cap = load_trained(args.model or best_path(cfg.run.output_dir, CAPTIONER), CAPTIONER)
+    except (FileNotFoundError, pickle.UnpicklingError, ModelMismatch) as e:  # missing, unsafe, not a captioner
         print(f"densevse describe: {e}", file=sys.stderr)
         return 2
     propose, note = region_proposer(cfg)
@@ -51,9 +51,10 @@ def cmd_describe(args) -> int:
 
 def cmd_train(args) -> int:
     """Train the m-RNN captioner on the run's train shards (Ray Train; MLflow when configured)."""
-    from densevse.pipeline.training.captioner import train_captioner
+    from densevse.pipeline.training.tasks import train
+    from densevse.pipeline.training.trained import CAPTIONER
 
-    print(json.dumps(train_captioner(load(args), resume=args.resume), indent=1, default=str))
+    print(json.dumps(train(load(args), CAPTIONER, resume=args.resume), indent=1, default=str))
     return 0
 
 

@@ -34,10 +34,10 @@ def _console(args, cfg):
 
 def _paths(cfg, summary: dict, summary_file: str) -> dict:
     """Where the outputs of a verb are, for the final table."""
-    from densevse.pipeline.evaluation.retrieval import default_checkpoint
+    from densevse.pipeline.training.trained import best_path
 
     out, tr = Path(cfg.run.output_dir), summary.get("train") or {}
-    best = default_checkpoint(cfg)
+    best = best_path(out, cfg.train.model)
     from densevse.pipeline.config import redact_uri
 
     mlflow = f"run {tr['mlflow_run_id']} at {redact_uri(cfg.mlflow.tracking_uri)}" if tr.get("mlflow_run_id") else None
@@ -84,7 +84,7 @@ def cmd_preprocess(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from densevse.pipeline.training.embedding import train
+    from densevse.pipeline.training.tasks import train
 
     cfg = load(args)
     with _console(args, cfg) as con:
@@ -117,7 +117,7 @@ def cmd_run(args) -> int:
     """Everything, in order, on one config: preprocess -> train -> evaluate."""
     from densevse.pipeline.evaluation.retrieval import evaluate
     from densevse.pipeline.preprocess.run import preprocess
-    from densevse.pipeline.training.embedding import train
+    from densevse.pipeline.training.tasks import train
 
     retry = _retry_prefix(args)  # first: it may name the config
     cfg = load(args)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from densevse.pipeline import storage
 from densevse.pipeline.serving.rest import is_loopback
-from densevse.pipeline.tracking import server_command, server_env
+from densevse.pipeline.tracking.server import server_command, server_env
 
 NO_AUTH = """densevse mlflow: refusing to serve on {host} without authentication: anyone who can reach it could read,
 change and delete every run and registered model. Either

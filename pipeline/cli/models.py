@@ -14,12 +14,14 @@ from densevse.pipeline.stage_models.parser import PROCESSORS, TrainSpec
 
 
 def cmd_parser_train(args) -> int:
-    overrides = {k: getattr(args, k) for k in ("n_trees", "seed", "parser_epochs", "tagger_steps")
+    overrides = {k: getattr(args, k) for k in ("n_trees", "seed", "parser_epochs", "tagger_steps", "bert_model")
                  if getattr(args, k) is not None}
+    if args.bert_finetune:
+        overrides["bert_finetune"] = True
     spec = TrainSpec.for_treebank(str(args.treebank), **overrides) if args.treebank else TrainSpec(**overrides)
     out = args.out or (parser_train.treebank_dir(args.treebank) if args.treebank else DEFAULT_DIR)
     t0 = time.perf_counter()
-    m = parser_train.train(out, spec, force=args.force, quiet=not args.verbose)
+    m = parser_train.train(out, spec, force=args.force, quiet=not args.verbose, device=args.device)
     took = time.perf_counter() - t0
     status = (f"cached (inputs unchanged; trained in {m['train_seconds']['total_s']}s)" if m["cached"] else
               f"trained in {m['train_seconds']['total_s']}s + {m['eval_seconds']}s evaluation")
@@ -82,6 +84,10 @@ def register_parser(subparsers) -> None:
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--parser-epochs", dest="parser_epochs", type=int, default=None)
     t.add_argument("--tagger-steps", dest="tagger_steps", type=int, default=None)
+    t.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="train on the CPU (default) or a GPU")
+    t.add_argument("--bert-model", dest="bert_model", default=None,
+                   help="a pretrained transformer the parser reads (a local Hugging Face model dir)")
+    t.add_argument("--bert-finetune", dest="bert_finetune", action="store_true", help="finetune that transformer")
     t.add_argument("--force", action="store_true", help="retrain even when cached")
     t.add_argument("--verbose", "-v", action="store_true", help="show Stanza's training logs")
     t.set_defaults(func=cmd_parser_train)
@@ -94,7 +100,8 @@ def cmd_regions_train(args) -> int:
     from densevse.pipeline.evaluation.proposals import format_table
 
     fields = ("dataset", "roots", "holdout", "backbone", "input_size", "freeze_stages", "base_lr", "iters",
-              "num_images", "seed", "eval_images", "threads", "ims_per_batch")
+              "num_images", "seed", "eval_images", "threads", "ims_per_batch", "device", "workers", "fpn_channels",
+              "box_head_dim")
     try:
         spec = detector_train.DetectorSpec(**{k: getattr(args, k) for k in fields if getattr(args, k) is not None})
     except ValidationError as e:
@@ -109,7 +116,8 @@ def cmd_regions_train(args) -> int:
     except DatasetError as e:
         print(f"densevse: regions train: {e}", file=sys.stderr)
         return 2
-    status = "cached (same spec)" if r["cached"] else f"trained in {r['train_s']}s ({r['threads']} threads)"
+    status = "cached (same spec)" if r["cached"] else \
+        f"trained in {r['train_s']}s on {r.get('device', 'cpu')} ({r['threads']} threads)"
     print(f"detector in {out}: {status}")
     if "data" in r:
         d = r["data"]
@@ -157,6 +165,12 @@ def register_regions(subparsers) -> None:
                    help="held-out scenes / at most this many held-out photos (default 200)")
     t.add_argument("--seed", type=int, default=None)
     t.add_argument("--threads", type=int, default=None, help="torch threads (default 1)")
+    t.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="train on the CPU (default) or a GPU; coco picks the recipe of the device (README: Regions)")
+    t.add_argument("--workers", type=int, default=None,
+                   help="data-loader processes (default: one per spare core up to 8 on cuda, none on cpu)")
+    t.add_argument("--fpn-channels", dest="fpn_channels", type=int, default=None)
+    t.add_argument("--box-head-dim", dest="box_head_dim", type=int, default=None)
     t.add_argument("--force", action="store_true", help="retrain even when cached")
     t.add_argument("--verbose", "-v", action="store_true", help="show Detectron2's training log")
     t.set_defaults(func=cmd_regions_train)

@@ -13,11 +13,11 @@ def _defaults(args):
     <output_dir>/index. The config's stages are where query stages take their model files from: a checkpoint's
     own config names none that is loaded (pipeline/serving/embedder.py: trusted_stages)."""
     cfg = load(args)
-    from densevse.pipeline.evaluation.retrieval import default_checkpoint
+    from densevse.pipeline.training.trained import best_path
 
     shards = Path(args.shards) if getattr(args, "shards", None) else Path(cfg.shard_dir)
     index = Path(args.index) if getattr(args, "index", None) else Path(cfg.run.output_dir) / "index"
-    return cfg, shards, args.model or str(default_checkpoint(cfg)), index
+    return cfg, shards, args.model or str(best_path(cfg.run.output_dir, cfg.train.model)), index
 
 
 def cmd_index(args) -> int:

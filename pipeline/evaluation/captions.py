@@ -20,11 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from densevse.models.captioner import Captioner, dense_description
+from densevse.models.captioner import dense_description
 from densevse.models.metrics import coco_scores, nearest_captions, object_precision, object_recall
 from densevse.pipeline.preprocess.shards import shard_paths
-from densevse.pipeline.training.captioner import default_checkpoint
 from densevse.pipeline.training.data import iter_samples
+from densevse.pipeline.training.trained import CAPTIONER, best_path, load_trained
 
 
 def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | None = None) -> dict:
@@ -33,7 +33,7 @@ def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | N
     t0 = time.time()
     split = split or cfg.eval.split
     c = cfg.captioner
-    cap = Captioner.load(checkpoint or default_checkpoint(cfg))
+    cap = load_trained(checkpoint or best_path(cfg.run.output_dir, CAPTIONER), CAPTIONER)
     test = list(iter_samples(shard_paths(cfg.shard_dir, split)))
     train_paths = shard_paths(cfg.shard_dir, "train")
     if not test or not train_paths:
@@ -68,7 +68,7 @@ def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | N
     if cfg.mlflow.tracking_uri and run_id:
         from mlflow.tracking import MlflowClient
 
-        from densevse.pipeline.tracking import log_epoch
+        from densevse.pipeline.tracking.runs import log_epoch
 
         log_epoch(cfg.mlflow.tracking_uri, run_id, {f"{split}_{k}": v for k, v in out.items()},
                   step=int(out["epoch"] or 0))

@@ -11,11 +11,11 @@ import numpy as np
 import torch
 
 from densevse.models.batch import collate
-from densevse.models.checkpoint import load_model
 from densevse.models.metrics import grounding_accuracy, paired_iou, recall_at_k
 from densevse.pipeline.evaluation.proposals import shard_recall
 from densevse.pipeline.preprocess.shards import shard_paths
 from densevse.pipeline.training.data import eval_items
+from densevse.pipeline.training.trained import EMBEDDING, best_path, load_trained
 
 
 @torch.no_grad()
@@ -63,16 +63,13 @@ def evaluate_model(model, vocab, labels, paths, ks=(1, 5, 10), captions_per_imag
     return out
 
 
-def default_checkpoint(cfg) -> Path:
-    """Where training leaves the best model of cfg.train.model."""
-    return Path(cfg.run.output_dir) / "models" / cfg.train.model / "best.pt"
-
-
 def evaluate(cfg, checkpoint: str | Path | None = None, split: str | None = None) -> dict:
-    """Evaluate a trained checkpoint (default: the best of cfg.train.model) on cfg.eval.split of the shards."""
+    """Evaluate a trained embedding model (a checkpoint file or dir; default: the best of cfg.train.model) on
+    cfg.eval.split of the shards."""
     split = split or cfg.eval.split
     device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
-    model, vocab, labels, ck = load_model(checkpoint or default_checkpoint(cfg), device)
+    model, vocab, labels, ck = load_trained(checkpoint or best_path(cfg.run.output_dir, cfg.train.model), EMBEDDING,
+                                            device)
     paths = shard_paths(cfg.shard_dir, split)
     if not paths:
         raise FileNotFoundError(f"no finished {split} shards in {cfg.shard_dir}")

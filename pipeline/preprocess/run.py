@@ -31,7 +31,7 @@ from densevse.pipeline.preprocess.plan import (check_resume, fingerprint, plan, 
                                      shard_rows)
 from densevse.pipeline.preprocess.prepare import prepare_stage_models
 from densevse.pipeline.raylocal import init_ray, node_resources
-from densevse.stages.base import STAGES, check_shard_rejections, is_transient
+from densevse.stages.base import STEPS, check_shard_rejections, is_transient
 
 log = logging.getLogger("densevse.preprocess")
 STAGE_ORDER = ("ingest", "regions", "features", "parse")
@@ -102,23 +102,24 @@ def _free_memory() -> None:
 
 class _StageOnShards:
     """A stage applied to whole shards. As a Ray actor (a model stage: `load=True`) the stage and its model are
-    built once, in the constructor, and serve many shards; as a task, the stage is built per call. `models`
-    (an object ref to ship.pack's tar) is unpacked into this actor's own directory first, so the model files
-    are the driver's, on whichever node the actor runs."""
+    built once, in the constructor, and serve many shards; as a task, the stage is built per call. `impl` is
+    looked up in the registry of `step` (stages.base.STEPS). `models` (an object ref to ship.pack's tar) is
+    unpacked into this actor's own directory first, so the model files are the driver's, on whichever node the
+    actor runs."""
 
-    def __init__(self, impl: str, params, batch_size: int, load: bool = True, models=None):
+    def __init__(self, step: str, impl: str, params, batch_size: int, load: bool = True, models=None):
         if models is not None:
             import ray
 
             self._models_dir = tempfile.TemporaryDirectory(prefix="densevse-models-")  # removed with the actor
             params = ship.unpack(params, ray.get(models) if isinstance(models, ray.ObjectRef) else models,
                                  self._models_dir.name)
-        self.impl, self.params, self.batch_size = impl, params, batch_size
-        self.stage = STAGES.get(impl)(params) if load else None
+        self.cls, self.params, self.batch_size = STEPS[step].get(impl), params, batch_size
+        self.stage = self.cls(params) if load else None
 
     def __call__(self, batch):
         t = Clock()
-        stage = self.stage or STAGES.get(self.impl)(self.params)  # a task stage's build is part of its cost
+        stage = self.stage or self.cls(self.params)  # a task stage's build is part of its cost
         rows, costs = [], []
         for p, c in zip(batch["rows"], batch["cost"]):
             rows.append(_run_stage(stage, p, self.batch_size))
@@ -130,7 +131,7 @@ def run_stages(cfg) -> dict[str, StageConfig]:
     """The stages to run, in order: a passthrough one (features `from_regions`, when the regions stage computes
     them) is left out, so its shard rows never travel through Ray for nothing."""
     return {name: getattr(cfg.stages, name) for name in STAGE_ORDER
-            if not STAGES.get(getattr(cfg.stages, name).impl).passthrough}
+            if not STEPS[name].get(getattr(cfg.stages, name).impl).passthrough}
 
 
 def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], nodes: float | list) -> dict[str, int]:
@@ -149,7 +150,7 @@ def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], nodes: float | list) ->
     """
     nodes = [nodes] if isinstance(nodes, (int, float)) else list(nodes)
     nodes = [n if isinstance(n, (tuple, list)) else (n, math.inf) for n in nodes]
-    model = {n: sc for n, sc in stage_cfgs.items() if STAGES.get(sc.impl).uses_model}
+    model = {n: sc for n, sc in stage_cfgs.items() if STEPS[n].get(sc.impl).uses_model}
     tasks = [sc for n, sc in stage_cfgs.items() if n not in model]
     task, task_mb = max([sc.num_cpus for sc in tasks] + [0.0]), max([sc.memory_mb or 0 for sc in tasks] + [0])
     if not model:
@@ -176,8 +177,8 @@ def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], nodes: float | list) ->
     return {n: sizes[n] for n in model}
 
 
-def _add_stage(ds, sc: StageConfig, actors: int | None, models=None):
-    """The stage as Ray Data map over shards: an actor pool for a model stage, tasks otherwise.
+def _add_stage(ds, step: str, sc: StageConfig, actors: int | None, models=None):
+    """Step `step`'s stage as Ray Data map over shards: an actor pool for a model stage, tasks otherwise.
 
     Ray's own retries are bounded (its defaults retry forever, so a shard that kills its worker every time, a
     segfaulting decoder say, would hang the run): a dead worker or actor is retried RAY_TASK_RETRIES /
@@ -185,7 +186,7 @@ def _add_stage(ds, sc: StageConfig, actors: int | None, models=None):
     Application errors are not retried by Ray (`retry_exceptions=False`; Ray Data
     still adds its RaySystemError): _run_stage already retried the transient ones, and bad input never fails.
     Ray 2.60 takes these only as `**ray_remote_args` (deprecated, removal announced for 2.64; no named form yet)."""
-    args = dict(impl=sc.impl, params=sc.params, batch_size=sc.batch_size)
+    args = dict(step=step, impl=sc.impl, params=sc.params, batch_size=sc.batch_size)
     common = dict(batch_size=1, num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None, batch_format="numpy",
                   **({"memory": sc.memory_mb * 2**20} if sc.memory_mb else {}))
     if actors:
@@ -289,7 +290,7 @@ def _preprocess(cfg: PipelineConfig, lock: ShardDirLock, progress: bool, force: 
         actors = actor_pool_sizes(stage_cfgs, node_resources())
         for name, sc in stage_cfgs.items():
             packed = ship.pack(sc.params) if actors.get(name) else None
-            ds = _add_stage(ds, sc, actors.get(name), ray.put(packed) if packed else None)
+            ds = _add_stage(ds, name, sc, actors.get(name), ray.put(packed) if packed else None)
         todo, n, written = sum(i["n"] for i in infos if i["shard"] not in done), 0, []
         t_run = time.time()
         for w in ds.map_batches(_write, fn_kwargs={"shard_dir": str(shard_dir), "fingerprint": fp}, batch_size=1,

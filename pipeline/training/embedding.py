@@ -1,6 +1,6 @@
 """The embedding model (train.model: hmlstm, or the vse / dvsa baselines) trained by the shared Ray Train loop.
 
-    summary = train(cfg)               # fresh run
+    summary = train(cfg)               # pipeline/training/tasks.py: the task named cfg.train.model
     summary = train(cfg, resume=True)  # continue from the latest checkpoint of cfg.train.model
 
 The driver builds the vocabularies (GloVe-initialised word vectors) from the train shards once (a resumed run
@@ -8,7 +8,7 @@ keeps its checkpoint's). pipeline/training/loop.py runs the workers (DDP, restar
 rank streams its own shards' pairs (pipeline.training.data.rank_shards), so every training pair is seen exactly
 once per epoch by exactly one rank; bf16 autocast on GPU only. `train.batch_size` is per worker: it is also the
 pool of in-batch negatives of the ranking loss. Rank 0 evaluates retrieval on the val split each epoch; the best
-epoch (by val rsum, else the lowest train loss) goes to <output_dir>/models/<model>/best.pt and is registered in
+epoch (by val rsum, else the lowest train loss) goes to best.pt (trained.best_path) and is registered in
 MLflow as cfg.mlflow.registered_model; train.patience stops early when val rsum stops improving. Batches are
 collated on a prefetch thread while the model trains (train.prefetch; compute_share per epoch).
 """
@@ -19,18 +19,20 @@ from pathlib import Path
 
 import torch
 
-from densevse.pipeline.training.loop import Task, fit, for_workers, latest_checkpoint, save_best  # noqa: F401 (public here)
-
-
-def train(cfg, resume: bool = False) -> dict:
-    """Train cfg.train.model; returns the summary (also <output_dir>/train-<model>.json)."""
-    return fit(cfg, EmbeddingTask(cfg), resume)
+from densevse.pipeline.errors import ConfigError
+from densevse.pipeline.training.loop import Task
 
 
 class EmbeddingTask(Task):
+    """The task of every embedding model: its name is the model's (train.model), which names its outputs."""
+
     no_pairs_hint = " (every caption longer than train.max_tokens?)"
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, model: str | None = None):
+        """model: the registered task's name; it trains train.model, whose config (MLflow name, paths) it uses."""
+        if model is not None and model != cfg.train.model:
+            raise ConfigError(f"task {model!r} trains train.model, which is {cfg.train.model!r} in this config "
+                              f"(set -s train.model={model})")
         self.name = self.model_name = cfg.train.model
         self.epochs, self.lr = cfg.train.epochs, cfg.train.lr
         self.patience, self.prefetch_depth = cfg.train.patience, cfg.train.prefetch
@@ -62,13 +64,13 @@ class EmbeddingTask(Task):
         self.vocab, self.labels = Vocab(self.words), Vocab(self.label_words)
         self.amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
-    def build_model(self, hparams: dict | None) -> torch.nn.Module:
-        from densevse.models import build_model, rebuild
+    def make_model(self, hparams: dict | None) -> torch.nn.Module:
+        from densevse.models import new_embedding_model, rebuild
 
         if hparams is not None:
             return rebuild(self.model_name, hparams)
-        return build_model(self.model_name, self.tc, vocab_size=len(self.vocab), n_labels=len(self.labels),
-                           feat_dim=self.feat_dim, word_init=self.word_init)
+        return new_embedding_model(self.model_name, self.tc, vocab_size=len(self.vocab), n_labels=len(self.labels),
+                                   feat_dim=self.feat_dim, word_init=self.word_init)
 
     def train_epoch(self, model, core, opt, epoch: int) -> tuple[dict[str, float], int]:
         from densevse.models.batch import collate
@@ -113,11 +115,10 @@ class EmbeddingTask(Task):
     def best_score(self, entry: dict) -> float:
         return entry.get("val_rsum", -entry["train_loss"])
 
-    def register(self, cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
-        from densevse.pipeline import tracking
+    def register(self, cfg, run_id: str, history: list[dict], best: Path) -> int | None:
+        from densevse.pipeline.tracking import registry
 
-        best = max(history, key=self.best_score)
-        return tracking.finish_run(cfg, run_id, history, best_path, score=self.best_score(best))
+        return registry.finish_run(cfg, run_id, history, best, score=max(map(self.best_score, history)))
 
 
 def _float32(out: dict) -> dict:

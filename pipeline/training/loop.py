@@ -3,6 +3,8 @@
     summary = fit(cfg, EmbeddingTask(cfg))               # pipeline/training/embedding.py
     summary = fit(cfg, CaptionerTask(cfg), resume=True)  # pipeline/training/captioner.py
 
+Tasks are registered by name in pipeline/training/tasks.py, whose `train(cfg, task)` is the entry point.
+
 The loop owns what the models share, so that it cannot drift apart between them:
   * driver: absolute paths for the workers (`for_workers`), Ray (pipeline.raylocal.init_ray), the MLflow run
     (continued on resume; marked FAILED when anything fails), a TorchTrainer with cfg.train.num_workers
@@ -21,13 +23,14 @@ that `Task.prepare` filled in on the driver. Checkpoints hold plain values only 
 they are read with models.checkpoint.load_checkpoint (weights_only).
 
 Paths: <storage>/<run.name>-<task.name>-<stamp>/checkpoint_*/model.pt (one per epoch; storage is
-train.storage_path, a local path or URI, default <output_dir>/ray_train), <output_dir>/models/<task.name>/best.pt,
-<output_dir>/train-<task.name>.json (the summary).
+train.storage_path, a local path or URI, default <output_dir>/ray_train); best.pt and the summary where
+pipeline/training/trained.py says (best_path, summary_path: <output_dir>/models/<task.name>/best.pt,
+<output_dir>/train-<task.name>.json).
 
 MLflow outages: the checkpoint (which holds the whole history) is reported before MLflow is called, and that
-call is bounded (pipeline.tracking.bounded: about 2 s when the server is down, at most 17 s when it hangs) and
-best-effort: a failure is a warning on the console, and the next epoch that reaches MLflow also logs every epoch
-MLflow lacks (tracking.backfill, each at its step); the driver backfills once more after training. MLflow still
+call is bounded (pipeline.tracking.runs.bounded: about 2 s when the server is down, at most 17 s when it hangs)
+and best-effort: a failure is a warning on the console, and the next epoch that reaches MLflow also logs every
+epoch MLflow lacks (runs.backfill, each at its step); the driver backfills once more after training. MLflow still
 down then: the job keeps best.pt and succeeds, its summary lists the epochs MLflow lacks ("mlflow_missing_epochs")
 and says no model was registered. MLflow down before training: a clear error, nothing trained.
 
@@ -59,6 +62,7 @@ from densevse.pipeline.storage import Location
 from densevse.pipeline.raylocal import cpus_per_worker, init_ray, node_resources
 from densevse.pipeline.training.prefetch import StepTimer, prefetch
 from densevse.pipeline.training.stopping import early_stop
+from densevse.pipeline.training.trained import best_path, summary_path
 
 FAIL_AT_EPOCH = "DENSEVSE_FAIL_AT_EPOCH"
 EPOCH_BARRIER = "DENSEVSE_EPOCH_BARRIER"
@@ -92,8 +96,8 @@ class Task:
         the val shards on rank 0 (which evaluates) and [] elsewhere."""
         raise NotImplementedError
 
-    def build_model(self, hparams: dict | None) -> torch.nn.Module:
-        """A fresh model (None) or a checkpoint's architecture (the loop loads its weights)."""
+    def make_model(self, hparams: dict | None) -> torch.nn.Module:
+        """The model to train: a fresh one (None), or a checkpoint's architecture (the loop loads its weights)."""
         raise NotImplementedError
 
     def train_epoch(self, model, core, opt, epoch: int) -> tuple[dict[str, float], int]:
@@ -121,8 +125,8 @@ class Task:
         """Which epoch is best: the highest score over the history entries."""
         raise NotImplementedError
 
-    def register(self, cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
-        """Log best.pt to the MLflow run as a model and register it; returns the version."""
+    def register(self, cfg, run_id: str, history: list[dict], best: Path) -> int | None:
+        """Log best.pt (`best`) to the MLflow run as a model and register it; returns the version."""
         raise NotImplementedError
 
 
@@ -133,10 +137,6 @@ def storage(cfg) -> Location:
     """Ray Train's storage_path: train.storage_path (a local path or a URI), default <run.output_dir>/ray_train."""
     loc = cfg.train.storage_path or store.join(cfg.run.output_dir, "ray_train")
     return loc if store.is_uri(loc) else Path(loc).resolve()
-
-
-def best_path(cfg, name: str) -> Path:
-    return Path(cfg.run.output_dir) / "models" / name / "best.pt"
 
 
 def latest_checkpoint(cfg, name: str | None = None) -> Location | None:
@@ -167,7 +167,7 @@ def load_dir(d: Location) -> dict:
 def for_workers(cfg):
     """A copy of cfg with absolute paths: Ray Train workers run in another directory, so a relative shard dir,
     output dir or sqlite/file tracking URI would point somewhere else there (an empty MLflow store, say)."""
-    from densevse.pipeline.tracking import absolute_uri
+    from densevse.pipeline.tracking.server import absolute_uri
 
     cfg = cfg.model_copy(deep=True)
     cfg.shards.dir = cfg.shard_dir if store.is_uri(cfg.shard_dir) else Path(cfg.shard_dir).resolve()
@@ -204,13 +204,13 @@ def fit(cfg, task: Task, resume: bool = False) -> dict:
         if run_id:  # a failed job shows as FAILED in MLflow (with why), not as a run forever RUNNING
             _mark_failed(cfg.mlflow.tracking_uri, run_id, e)
         raise
-    (Path(cfg.run.output_dir) / f"train-{task.name}.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary_path(cfg.run.output_dir, task.name).write_text(json.dumps(summary, indent=1, default=str))
     return summary
 
 
 def _summary(cfg, task: Task, result, info: dict) -> dict:
     """best.pt written (save_best), and what the job did: the history, its best epoch, where things are."""
-    best = best_path(cfg, task.name)
+    best = best_path(cfg.run.output_dir, task.name)
     history, best_epoch = save_best(result, best, task.best_score)
     stopped = early_stop(history, task.best_score, task.patience) if history[-1]["epoch"] + 1 < task.epochs else None
     return {"model": task.model_name, "epochs": len(history), "best_epoch": best_epoch, "early_stop": stopped, **info,
@@ -239,12 +239,12 @@ def _mlflow_run(cfg, task: Task, state: dict | None) -> str | None:
     """The resumed checkpoint's MLflow run, else a new one named <run.name>-<task.name>; None without tracking.
     An MLflow that does not answer now is an error before anything trains (bounded: seconds, not MLflow's
     minutes of retries): tracking was asked for, and a run begun without it could never be logged to."""
-    from densevse.pipeline import tracking
+    from densevse.pipeline.tracking import runs
 
     if not cfg.mlflow.tracking_uri:
         return None
     try:
-        with tracking.bounded():
+        with runs.bounded():
             return _open_run(cfg, task, state)
     except Exception as e:  # noqa: BLE001 - connection, HTTP, auth: all mean no run to log into
         raise RuntimeError(
@@ -254,18 +254,12 @@ def _mlflow_run(cfg, task: Task, state: dict | None) -> str | None:
 
 
 def _open_run(cfg, task: Task, state: dict | None) -> str:
-    from mlflow.tracking import MlflowClient
-
-    from densevse.pipeline import tracking
+    from densevse.pipeline.tracking import runs
 
     if state is not None and state.get("mlflow_run_id"):
-        tracking.reopen_run(cfg.mlflow.tracking_uri, state["mlflow_run_id"])
+        runs.reopen_run(cfg.mlflow.tracking_uri, state["mlflow_run_id"])
         return state["mlflow_run_id"]
-    run_id = tracking.start_run(cfg)
-    client = MlflowClient(cfg.mlflow.tracking_uri)
-    client.set_tag(run_id, "mlflow.runName", f"{cfg.run.name}-{task.name}")
-    client.set_tag(run_id, "model", task.model_name)
-    return run_id
+    return runs.start_run(cfg, run_name=f"{cfg.run.name}-{task.name}", model=task.model_name)
 
 
 def _short(e: BaseException, n: int = 300) -> str:
@@ -283,12 +277,12 @@ def _end_tracking(cfg, task: Task, run_id: str, result, summary: dict) -> None:
     nothing was registered (a warning says so). A registration error while MLflow answers is a real error."""
     from mlflow.tracking import MlflowClient
 
-    from densevse.pipeline import tracking
+    from densevse.pipeline.tracking import runs
 
-    uri, best = cfg.mlflow.tracking_uri, best_path(cfg, task.name)
+    uri, best = cfg.mlflow.tracking_uri, best_path(cfg.run.output_dir, task.name)
     try:
-        with tracking.bounded():
-            late = tracking.backfill(uri, run_id, summary["history"])
+        with runs.bounded():
+            late = runs.backfill(uri, run_id, summary["history"])
     except Exception as e:  # noqa: BLE001 - an outage: reported below, the training is kept
         missing = _unlogged_at_end(result, summary["history"])
         summary.update(registered_version=None, mlflow_missing_epochs=missing,
@@ -306,7 +300,7 @@ def _end_tracking(cfg, task: Task, run_id: str, result, summary: dict) -> None:
             MlflowClient(uri).set_tag(run_id, "early_stop", summary["early_stop"])
         summary["registered_version"] = task.register(cfg, run_id, summary["history"], best)
     except Exception as e:
-        if tracking.answers(uri, run_id):
+        if runs.answers(uri, run_id):
             raise
         summary.update(registered_version=None, mlflow_error=f"{type(e).__name__}: {_short(e)}")
         log.warning("MLflow at %s stopped answering while the model was registered (%s): no model registered, run %s "
@@ -324,11 +318,11 @@ def _unlogged_at_end(result, history: list[dict]) -> list[int]:
 
 def _mark_failed(uri: str, run_id: str, error: BaseException) -> None:
     """end_run(FAILED) with why, never raising: an MLflow that is down must not hide the job's real error."""
-    from densevse.pipeline import tracking
+    from densevse.pipeline.tracking import runs
 
     try:
-        with tracking.bounded():
-            tracking.end_run(uri, run_id, "FAILED", f"{type(error).__name__}: {error}")
+        with runs.bounded():
+            runs.end_run(uri, run_id, "FAILED", f"{type(error).__name__}: {error}")
     except Exception as e:  # noqa: BLE001
         log.warning("MLflow run %s not marked FAILED (MLflow at %s: %s: %s)", run_id, uri, type(e).__name__, _short(e))
 
@@ -362,20 +356,20 @@ def _storage_args(loc: Location) -> dict:
     return {"storage_path": path, "storage_filesystem": fs}
 
 
-def save_best(result, best_path: Path, score) -> tuple[list[dict], int]:
-    """Copy the best epoch's checkpoint (highest `score(history entry)`), without optimizer state, to best_path.
+def save_best(result, dest: Path, score) -> tuple[list[dict], int]:
+    """Copy the best epoch's checkpoint (highest `score(history entry)`), without optimizer state, to dest.
 
     The history comes from the last checkpoint, which carries every epoch's metrics (resumed runs included)."""
     with result.checkpoint.as_directory() as d:
         history = load_checkpoint(Path(d) / "model.pt")["history"]
     best_epoch = max(history, key=score)["epoch"]
-    best_path.parent.mkdir(parents=True, exist_ok=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
     for ckpt, _ in result.best_checkpoints:
         with ckpt.as_directory() as d:
             ck = load_checkpoint(Path(d) / "model.pt")
         if ck["epoch"] == best_epoch:
             ck.pop("optimizer", None)
-            torch.save(ck, best_path)
+            torch.save(ck, dest)
     return history, best_epoch
 
 
@@ -431,11 +425,11 @@ def log_epochs(uri: str, run_id: str, history: list[dict], unlogged: list[int], 
     """Rank 0, once epoch `epoch`'s checkpoint is reported: log it, and every earlier epoch MLflow lacks, bounded
     and best-effort (module docstring). Returns the epochs MLflow may still lack: [] once a backfill went through,
     else `unlogged` (which holds `epoch`); a failure is a warning on the driver's console, never an exception."""
-    from densevse.pipeline import tracking
+    from densevse.pipeline.tracking import runs
 
     try:
-        with tracking.bounded():
-            done = tracking.backfill(uri, run_id, history)
+        with runs.bounded():
+            done = runs.backfill(uri, run_id, history)
     except Exception as e:  # noqa: BLE001 - whatever MLflow's failure, the training goes on
         msg = (f"warning: MLflow at {redact_uri(uri)} did not take epoch {epoch + 1}'s metrics ({type(e).__name__}: "
                f"{_short(e, 200)}); training goes on, and MLflow steps {unlogged} are logged once it answers again")
@@ -498,7 +492,7 @@ def _build(task: Task, state: dict | None, world: int, device):
     """(core model, the model to train: core or its DDP wrapper, Adam), restored from `state` when given."""
     import ray.train.torch
 
-    core = task.build_model(state["hparams"] if state else None)
+    core = task.make_model(state["hparams"] if state else None)
     if state:
         core.load_state_dict(state["state_dict"])
     core.to(device)

@@ -1,4 +1,4 @@
-"""The combined regions+features stage (stages/regions_features.py): the detectron2 stage's boxes and, from the
+"""The combined regions+features stage (stages/regions_with_features.py): the detectron2 stage's boxes and, from the
 same forward pass, the features the separate efficientnet_lite0 stage computes; the shard format unchanged."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densevse.stages import STAGES
+from densevse.stages import FEATURES, REGIONS
 from densevse.stages.base import empty_row, npy_bytes, npy_load
 
 
@@ -31,8 +31,8 @@ def _rows(n: int = 2) -> list[dict]:
 @pytest.fixture(scope="module")
 def stages(detector_dir):
     p = {"config": str(detector_dir), "top_k": 5, "score_thresh": 0.0, "threads": 1}
-    return (STAGES.get("detectron2")(p), STAGES.get("efficientnet_lite0")({"input_size": 224, "threads": 1}),
-            STAGES.get("detectron2_features")(p))
+    return (REGIONS.get("detectron2")(p), FEATURES.get("efficientnet_lite0")({"input_size": 224, "threads": 1}),
+            REGIONS.get("detectron2_features")(p))
 
 
 def test_boxes_and_feats_match_the_separate_stages(stages):
@@ -74,7 +74,7 @@ def test_other_sizes_bad_rows_and_featurize(stages):
 def test_from_regions_checks_feats_and_the_config_pairs_them(tmp_path):
     from densevse.pipeline.config import load_config
 
-    fr = STAGES.get("from_regions")()
+    fr = FEATURES.get("from_regions")()
     boxes = npy_bytes(np.zeros((2, 4), np.float32))
     ok = empty_row(key="a", boxes=boxes, feats=npy_bytes(np.zeros((2, 8), np.float16)))
     rows = fr.process([ok, empty_row(key="b", boxes=boxes), empty_row(key="c", boxes=boxes,
@@ -82,7 +82,7 @@ def test_from_regions_checks_feats_and_the_config_pairs_them(tmp_path):
     assert [r["reject"][:14] for r in rows] == ["", "features: no f", "features: feat"]
     cfg = load_config("pipeline.yaml", ["stages.regions.impl=detectron2_features", "stages.features.impl=from_regions",
                                         "stages.features.params={}"])
-    assert STAGES.get(cfg.stages.features.impl).passthrough and cfg.stages.regions.params.roi_size == 3
+    assert FEATURES.get(cfg.stages.features.impl).passthrough and cfg.stages.regions.params.roi_size == 3
     with pytest.raises(ValueError, match="features.impl: from_regions .* detectron2_features"):
         load_config("pipeline.yaml", ["stages.features.impl=from_regions", "stages.features.params={}"])
 

@@ -17,7 +17,7 @@ from typing import ClassVar
 import numpy as np
 from pydantic import Field
 
-from densevse.stages.base import STAGES, _feats, npy_bytes, npy_load
+from densevse.stages.base import REGIONS, _feats, npy_bytes, npy_load
 from densevse.stages.regions import Detectron2Regions, RegionParams
 
 log = logging.getLogger("densevse.stages")
@@ -31,7 +31,7 @@ class RegionFeatureParams(RegionParams):
     roi_size: int = Field(3, ge=1, le=14)  # ROIAlign output grid, averaged into one vector (as features.roi_size)
 
 
-@STAGES.register("detectron2_features")
+@REGIONS.register("detectron2_features")
 class Detectron2RegionFeatures(Detectron2Regions):
     """`detectron2` boxes plus their EfficientNet-Lite0 features from the detector's own backbone maps."""
 

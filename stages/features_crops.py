@@ -1,23 +1,18 @@
-"""Two more region-feature extractors, to compare with the default (stages/features.py, ROIAlign on one
-EfficientNet-Lite0 pass per image). bench/bench_regions.py measures all three for speed and quality.
+"""Region features from crops: the `efficientnet_lite0_crops` features stage, an alternative to the default
+(stages/features.py, ROIAlign on one EfficientNet-Lite0 pass per image); bench/bench_regions.py compares them.
 
-efficientnet_lite0_crops  each box cropped from the image, warped to crop_size^2 and run through the same
-                          ImageNet EfficientNet-Lite0 (R-CNN style): the network sees every region at full
-                          resolution with no context bleeding in, but pays one forward pass per box.
-detectron2_boxhead        the trained detector's own box head (FPN level chosen by box size, ROIAlign 7x7,
-                          two FC layers): the features Faster R-CNN classifies with; one backbone pass per image.
-
-Both store float16, one row per box, row 0 = the whole image (as every stage does).
+Each box is cropped from the image, warped to crop_size^2 and run through the same ImageNet EfficientNet-Lite0
+(R-CNN style): the network sees every region at full resolution with no context bleeding in, but pays one
+forward pass per box. float16, one row per box, row 0 = the whole image (as every stage does).
 """
 from __future__ import annotations
 
 import numpy as np
 from pydantic import Field
 
-from densevse.stages.base import STAGES, box_features
+from densevse.stages.base import FEATURES, box_features
 from densevse.stages.features import EfficientNetParams, EfficientNetStage, row_boxes
 from densevse.stages.images import to_array
-from densevse.stages.regions import DetectorStage
 
 
 class CropParams(EfficientNetParams):
@@ -26,7 +21,7 @@ class CropParams(EfficientNetParams):
     chunk: int = Field(64, ge=1)  # crops per forward pass (memory bound)
 
 
-@STAGES.register("efficientnet_lite0_crops")
+@FEATURES.register("efficientnet_lite0_crops")
 class EfficientNetCropFeatures(EfficientNetStage):
     """One EfficientNet-Lite0 pass per region crop, global-average-pooled to 1280-d."""
 
@@ -62,34 +57,5 @@ class EfficientNetCropFeatures(EfficientNetStage):
                     x = torch.from_numpy(allc[i:i + self.params.chunk]).to(self.device).permute(0, 3, 1, 2).float()
                     feats.append(self.model.extract_features((x - self.mean) / self.std).mean(dim=(2, 3)).cpu().numpy())
             return np.concatenate(feats)
-
-        return box_features(self.name, rows, prepare, extract)
-
-
-@STAGES.register("detectron2_boxhead")
-class Detectron2BoxHeadFeatures(DetectorStage):
-    """The detector's box-head representation (cfg.MODEL.ROI_BOX_HEAD.FC_DIM wide) of each given box."""
-
-    name = "features"
-
-    @property
-    def dim(self) -> int:
-        return self.model.roi_heads.box_head.output_shape.channels
-
-    def process(self, rows: list[dict]) -> list[dict]:
-        import torch
-        from detectron2.structures import Boxes
-
-        def prepare(row):
-            b = row_boxes(row)
-            t, tf = self.to_input(to_array(row["image"]))
-            return ({"image": t}, Boxes(torch.from_numpy(tf.apply_box(b).astype(np.float32)).to(self.model.device))), len(b)
-
-        def extract(inputs):
-            images, boxes = zip(*inputs)
-            m, rh = self.model, self.model.roi_heads
-            with torch.inference_mode():
-                fmaps = m.backbone(m.preprocess_image(list(images)).tensor)
-                return rh.box_head(rh.box_pooler([fmaps[f] for f in rh.box_in_features], list(boxes))).cpu().numpy()
 
         return box_features(self.name, rows, prepare, extract)
