@@ -4,7 +4,7 @@ and mtime / ETag against its stats (now the default), on a local dir and on S3 (
     .venv/bin/python bench/bench_resume.py [--shards 100] [--shard-mb 2] [--repeats 3]
 
 N shards of `--shard-mb` MB each (10 samples of random JPEG-sized bytes: hashing cost is per byte) are written
-once with the real `shards.write_shard`, then `shards.finished_shards` is timed both ways, alternately, each
+once with the real `shardset.write_shard`, then `shardset.finished_shards` is timed both ways, alternately, each
 `--repeats` times; the minimum is printed with the bytes read. On S3 the full hash downloads the whole set.
 """
 from __future__ import annotations
@@ -26,31 +26,31 @@ def write_set(shard_dir, n: int, shard_mb: float) -> dict[str, str]:
     """n shards with stats, as preprocess writes them; returns the plan's {shard: keys_sha256}."""
     import numpy as np
 
-    from densevse.pipeline.preprocess import shards
+    from densevse.pipeline import shardset
     from densevse.stages.base import empty_row, npy_bytes
 
     rng = np.random.default_rng(0)
     per = int(shard_mb * 2**20 / 10)
     planned = {}
     for s in range(n):
-        name = shards.shard_name("train", s)
+        name = shardset.shard_name("train", s)
         rows = [empty_row(key=f"k{s:05d}_{i}", split="train", shard=name, source="bench",
                           image=rng.bytes(per), width=1, height=1, captions='[{"index": 0, "text": "x"}]',
                           boxes=npy_bytes(np.zeros((1, 4), np.float32)), feats=npy_bytes(np.zeros((1, 8), np.float16)))
                 for i in range(10)]
-        shards.write_shard(rows, shard_dir, name, {"sha256": "bench", "components": {}})
-        planned[name] = shards.keys_sha256([r["key"] for r in rows])
+        shardset.write_shard(rows, shard_dir, name, {"sha256": "bench", "components": {}})
+        planned[name] = shardset.keys_sha256([r["key"] for r in rows])
     return planned
 
 
 def time_both(shard_dir, planned: dict, repeats: int) -> dict[str, float]:
-    from densevse.pipeline.preprocess import shards
+    from densevse.pipeline import shardset
 
     best = {"hash every tar (before; --verify)": float("inf"), "size + mtime/ETag (now)": float("inf")}
     for _ in range(repeats):
         for label, verify in zip(best, (True, False)):
             t = time.perf_counter()
-            done = shards.finished_shards(shard_dir, planned, verify=verify)
+            done = shardset.finished_shards(shard_dir, planned, verify=verify)
             best[label] = min(best[label], time.perf_counter() - t)
             assert len(done) == len(planned), (label, len(done))
     return best

@@ -40,9 +40,9 @@ def steps_per_s(naive: bool, batches, dims: dict, cfg) -> float:
 
 def main(argv=None) -> int:
     from densevse.pipeline.config import parse_config
-    from densevse.pipeline.training.data import batched_pairs, build_vocabs, iter_pairs, iter_samples
+    from densevse.pipeline.shardset import iter_samples, shard_paths
+    from densevse.pipeline.training.data import batched_pairs, build_vocabs, iter_pairs
     from densevse.models.batch import collate
-    from densevse.pipeline.preprocess.shards import shard_paths
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shards", type=Path, default=None)

@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from densevse.models import restore  # the package's own __init__: runs before this module anyway
+from densevse.models.vocab import Vocab
+
 
 class UnsafeCheckpointError(pickle.UnpicklingError):
     """A checkpoint needs code to unpickle: refused, never run."""
@@ -67,14 +70,8 @@ def load_checkpoint(path: str | Path, device="cpu", sha256: str | None = None) -
 def load_model(path: str | Path, device="cpu", sha256: str | None = None):
     """(model, vocab, labels, checkpoint dict) from a model.pt written by training (or its directory); `sha256`:
     as load_checkpoint."""
-    from densevse.models import rebuild
-    from densevse.models.vocab import Vocab
-
     path = Path(path)
     if path.is_dir():
         path = path / "model.pt"
     ck = load_checkpoint(path, device, sha256)
-    model = rebuild(ck["model_name"], ck["hparams"]).to(device)
-    model.load_state_dict(ck["state_dict"])
-    model.eval()
-    return model, Vocab(ck["vocab"]), Vocab(ck["labels"]), ck
+    return restore(ck, device), Vocab(ck["vocab"]), Vocab(ck["labels"]), ck

@@ -8,16 +8,18 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationError, field_validator,
+                      model_validator)
 
 from densevse.pipeline import storage
 from densevse.pipeline.errors import ConfigError
 from densevse.stages import FEATURES, REGIONS, STEPS
 
 
-# A local path (Path) or an object-store URI kept intact as a string (pipeline/storage.py); a bad scheme is an error
-# naming the key.
-Location = Annotated[Path | str, BeforeValidator(storage.location)]
+# A location (pipeline/storage.py): a local Path, or a UPath for an object-store URI; written as the path or URI.
+# A bad scheme is an error naming the key.
+Location = Annotated[Any, BeforeValidator(storage.location), PlainSerializer(str, return_type=str,
+                                                                             when_used="json-unless-none")]
 
 
 class Strict(BaseModel):
@@ -26,16 +28,8 @@ class Strict(BaseModel):
 
 class RunConfig(Strict):
     name: str = "default"
-    output_dir: Location = Path("runs/default")  # local (a URI is refused, see _local below)
+    output_dir: Location = Path("runs/default")  # a local path or URI: best models, summaries, report, run.log
     seed: int = 0
-
-    @field_validator("output_dir")
-    @classmethod
-    def _local(cls, v):
-        if storage.is_uri(v):  # models, reports and the synthetic dataset are still written with local file I/O
-            raise ValueError(f"must be a local path for now, not {v!r} (put shards.dir and train.storage_path "
-                             f"in object storage instead)")
-        return v
 
 
 class SyntheticConfig(Strict):
@@ -100,7 +94,7 @@ class DatasetConfig(Strict):
     def _root(self):
         if self.kind != "synthetic" and self.root is None:
             raise ValueError(f"dataset.root is required for dataset.kind={self.kind!r}")
-        if self.kind == "synthetic" and self.root is not None and storage.is_uri(self.root):
+        if self.kind == "synthetic" and self.root is not None and not storage.is_local(self.root):
             raise ValueError(f"root: the synthetic set is generated with local file I/O, so its root must be a "
                              f"local path, not {self.root!r}")
         if self.kind == "table" and self.table.file is None:
@@ -236,13 +230,23 @@ class PipelineConfig(Strict):
             raise ValueError("run.name must be a non-empty name without '/'")
         return v
 
+    @model_validator(mode="after")
+    def _synthetic_root(self):
+        """The synthetic set is generated with local file I/O (pipeline/datasets/synthetic.py), by default under
+        the output dir: one in object storage needs a local dataset.root for it (a driver-local cache would hide
+        the images from the workers of other nodes, which a URI output dir says there are)."""
+        if self.dataset.kind == "synthetic" and self.dataset.root is None and not storage.is_local(self.run.output_dir):
+            raise ValueError(f"dataset.root: the synthetic set is generated with local file I/O, so with run.output_dir "
+                             f"{self.run.output_dir} in object storage set dataset.root to a local path for it")
+        return self
+
     @property
     def shard_dir(self) -> storage.Location:
-        return self.shards.dir or storage.join(self.run.output_dir, "shards")
+        return self.shards.dir or self.run.output_dir / "shards"
 
     @property
     def dataset_root(self) -> storage.Location:
-        return self.dataset.root or storage.join(self.run.output_dir, "dataset")
+        return self.dataset.root or self.run.output_dir / "dataset"
 
 
 def _describe(e: ValidationError) -> str:
@@ -254,7 +258,10 @@ def _describe(e: ValidationError) -> str:
         msg = err["msg"]
         if err["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-            out.append(f"{loc}.{msg}" if loc and ": " in msg else f"{loc or '<root>'}: {msg}")
+            if ": " in msg:  # starts with its sub-key (a whole-config validator: with its whole key)
+                out.append(f"{loc}.{msg}" if loc else msg)
+            else:
+                out.append(f"{loc or '<root>'}: {msg}")
         else:
             out.append(f"{loc or '<root>'}: {msg}")
     return "; ".join(out)

@@ -5,6 +5,10 @@ goes to `<output_dir>/run.log`: the file descriptors 1 and 2 are pointed at it, 
 there too. Progress comes as events (`emit`), printed by the driver or by a Ray worker: a worker's stdout reaches
 the driver through Ray's log streaming, where the tapped sys.stdout/sys.stderr pick the marked lines out.
 Modes: "verbose" (everything on the console as before, plus run.log), "normal", "quiet" (final table, errors).
+
+run.log is a location (pipeline/storage.py). In object storage it is written to a local temporary copy, which
+starts with the object's content (a local run.log is appended to, verb after verb) and is uploaded when the verb
+ends, after an error too: the object changes once per verb, not on each flush.
 """
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
+from densevse.pipeline import storage
 
 MARK = "densevse-progress "
 MODES = ("quiet", "normal", "verbose")
@@ -170,16 +174,18 @@ class _Borrowed:
 class Console:
     """`with Console(log_path, mode) as c:` runs a verb with its output routed as the module docstring says."""
 
-    def __init__(self, log_path: Path, mode: str = "normal"):
+    def __init__(self, log_path, mode: str = "normal"):
         if mode not in MODES:
             raise ValueError(f"console mode {mode!r}: one of {MODES}")
-        self.log_path, self.mode, self.t0, self.last, self.seen = Path(log_path), mode, {}, {}, set()
+        self.log_path, self.mode, self.t0, self.last, self.seen = storage.location(log_path), mode, {}, {}, set()
         self._line_open = False
 
     def __enter__(self) -> "Console":
         global _active
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "a", buffering=1, encoding="utf-8", errors="replace")
+        self._log_file = storage.local(self.log_path, download=True, upload=True)  # the file itself when local
+        path = self._log_file.__enter__()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.log = open(path, "a", buffering=1, encoding="utf-8", errors="replace")
         self.log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} densevse {' '.join(sys.argv[1:])}\n")
         sys.stdout.flush()
         sys.stderr.flush()
@@ -231,6 +237,7 @@ class Console:
         sys.stdout, sys.stderr = out, err
         self.term.close()
         self.log.close()
+        self._log_file.__exit__(*exc)
 
     def _end_line(self) -> None:
         if self._line_open:

@@ -88,7 +88,7 @@ def local_stage_models(cfg) -> list[tuple[str, str]]:
 def unshipped_paths(cfg) -> list[tuple[str, str]]:
     """Relative paths the job cannot see as they are here: the output dir, and relative stage model paths that
     do not exist here (the job's driver trains the project's defaults, or fails naming the path)."""
-    found = [] if Path(cfg.run.output_dir).is_absolute() else [("run.output_dir", str(cfg.run.output_dir))]
+    found = [] if cfg.run.output_dir.is_absolute() else [("run.output_dir", str(cfg.run.output_dir))]
     return found + [(k, v) for k, v in _relative_model_paths(cfg) if not (ROOT / v).exists()]
 
 

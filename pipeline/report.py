@@ -1,12 +1,15 @@
 """report.html (PNGs beside it) under <output_dir>/report/: loss and R@K curves, the R@K table, test images with
 their region proposals and the caption phrase each matched best, and (when the run has a trained captioner) test
 images with their generated caption and dense description. Fed by what the run already has: the training
-history (<output_dir>/train-<model>.json) and the evaluation result."""
+history (<output_dir>/train-<model>.json) and the evaluation result. With the output dir in object storage the
+report is drawn in a local temporary dir and uploaded (storage.local)."""
 from __future__ import annotations
 
 import html
 import json
 from pathlib import Path
+
+from densevse.pipeline import storage
 
 KS = (1, 5, 10)
 
@@ -30,11 +33,12 @@ def recall_table_html(ev: dict) -> str:
     return f'<table id="recall"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
 
 
-def _matched_images(cfg, checkpoint: Path, paths: list[Path], out: Path, n: int = 4) -> list[tuple[str, list[str]]]:
+def _matched_images(cfg, checkpoint: storage.Location, paths: list, out: Path,
+                    n: int = 4) -> list[tuple[str, list[str]]]:
     """The first n test images, each candidate region labelled with the caption phrase that matched it best (the
     figure of the MLflow run's plots/alignment.png); (png name, captions) each."""
+    from densevse.pipeline.shardset import eval_items
     from densevse.pipeline.tracking.figures import best_phrase_figures, save_png
-    from densevse.pipeline.training.data import eval_items
     from densevse.pipeline.training.trained import EMBEDDING, load_trained
 
     model, vocab, labels, _ = load_trained(checkpoint, EMBEDDING)
@@ -44,10 +48,10 @@ def _matched_images(cfg, checkpoint: Path, paths: list[Path], out: Path, n: int 
             for i, (fig, (_, caps)) in enumerate(zip(figs, items))]
 
 
-def _captioned_images(cfg, paths: list[Path], out: Path, n: int = 4) -> list[tuple[str, list[str]]]:
+def _captioned_images(cfg, paths: list, out: Path, n: int = 4) -> list[tuple[str, list[str]]]:
     """When the run has a trained captioner: the first n test images described (caption, region phrases, dense)."""
     from densevse.pipeline.serving.describe import Describer, draw, region_proposer
-    from densevse.pipeline.training.data import iter_samples
+    from densevse.pipeline.shardset import iter_samples
     from densevse.pipeline.training.trained import CAPTIONER, best_path, load_trained
 
     ck = best_path(cfg.run.output_dir, CAPTIONER)
@@ -78,12 +82,19 @@ def _figures(title: str, figs: list[tuple[str, list[str]]]) -> list[str]:
     return out + ["</div>"]
 
 
-def write_report(cfg, summary: dict) -> Path:
+def write_report(cfg, summary: dict) -> storage.Location:
     """<output_dir>/report/report.html from the run's summary ({"train", "evaluate"}) and its saved history."""
-    from densevse.pipeline.preprocess.shards import shard_paths
+    report = cfg.run.output_dir / "report"
+    with storage.local(report, download=False, upload=True) as out:
+        _write(cfg, summary, out)
+    return report / "report.html"
+
+
+def _write(cfg, summary: dict, out: Path) -> None:
+    """The report's files, in the local dir `out`."""
+    from densevse.pipeline.shardset import shard_paths
     from densevse.pipeline.training.trained import best_path, checkpoint_file, summary_path
 
-    out = Path(cfg.run.output_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
     ev = summary.get("evaluate") or {}
     hist_file = summary_path(cfg.run.output_dir, cfg.train.model)
@@ -106,7 +117,5 @@ def write_report(cfg, summary: dict) -> Path:
     style = ("body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:4px 10px;text-align:right}.grid{display:flex;flex-wrap:wrap;gap:1em}"
              "figure{width:260px;margin:0}figure img{width:260px}figcaption{font-size:12px}")
-    page = out / "report.html"
-    page.write_text(f"<!doctype html><html><head><meta charset=utf-8><title>DenseVSE report</title>"
-                    f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")
-    return page
+    (out / "report.html").write_text(f"<!doctype html><html><head><meta charset=utf-8><title>DenseVSE report</title>"
+                                     f"<style>{style}</style></head><body>{''.join(parts)}</body></html>")

@@ -14,12 +14,16 @@ FLICKR8K = SHARED / "flickr8k-1k"
 FLICKR8K_FULL = SHARED / "flickr8k"  # the whole set: 8,091 photos, the official 6,000 / 1,000 / 1,000 split
 COCO = SHARED / "coco-mini"
 
-needs_flickr8k = pytest.mark.skipif(not (FLICKR8K / "Flickr8k.token.txt").is_file(), reason="../shared/data absent")
+# Every skip for want of real data gives a reason starting with this (then ": <what is missing>"), here and in
+# the test files' own skipifs: pytest_terminal_summary counts them by it.
+SHARED_ABSENT = "../shared/data absent"
+needs_flickr8k = pytest.mark.skipif(not (FLICKR8K / "Flickr8k.token.txt").is_file(),
+                                    reason=f"{SHARED_ABSENT}: flickr8k-1k")
 needs_flickr8k_full = pytest.mark.skipif(not (FLICKR8K_FULL / "Flickr8k.token.txt").is_file(),
-                                         reason="../shared/data/flickr8k absent")
-needs_coco = pytest.mark.skipif(not (COCO / "annotations").is_dir(), reason="../shared/data absent")
+                                         reason=f"{SHARED_ABSENT}: flickr8k")
+needs_coco = pytest.mark.skipif(not (COCO / "annotations").is_dir(), reason=f"{SHARED_ABSENT}: coco-mini")
 GUM = SHARED / "gum"
-needs_gum = pytest.mark.skipif(not (GUM / "const").is_dir(), reason="../shared/data/gum absent")
+needs_gum = pytest.mark.skipif(not (GUM / "const").is_dir(), reason=f"{SHARED_ABSENT}: gum")
 GUM_SLICE_DOCS = ("GUM_academic_art", "GUM_academic_exposure", "GUM_academic_discrimination")  # train/dev/test
 
 
@@ -138,6 +142,23 @@ def search_index(tiny_run, tmp_path_factory):
                         str(model), "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     return out
+
+
+# ---------------------------------------------------------------- summary
+
+def pytest_terminal_summary(terminalreporter):
+    """One line at the end of the run when tests skipped for want of ../shared/data (found by SHARED_ABSENT in
+    their skip reason), so a green run without the real data does not pass for one that checked it."""
+    missing, n = set(), 0
+    for rep in terminalreporter.stats.get("skipped", []):
+        reason = rep.longrepr[2] if isinstance(rep.longrepr, tuple) else str(rep.longrepr)  # "Skipped: <reason>"
+        if SHARED_ABSENT in reason:
+            n += 1
+            missing.add(reason.split(SHARED_ABSENT, 1)[1].lstrip(": ").strip())
+    if n:
+        what = ", ".join(sorted(m for m in missing if m))
+        terminalreporter.write_line(f"{n} test{'s' if n != 1 else ''} skipped: ../shared/data is absent "
+                                    f"(real Flickr8k/COCO/GUM data{'; missing: ' + what if what else ''})")
 
 
 # ---------------------------------------------------------------- exit

@@ -19,8 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from densevse.models import trees
-from densevse.pipeline import storage
-from densevse.pipeline.preprocess import shards
+from densevse.pipeline import shardset, storage
 from densevse.stages.base import empty_row, npy_bytes
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 215, 40)}
@@ -105,10 +104,18 @@ def write_fixture_shards(shard_dir: Path, n_train: int = 40, n_val: int = 10, n_
     names, index = [], 0
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         for si, start in enumerate(range(0, n, per_shard)):
-            name = shards.shard_name(split, si)
+            name = shardset.shard_name(split, si)
             rows = [make_row(index + i, split, name, feat_dim, size, seed, codes) for i in range(min(per_shard, n - start))]
             index += len(rows)
-            shards.write_shard(rows, shard_dir, name)
+            shardset.write_shard(rows, shard_dir, name)
             names.append(name)
-    shards.write_manifest(shard_dir, names)
+    shardset.write_manifest(shard_dir, names)
     return shard_dir
+
+
+def planned_rows(plan_dir, infos: list[dict]) -> list[dict]:
+    """Every planned sample's row, in plan order, from a written plan and its infos (write_plan's, plan's): as
+    the workers build them (read_shard + shard_rows)."""
+    from densevse.pipeline.preprocess.plan import read_shard, shard_rows
+
+    return [r for i in infos for r in shard_rows(read_shard(plan_dir / i["file"], i["row_group"]))]

@@ -304,7 +304,7 @@ def test_submitted_run_survives_killed_train_worker_and_lands_in_mlflow(cluster,
 def test_preprocessing_survives_killed_worker_node(cluster, tmp_path):
     """A worker node (the one running the feature actor) is SIGKILLed, all its processes, mid-preprocessing:
     the job still finishes, with every planned sample in the manifest and the tars exactly once."""
-    from densevse.pipeline.preprocess.plan import plan_dir, plan_rows
+    from densevse.pipeline.preprocess.plan import plan_dir
     from ray.util.state import list_nodes
 
     dash, out = cluster.dashboard, tmp_path / "pre"
@@ -329,7 +329,8 @@ def test_preprocessing_survives_killed_worker_node(cluster, tmp_path):
     assert _finish(dash, job, 1800) == "SUCCEEDED"
     assert {n.node_id: n.state for n in list_nodes(address=dash)}[actor.node_id] == "DEAD"
 
-    planned = sorted(r["key"] for r in plan_rows(plan_dir(shard_dir)))  # the job's plan
+    planned = sorted(k for f in plan_dir(shard_dir).glob("part-*.parquet")  # the job's plan: keys per shard row
+                     for keys in pq.read_table(f, columns=["key"])["key"].to_pylist() for k in keys)
     manifest = pq.read_table(shard_dir / "manifest.parquet").to_pylist()
     assert sorted(r["key"] for r in manifest) == planned  # every planned sample, once
     in_tars = Counter(m.name.split(".", 1)[0] for t in shard_dir.glob("*.tar") for m in tarfile.open(t).getmembers()

@@ -17,8 +17,7 @@ from densevse.pipeline.cli.main import main
 from densevse.pipeline.config import load_config
 from densevse.pipeline.serving.describe import Describer
 from densevse.models.captioner import dedup_boxes, dense_description
-from densevse.pipeline.training.data import iter_samples
-from densevse.pipeline.preprocess.shards import shard_paths
+from densevse.pipeline.shardset import iter_samples, shard_paths
 from tests.shard_fixture import write_fixture_shards
 
 EFFNET_DIM = 1280  # the features stage's output: the CLI test featurises a real image

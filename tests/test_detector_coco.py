@@ -16,7 +16,7 @@ from densevse.pipeline.stage_models import coco_boxes as cb
 
 COCO_DET, COCO_MINI = SHARED / "coco-det", SHARED / "coco-mini"
 needs_coco_det = pytest.mark.skipif(not (COCO_DET / "annotations").is_dir() or not (COCO_MINI / "annotations").is_dir(),
-                                    reason="../shared/data absent")
+                                    reason="../shared/data absent: coco-det, coco-mini")
 
 
 CATEGORIES = [{"id": 1, "name": "person"}, {"id": 3, "name": "car"}]

@@ -9,9 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from densevse.pipeline import storage
+from densevse.pipeline import shardset, storage
 from densevse.pipeline.config import load_config
-from densevse.pipeline.preprocess import shards
 from densevse.pipeline.preprocess.lock import LOCK_NAME, LockHeld, ShardDirLock
 from shard_fixture import COLORS, SHAPES, make_row, write_fixture_shards
 
@@ -39,7 +38,7 @@ def test_a_second_run_on_a_locked_shard_dir_fails_at_once_naming_the_holder(tmp_
 
     cfg = load_config("pipeline.yaml", [f"run.output_dir={tmp_path}", "dataset.synthetic.num_images=12",
                                         "dataset.synthetic.test_images=4"])
-    storage.makedirs(cfg.shard_dir)
+    cfg.shard_dir.mkdir(parents=True)
     holder = _holder(cfg.shard_dir)
     try:
         t = time.time()
@@ -71,7 +70,7 @@ def test_s3_lease_refuses_a_second_run_and_expires_after_a_crash(s3_server):
     b = ShardDirLock(d, run="B", ttl_s=4)
     b.acquire()  # the expired lease is taken over (If-Match on its ETag)
     b.release()
-    assert not storage.exists(f"{d}/{LOCK_NAME}")
+    assert not (storage.location(d) / LOCK_NAME).exists()
     # a holder whose lease was taken over while it stalled notices, and must not write its manifest
     c = ShardDirLock(d, run="C", ttl_s=2)
     c.acquire()
@@ -94,21 +93,21 @@ def test_readers_refuse_a_shard_set_of_two_configs(tmp_path):
     sd = write_fixture_shards(tmp_path / "s", n_train=6, n_val=0, n_test=0, per_shard=3, size=32)
     # the fixture's shards carry no fingerprint: give them one, as preprocess does, and list it in the manifest
     for name in ("train-000000", "train-000001"):
-        st = shards.read_stats(sd, name)
+        st = shardset.read_stats(sd, name)
         st["fingerprint"] = {"sha256": "a" * 64, "components": {}}
-        shards.write_atomic(shards.stats_path(sd, name), json.dumps(st))
-    shards.write_manifest(sd, ["train-000000", "train-000001"])
-    assert len(shards.shard_paths(sd, "train")) == 2
+        storage.put_atomic(shardset.stats_path(sd, name), json.dumps(st))
+    shardset.write_manifest(sd, ["train-000000", "train-000001"])
+    assert len(shardset.shard_paths(sd, "train")) == 2
     # the redo rewrote one shard with another config (256-d vs 1280-d features, say) and crashed
     rows = [make_row(i, "train", "train-000001", 16, 32, 0, CODES) for i in range(3, 6)]
-    shards.write_shard(rows, sd, "train-000001", {"sha256": "b" * 64, "components": {}})
-    with pytest.raises(shards.ShardError, match="train-000001 .* was rewritten with another config"):
-        shards.shard_paths(sd, "train")
-    shards.write_manifest(sd, ["train-000000", "train-000001"])  # a manifest listing both configs
-    with pytest.raises(shards.ShardError, match="made with 2 different configs"):
-        shards.shard_paths(sd, "train")
-    with pytest.raises(shards.ShardError, match="made with 2 different configs"):
-        shards.dataset_sha256(sd)
+    shardset.write_shard(rows, sd, "train-000001", {"sha256": "b" * 64, "components": {}})
+    with pytest.raises(shardset.ShardError, match="train-000001 .* was rewritten with another config"):
+        shardset.shard_paths(sd, "train")
+    shardset.write_manifest(sd, ["train-000000", "train-000001"])  # a manifest listing both configs
+    with pytest.raises(shardset.ShardError, match="made with 2 different configs"):
+        shardset.shard_paths(sd, "train")
+    with pytest.raises(shardset.ShardError, match="made with 2 different configs"):
+        shardset.dataset_sha256(sd)
 
 
 def test_a_failed_write_leaves_no_temporary_file_and_a_run_sweeps_old_ones(tmp_path):
@@ -117,13 +116,13 @@ def test_a_failed_write_leaves_no_temporary_file_and_a_run_sweeps_old_ones(tmp_p
     rows = [make_row(0, "train", "train-000000", 16, 32, 0, CODES)]
     rows[0]["feats"] = None  # webdataset cannot write it: the write fails midway
     with pytest.raises(Exception):
-        shards.write_shard(rows, sd, "train-000000")
+        shardset.write_shard(rows, sd, "train-000000")
     assert [p.name for p in sd.iterdir()] == []
     (sd / ".train-000003.tar.4242.tmp").write_bytes(b"x" * 1000)  # left by a run killed mid-write
     (sd / ".plan.4242.tmp").mkdir()
     (sd / ".plan.4242.tmp" / "part-000000.parquet").write_bytes(b"x")
     (sd / "train-000000.tar").write_bytes(b"a finished shard stays")
-    swept = shards.sweep_temp(sd)
+    swept = storage.sweep_temp(sd)
     assert sorted(p.name for p in swept) == [".plan.4242.tmp", ".train-000003.tar.4242.tmp"]
     assert [p.name for p in sd.iterdir()] == ["train-000000.tar"]
 
@@ -151,7 +150,7 @@ def test_a_write_task_whose_worker_keeps_dying_fails_the_run(tmp_path, monkeypat
             preprocess(cfg, progress=False)
         assert time.time() - t < 500
         assert RAY_TASK_RETRIES == 3
-        assert not shards.stats_path(cfg.shard_dir, "train-000001").exists()  # not finished: redone on a rerun
+        assert not shardset.stats_path(cfg.shard_dir, "train-000001").exists()  # not finished: redone on a rerun
         assert not list(cfg.shard_dir.glob(".*.tmp"))
     finally:
         ray.shutdown()

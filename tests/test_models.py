@@ -13,9 +13,9 @@ from densevse.models.losses import embedding_loss, hinge_ranking
 from densevse.models import trees
 from densevse.pipeline.config import TrainConfig
 from densevse.models.metrics import box_iou, grounding_accuracy, ranks, recall_at_k
-from densevse.pipeline.training.data import batched_pairs, build_vocabs, eval_items, iter_pairs, iter_samples, rank_shards
+from densevse.pipeline.shardset import eval_items, iter_samples, rank_shards, shard_paths
+from densevse.pipeline.training.data import batched_pairs, build_vocabs, iter_pairs
 from densevse.models.batch import collate
-from densevse.pipeline.preprocess.shards import shard_paths
 from shard_fixture import random_tree, write_fixture_shards
 
 
@@ -193,7 +193,7 @@ def test_rank_shards_disjoint_and_complete(shards, world):
 
 def test_train_refuses_shards_without_pairs(tmp_path):
     """A train split with no captions fails up front, instead of "training" epochs of 0 pairs and loss 0."""
-    from densevse.pipeline.preprocess import shards as S
+    from densevse.pipeline import shardset as S
     from densevse.pipeline.config import parse_config
     from densevse.pipeline.training.tasks import train
     from shard_fixture import COLORS, SHAPES, make_row

@@ -155,7 +155,7 @@ def test_stage_runs_as_ray_batch_adapter(stage):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FLICKR.is_file(), reason="shared Flickr8k data absent")
+@pytest.mark.skipif(not FLICKR.is_file(), reason="../shared/data absent: flickr8k-1k")
 def test_flickr8k_captions_parsed_or_rejected(stage):
     """All 5,000 real captions (out of the synthetic domain), through the stage as preprocessing runs it: every
     caption is parsed into a valid tree or rejected with a reason. Figures: bench/bench_parse.py --flickr8k."""

@@ -8,9 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from densevse.pipeline.errors import DatasetError
-from densevse.pipeline.preprocess import shards
-from densevse.pipeline.preprocess.plan import PLAN_SCHEMA, plan_rows, retry_shards, shard_rows, write_plan
+from densevse.pipeline import shardset
+from densevse.pipeline.preprocess.plan import PLAN_SCHEMA, retry_shards, shard_rows, write_plan
 from densevse.stages.base import COLUMNS
+from shard_fixture import planned_rows
 
 
 def specs(n, seed=0):
@@ -27,7 +28,7 @@ def reference(sp, n):
     rows = []
     for split in sorted({s["split"] for s in sp}):
         for i, s in enumerate(sorted((s for s in sp if s["split"] == split), key=lambda s: s["key"])):
-            rows.append((s["key"], split, shards.shard_name(split, i // n), s["source"], json.dumps(s["captions"]),
+            rows.append((s["key"], split, shardset.shard_name(split, i // n), s["source"], json.dumps(s["captions"]),
                          json.dumps(s.get("gold") or {})))
     return rows
 
@@ -37,12 +38,12 @@ def test_plan_matches_the_in_memory_sort_whatever_the_chunking(tmp_path, chunk_r
     sp = specs(203)
     infos = write_plan(iter(sp), 10, tmp_path / "plan", chunk_rows=chunk_rows)
     got = [(r["key"], r["split"], r["shard"], r["source"], r["captions"], r["gold"])
-           for r in plan_rows(tmp_path / "plan")]
+           for r in planned_rows(tmp_path / "plan", infos)]
     assert got == reference(sp, 10)
     assert [i["shard"] for i in infos] == sorted({r[2] for r in got}) and sum(i["n"] for i in infos) == 203
     for i in infos:
         ks = [r[0] for r in got if r[2] == i["shard"]]
-        assert i["n"] == len(ks) <= 10 and i["keys_sha256"] == shards.keys_sha256(ks)
+        assert i["n"] == len(ks) <= 10 and i["keys_sha256"] == shardset.keys_sha256(ks)
     files = sorted((tmp_path / "plan").iterdir())
     assert all(f.name.startswith("part-") and pq.read_schema(f).equals(PLAN_SCHEMA) for f in files)
     per_file = [pq.read_table(f, columns=["shard"])["shard"].to_pylist() for f in files]
@@ -51,14 +52,14 @@ def test_plan_matches_the_in_memory_sort_whatever_the_chunking(tmp_path, chunk_r
         assert len(files) > 10  # chunked: routed through many groups
     # same specs in another order: the same plan
     again = write_plan(iter(list(reversed(sp))), 10, tmp_path / "plan", chunk_rows=chunk_rows)
-    assert again == infos and list(plan_rows(tmp_path / "plan")) == list(plan_rows(tmp_path / "plan"))
-    assert [(r["key"], r["shard"]) for r in plan_rows(tmp_path / "plan")] == [(r[0], r[2]) for r in got]
+    assert again == infos
+    assert [(r["key"], r["shard"]) for r in planned_rows(tmp_path / "plan", again)] == [(r[0], r[2]) for r in got]
     assert not [p for p in tmp_path.iterdir() if p.name != "plan"]  # no temporary dirs left
 
 
 def test_shard_rows_are_stage_rows(tmp_path):
-    write_plan(iter(specs(12)), 4, tmp_path / "plan")
-    r = next(plan_rows(tmp_path / "plan"))
+    infos = write_plan(iter(specs(12)), 4, tmp_path / "plan")
+    r = planned_rows(tmp_path / "plan", infos)[0]
     assert tuple(r) == COLUMNS and r["image"] == b"" and r["reject"] == "" and json.loads(r["captions"])
     row = pq.read_table(sorted((tmp_path / "plan").iterdir())[0]).to_pylist()[0]
     assert [x["key"] for x in shard_rows(row)] == row["key"]
@@ -74,7 +75,7 @@ def test_duplicate_keys_are_refused_even_across_splits(tmp_path):
 
 def test_empty_dataset_plans_no_shard(tmp_path):
     assert write_plan(iter([]), 4, tmp_path / "plan") == []
-    assert list(plan_rows(tmp_path / "plan")) == []
+    assert list((tmp_path / "plan").iterdir()) == []
 
 
 def test_retry_shards_selects_by_reason_prefix():
@@ -92,7 +93,7 @@ def test_fingerprint_ignores_download_settings_and_other_kinds_options():
     """Shards made before the table/img2dataset kinds and the downloader existed keep their fingerprint: those
     options are not part of it unless they can change the shard bytes (a table run hashes its table block)."""
     from densevse.pipeline.config import load_config
-    from densevse.pipeline.preprocess.plan import fingerprint
+    from densevse.pipeline.shardset import fingerprint
 
     base = fingerprint(load_config("pipeline.yaml"))
     same = fingerprint(load_config("pipeline.yaml", overrides=[

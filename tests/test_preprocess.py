@@ -8,12 +8,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from densevse.pipeline.preprocess import shards
+from densevse.pipeline import shardset
 from densevse.pipeline.config import load_config
 from densevse.pipeline.datasets import synthetic
-from densevse.pipeline.preprocess.plan import plan, plan_dir, plan_rows
+from densevse.pipeline.preprocess.plan import plan, plan_dir
 from densevse.pipeline.preprocess.run import preprocess
 from densevse.stages.base import npy_load
+from shard_fixture import planned_rows
 
 pytestmark = pytest.mark.slow
 # Gold boxes/trees keep this test about the orchestration (the Detectron2 and Stanza stages have their own).
@@ -47,7 +48,7 @@ def test_shards_manifest_and_stats(run):
     assert sorted(p.name for p in sd.glob("*.tar")) == [
         "test-000000.tar", "test-000001.tar", "train-000000.tar", "train-000001.tar", "train-000002.tar",
         "val-000000.tar"]
-    manifest = pq.read_table(sd / shards.MANIFEST).to_pylist()
+    manifest = pq.read_table(sd / shardset.MANIFEST).to_pylist()
     assert sorted(r["key"] for r in manifest) == [f"synth_{i:06d}" for i in range(48)]
     assert all(r["status"] == "ok" and r["n_captions"] == 5 and r["n_phrases"] > 0 for r in manifest)
     st = json.loads((sd / "train-000000.stats.json").read_text())
@@ -97,7 +98,7 @@ def test_resume_redoes_only_damaged_shards(run):
     cfg, _ = run
     sd = cfg.shard_dir
     before = {p.name: p.stat().st_mtime_ns for p in sd.glob("*.tar")}
-    manifest_before = pq.read_table(sd / shards.MANIFEST).to_pylist()
+    manifest_before = pq.read_table(sd / shardset.MANIFEST).to_pylist()
     (sd / "train-000001.tar").unlink()                                  # lost shard
     with open(sd / "test-000000.tar", "r+b") as f:                     # truncated shard (stats intact)
         f.truncate(1000)
@@ -105,15 +106,16 @@ def test_resume_redoes_only_damaged_shards(run):
     assert summary["shards_skipped"] == 4 and summary["shards_written"] == 2
     after = {p.name: p.stat().st_mtime_ns for p in sd.glob("*.tar")}
     assert {n for n in after if after[n] != before.get(n)} == {"train-000001.tar", "test-000000.tar"}
-    manifest = pq.read_table(sd / shards.MANIFEST).to_pylist()
+    manifest = pq.read_table(sd / shardset.MANIFEST).to_pylist()
     assert sorted(r["key"] for r in manifest) == sorted(r["key"] for r in manifest_before)  # none lost or doubled
     assert preprocess(cfg, progress=False)["shards_written"] == 0       # a finished run is a no-op
 
 
 def test_plan_is_stable_and_rejects_duplicates(run, tmp_path):
     cfg, _ = run
-    a = [(r["key"], r["shard"]) for r in plan_rows(plan_dir(cfg.shard_dir))]  # the run's plan, on disk
-    assert plan(cfg) == plan(cfg) and [(r["key"], r["shard"]) for r in plan_rows(plan_dir(cfg.shard_dir))] == a
+    infos = plan(cfg)
+    a = [(r["key"], r["shard"]) for r in planned_rows(plan_dir(cfg.shard_dir), infos)]  # the plan, on disk
+    assert plan(cfg) == infos and [(r["key"], r["shard"]) for r in planned_rows(plan_dir(cfg.shard_dir), infos)] == a
     assert len(a) == 48 and a == sorted(a, key=lambda r: (r[1].split("-")[0], r[0]))
 
 
@@ -143,7 +145,7 @@ def test_bad_inputs_are_recorded_not_dropped(tmp_path, ray_local, capsys):
                                                 f"dataset.root={root}", "stages.parse.impl=stanza"])
     # (no gold trees in Flickr8k: the project's Stanza parser, trained and cached on first use, parses them)
     summary = preprocess(cfg, progress=False)
-    manifest = {r["key"].removeprefix("flickr8k_"): r for r in pq.read_table(cfg.shard_dir / shards.MANIFEST).to_pylist()}
+    manifest = {r["key"].removeprefix("flickr8k_"): r for r in pq.read_table(cfg.shard_dir / shardset.MANIFEST).to_pylist()}
     assert len(manifest) == 7 and summary["samples"] == 7
     assert [manifest[f"{i}_good"]["status"] for i in (0, 1)] == ["ok", "ok"]
     assert "not a decodable image" in manifest["2_corrupt"]["reason"]
@@ -169,7 +171,7 @@ def test_resume_never_mixes_configs_or_reads_stale_tars(tmp_path, ray_local, cap
     fingerprint; an altered tar is redone; readers take only manifest shards; the dataset hash follows."""
     from densevse.pipeline.cli.main import main
     from densevse.pipeline.errors import ConfigError
-    from densevse.pipeline.preprocess.plan import fingerprint
+    from densevse.pipeline.shardset import fingerprint
 
     tiny = SMALL + ["dataset.synthetic.num_images=12", "dataset.synthetic.test_images=4",
                     "shards.samples_per_shard=4", f"run.output_dir={tmp_path}"]
@@ -177,11 +179,11 @@ def test_resume_never_mixes_configs_or_reads_stale_tars(tmp_path, ray_local, cap
     sd = cfg.shard_dir
     first = preprocess(cfg, progress=False)
     n = first["shards"]
-    digest = shards.dataset_sha256(sd)
-    train = shards.shard_paths(sd, "train")
+    digest = shardset.dataset_sha256(sd)
+    train = shardset.shard_paths(sd, "train")
     for ext in (".tar", ".stats.json"):  # a shard of an earlier plan, with its stats, not in the manifest
         (sd / f"train-000099{ext}").write_bytes((sd / f"train-000000{ext}").read_bytes())
-    assert shards.shard_paths(sd, "train") == train and shards.dataset_sha256(sd) == digest
+    assert shardset.shard_paths(sd, "train") == train and shardset.dataset_sha256(sd) == digest
 
     changed = tiny + ["stages.features.params.input_size=96"]
     # refused before any work: no shard file is touched (plan/ is re-derived from the dataset on every run)
@@ -195,19 +197,19 @@ def test_resume_never_mixes_configs_or_reads_stale_tars(tmp_path, ray_local, cap
     forced = json.loads(capsys.readouterr().out.split("==\n", 1)[1])
     assert forced["shards_written"] == forced["shards_redone_config_changed"] == n
     new_fp = fingerprint(load_config("pipeline.yaml", changed))["sha256"]
-    assert {st["fingerprint"]["sha256"] for st in shards.load_stats(sd, shards.manifest_shards(sd))} == {new_fp}
-    assert shards.dataset_sha256(sd) != digest
+    assert {st["fingerprint"]["sha256"] for st in shardset.load_stats(sd, shardset.manifest_shards(sd))} == {new_fp}
+    assert shardset.dataset_sha256(sd) != digest
     assert json.loads((sd / "summary.json").read_text())["fingerprint"] == new_fp
 
-    tar = shards.shard_paths(sd, "train")[0]
+    tar = shardset.shard_paths(sd, "train")[0]
     data = bytearray(tar.read_bytes())
     data[700] ^= 0xFF  # same size, other bytes
     tar.write_bytes(bytes(data))
-    with pytest.raises(shards.ShardError, match=tar.name):
-        shards.shard_paths(sd, "train")
+    with pytest.raises(shardset.ShardError, match=tar.name):
+        shardset.shard_paths(sd, "train")
     again = preprocess(load_config("pipeline.yaml", changed), progress=False)
     assert again["shards_written"] == 1 and again["shards_skipped"] == n - 1
-    assert shards.shard_paths(sd, "train") == train
+    assert shardset.shard_paths(sd, "train") == train
 
 
 def test_retry_rejected_redoes_only_the_shards_with_matching_rejections(tmp_path, ray_local, caplog):
@@ -225,9 +227,9 @@ def test_retry_rejected_redoes_only_the_shards_with_matching_rejections(tmp_path
     cfg = load_config("pipeline.yaml", tiny)
     sd = cfg.shard_dir
     synthetic.generate(cfg.dataset_root, cfg.dataset.synthetic)
-    plan(cfg)
+    infos = plan(cfg)
     first = {}
-    for r in plan_rows(plan_dir(sd)):
+    for r in planned_rows(plan_dir(sd), infos):
         first.setdefault(r["shard"], r)
     (s_missing, missing), (s_corrupt, corrupt) = sorted(first.items())[0], sorted(first.items())[-1]
     assert s_missing != s_corrupt
@@ -237,7 +239,7 @@ def test_retry_rejected_redoes_only_the_shards_with_matching_rejections(tmp_path
         f.write(b"not a jpeg" * 20)
 
     def status():
-        return {r["key"]: r for r in pq.read_table(sd / shards.MANIFEST).to_pylist()}
+        return {r["key"]: r for r in pq.read_table(sd / shardset.MANIFEST).to_pylist()}
 
     def digests():
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sd.iterdir()

@@ -11,7 +11,8 @@ import pytest
 from conftest import FLICKR8K, ROOT, SHARED, gum_slice, needs_flickr8k, needs_gum
 
 pytestmark = [pytest.mark.slow, needs_flickr8k, needs_gum,
-              pytest.mark.skipif(not (SHARED / "coco-det" / "annotations").is_dir(), reason="coco-det absent")]
+              pytest.mark.skipif(not (SHARED / "coco-det" / "annotations").is_dir(),
+                                 reason="../shared/data absent: coco-det")]
 DENSEVSE = str(ROOT / ".venv" / "bin" / "densevse")
 
 

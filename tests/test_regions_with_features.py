@@ -141,7 +141,7 @@ def test_preprocess_with_one_backbone_pass_writes_the_usual_shards(tmp_path, det
 
     from densevse.pipeline.config import load_config
     from densevse.pipeline.preprocess.run import preprocess
-    from densevse.pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.shardset import shard_paths
     from densevse.pipeline.training.embedding import EmbeddingTask
 
     cfg = load_config("pipeline.yaml", [

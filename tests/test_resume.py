@@ -7,8 +7,9 @@ import pytest
 
 from densevse.pipeline.config import load_config
 from densevse.pipeline.errors import ConfigError
-from densevse.pipeline.preprocess import shards
-from densevse.pipeline.preprocess.plan import changed_keys, check_resume, fingerprint
+from densevse.pipeline import shardset
+from densevse.pipeline.preprocess.plan import check_resume
+from densevse.pipeline.shardset import changed_keys, fingerprint
 from shard_fixture import write_fixture_shards
 
 BASE = ["stages.regions.impl=gold_boxes", "stages.regions.params={}", "stages.parse.impl=gold_trees",
@@ -67,32 +68,32 @@ def test_check_resume_names_changed_keys_and_counts_or_redoes_with_force(tmp_pat
 
 def test_readers_take_manifest_shards_and_verify_them(tmp_path):
     sd = write_fixture_shards(tmp_path / "s", n_train=6, n_val=0, n_test=3, per_shard=3, size=32)
-    train = shards.shard_paths(sd, "train")
+    train = shardset.shard_paths(sd, "train")
     assert [p.name for p in train] == ["train-000000.tar", "train-000001.tar"]
-    digest = shards.dataset_sha256(sd)
+    digest = shardset.dataset_sha256(sd)
     # a tar + stats of an earlier plan, not in the manifest: never read, not hashed
     for ext in (".tar", ".stats.json"):
         (sd / f"train-000007{ext}").write_bytes((sd / f"train-000000{ext}").read_bytes())
-    assert shards.shard_paths(sd, "train") == train and shards.dataset_sha256(sd) == digest
+    assert shardset.shard_paths(sd, "train") == train and shardset.dataset_sha256(sd) == digest
     # bytes changed in place, same size: readers re-hash when the mtime moved and name the file
     tar = train[1]
     st = os.stat(tar)
     data = bytearray(tar.read_bytes())
     data[600] ^= 0xFF
     tar.write_bytes(bytes(data))
-    with pytest.raises(shards.ShardError, match="train-000001.tar: sha256 differs"):
-        shards.shard_paths(sd, "train")
+    with pytest.raises(shardset.ShardError, match="train-000001.tar: sha256 differs"):
+        shardset.shard_paths(sd, "train")
     # ... and with the mtime restored only the full hash of a resume sees it (the documented trade-off)
     os.utime(tar, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert shards.shard_paths(sd, "train") == train
-    planned = {s: shards.keys_sha256([r["key"] for r in json.loads(shards.stats_path(sd, s).read_text())["samples"]])
+    assert shardset.shard_paths(sd, "train") == train
+    planned = {s: shardset.keys_sha256([r["key"] for r in json.loads(shardset.stats_path(sd, s).read_text())["samples"]])
                for s in ("train-000000", "train-000001")}
     # a resume trusts size + mtime by default (no read of the set); --verify hashes every tar and redoes it
-    assert set(shards.finished_shards(sd, planned)) == set(planned)
-    assert set(shards.finished_shards(sd, planned, verify=True)) == {"train-000000"}
+    assert set(shardset.finished_shards(sd, planned)) == set(planned)
+    assert set(shardset.finished_shards(sd, planned, verify=True)) == {"train-000000"}
     tar.unlink()
-    with pytest.raises(shards.ShardError, match="train-000001.tar is missing"):
-        shards.shard_paths(sd, "train")
-    (sd / shards.MANIFEST).unlink()
+    with pytest.raises(shardset.ShardError, match="train-000001.tar is missing"):
+        shardset.shard_paths(sd, "train")
+    (sd / shardset.MANIFEST).unlink()
     with pytest.raises(FileNotFoundError, match="run `densevse preprocess` first"):
-        shards.shard_paths(sd, "train")
+        shardset.shard_paths(sd, "train")

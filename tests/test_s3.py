@@ -1,15 +1,13 @@
 """Object storage against a real S3-compatible HTTP server (moto_server on 127.0.0.1, fixture s3_server): shards
-written to and read from s3://, the stats object as the finished marker, and (slow) the whole pipeline: preprocess
-to S3, train reading from it and checkpointing to it, an MLflow server storing artifacts there, and a resume that
-redoes only the shard whose stats object was deleted; and dataset files read from an s3:// dataset.root."""
+written to and read from s3://, the stats object as the finished marker, and (slow) the whole pipeline with
+run.output_dir in S3: preprocess to S3, train reading from it and checkpointing to it, best.pt, summaries, the
+report and run.log written there, an MLflow server storing artifacts there, and a resume that redoes only the
+shard whose stats object was deleted; and dataset files read from an s3:// dataset.root."""
 from __future__ import annotations
-
-import os
 
 import pytest
 
-from densevse.pipeline import storage
-from densevse.pipeline.preprocess import shards
+from densevse.pipeline import shardset, storage
 from tests.shard_fixture import write_fixture_shards
 
 
@@ -22,38 +20,38 @@ def _objects(prefix: str) -> dict[str, str]:
 
 
 def test_shards_on_s3(s3_server, capsys):
-    from densevse.pipeline.training.data import iter_samples
+    from densevse.pipeline.shardset import iter_samples
 
     d = "s3://bucket/fixture/shards"
     write_fixture_shards(d, n_train=20, n_val=10, n_test=0, per_shard=10)
     keys = _objects("fixture/shards/")
     assert {"fixture/shards/manifest.parquet", "fixture/shards/train-000000.tar",
             "fixture/shards/train-000001.stats.json"} <= set(keys)
-    paths = shards.shard_paths(d, "train")
-    assert paths == [f"{d}/train-000000.tar", f"{d}/train-000001.tar"]
+    paths = shardset.shard_paths(d, "train")
+    assert [str(p) for p in paths] == [f"{d}/train-000000.tar", f"{d}/train-000001.tar"]
     assert len(list(iter_samples(paths))) == 20  # webdataset reads the tars from S3
     from densevse.pipeline.cli.main import main
 
     assert main(["inspect", "--shards", d + "/", "--rejects"]) == 0
     assert "train" in capsys.readouterr().out
-    st = shards.read_stats(d, "train-000000")
+    st = shardset.read_stats(d, "train-000000")
     assert st["tar_etag"] == keys["fixture/shards/train-000000.tar"]
-    planned = {s: shards.keys_sha256([x["key"] for x in shards.read_stats(d, s)["samples"]])
+    planned = {s: shardset.keys_sha256([x["key"] for x in shardset.read_stats(d, s)["samples"]])
                for s in ("train-000000", "train-000001")}
-    assert set(shards.finished_shards(d, planned)) == set(planned)
+    assert set(shardset.finished_shards(d, planned)) == set(planned)
 
-    storage.delete(shards.stats_path(d, "train-000001"))  # no finished marker: redone on resume
-    assert set(shards.finished_shards(d, planned)) == {"train-000000"}
-    with pytest.raises(shards.ShardError, match="train-000001.stats.json is missing"):
-        shards.shard_paths(d, "train")
+    shardset.stats_path(d, "train-000001").unlink()  # no finished marker: redone on resume
+    assert set(shardset.finished_shards(d, planned)) == {"train-000000"}
+    with pytest.raises(shardset.ShardError, match="train-000001.stats.json is missing"):
+        shardset.shard_paths(d, "train")
 
 
 def test_changed_object_is_caught(s3_server):
     d = "s3://bucket/changed/shards"
     write_fixture_shards(d, n_train=10, n_val=0, n_test=0, per_shard=10)
-    storage.put_atomic(shards.tar_path(d, "train-000000"), b"x" * 10)
-    with pytest.raises(shards.ShardError, match="has 10 bytes"):
-        shards.shard_paths(d, "train")
+    storage.put_atomic(shardset.tar_path(d, "train-000000"), b"x" * 10)
+    with pytest.raises(shardset.ShardError, match="has 10 bytes"):
+        shardset.shard_paths(d, "train")
 
 
 def test_latest_checkpoint_in_s3(s3_server):
@@ -74,8 +72,31 @@ def test_latest_checkpoint_in_s3(s3_server):
         storage.put_atomic(f"s3://bucket/ckpt/default-vse-{stamp}/checkpoint_{epoch:06d}/model.pt", buf.getvalue())
     storage.put_atomic("s3://bucket/ckpt/default-vse-20260103-000000/checkpoint_000003/model.pt", b"PK cut short")
     found = latest_checkpoint(cfg, "vse")
-    assert found == "s3://bucket/ckpt/default-vse-20260102-000000/checkpoint_000002"
+    assert str(found) == "s3://bucket/ckpt/default-vse-20260102-000000/checkpoint_000002"
     assert load_dir(found)["epoch"] == 2
+
+
+def test_index_in_s3_from_a_checkpoint_in_s3(s3_server, tmp_path):
+    """`densevse index` of shards in S3 with a best.pt in S3 into an s3:// index dir (an output dir there): built
+    locally and uploaded; opened from the bucket with its own checkpoint (read from S3, checked by its sha256),
+    a stored sample's vector finds that sample, and its JPEG is a ranged read of its shard object."""
+    from densevse.pipeline.search.index import build
+    from densevse.pipeline.search.query import Index
+    from densevse.pipeline.serving.embedder import load
+    from tests.untrusted_fixture import tiny_checkpoint
+
+    shards = write_fixture_shards("s3://bucket/ix/shards", n_train=8, n_val=2, n_test=2, feat_dim=32, per_shard=4)
+    best = storage.location("s3://bucket/ix/models/hmlstm/best.pt")
+    storage.put_atomic(best, tiny_checkpoint(tmp_path / "best.pt").read_bytes())
+    info = build(shards, load(str(best)), "s3://bucket/ix/index", log=lambda m: None)
+    assert info["model"]["checkpoint"] == str(best) and info["counts"]["image"] == 12
+    assert {"ix/index/index.json", "ix/index/image.faiss", "ix/index/metadata/metadata_0.parquet"} <= set(_objects("ix/"))
+    ix = Index.open("s3://bucket/ix/index")
+    sample = next(shardset.iter_samples(shardset.shard_paths(shards, "test")))
+    vector = ix.embedder.encode_images([(sample, [])])[0]["image"]  # a query's vector, without a parser here
+    (score, row), *_ = ix._search("image", vector, 3)  # the FAISS index, read from the bucket
+    assert ix.meta[row]["key"] == sample["key"] and score > 0.99
+    assert ix.jpeg(row)[:2] == b"\xff\xd8"
 
 
 def _dataset(kind: str, root):
@@ -114,8 +135,8 @@ def test_dataset_root_in_s3_reads_like_the_local_folder(s3_server, tmp_path, kin
 
     local, uri = tmp_path / kind, f"s3://bucket/ds-{kind}"
     opts = _dataset(kind, local)
-    fs, path = storage.filesystem(uri)
-    fs.put(str(local) + "/", path, recursive=True)
+    bucket = storage.location(uri)
+    bucket.fs.put(str(local) + "/", bucket.path, recursive=True)
 
     def samples(root):
         cfg = DatasetConfig(kind=kind, root=root, **opts)
@@ -139,51 +160,59 @@ def test_dataset_root_in_s3_reads_like_the_local_folder(s3_server, tmp_path, kin
 
 
 @pytest.mark.slow
-def test_pipeline_on_s3(s3_server, stage_models, tmp_path):
-    """Preprocess to s3://bucket/run/shards, train 1 epoch from it with Ray Train checkpoints in S3, model
-    registered in an MLflow server whose artifacts go to s3://bucket/mlartifacts; then delete one shard's stats
-    object and re-run: only that shard is rewritten."""
+def test_pipeline_on_s3(s3_server, tmp_path, monkeypatch):
+    """`densevse run` with run.output_dir=s3://bucket/run (only the generated synthetic set local): the shards,
+    Ray Train's checkpoints, best.pt, the train and run summaries, the report and run.log land in the bucket,
+    evaluation and the report read best.pt from there, and the model is registered in an MLflow server whose
+    artifacts go to s3://bucket/mlartifacts. Then one shard's stats object is deleted and preprocessing re-run:
+    only that shard is rewritten."""
+    import json
+
     import ray
     from mlflow.tracking import MlflowClient
 
+    from densevse.pipeline.cli.main import main
     from densevse.pipeline.config import load_config
     from densevse.pipeline.preprocess.run import preprocess
     from densevse.pipeline.tracking import server
-    from densevse.pipeline.training.tasks import train
-    from tests.conftest import ROOT, tiny_overrides
+    from tests.conftest import ROOT
 
     proc, uri = server.start_server(tmp_path / "mlflow", artifacts="s3://bucket/mlartifacts")
-    cwd = os.getcwd()
-    os.chdir(ROOT)  # the stage model paths are relative to the repo root
+    monkeypatch.chdir(ROOT)
+    over = ["run.output_dir=s3://bucket/run", f"dataset.root={tmp_path / 'dataset'}", "dataset.synthetic.num_images=40",
+            "dataset.synthetic.test_images=8", "shards.samples_per_shard=16", "stages.regions.impl=gold_boxes",
+            "stages.regions.params={}", "stages.parse.impl=gold_trees", "stages.parse.params={}",
+            "stages.features.params.input_size=96", "train.epochs=1", "train.batch_size=16", "train.embed_dim=32",
+            "train.hidden_dim=32", "train.word_vectors=random", "ray.num_cpus=2", f"mlflow.tracking_uri={uri}"]
     try:
-        over = [*tiny_overrides(stage_models, tmp_path / "run"), "shards.dir=s3://bucket/run/shards",
-                "train.storage_path=s3://bucket/run/ray_train", "train.epochs=1", f"mlflow.tracking_uri={uri}"]
-        cfg = load_config(ROOT / "pipeline.yaml", over)
-        first = preprocess(cfg, progress=False)
-        assert first["splits"]["train"]["n_ok"] > 0
-        before = _objects("run/shards/")
-        assert "run/shards/summary.json" in before and "run/shards/manifest.parquet" in before
-
-        summary = train(cfg)
-        assert summary["epochs"] == 1
-        assert any(k.endswith("/model.pt") for k in _objects("run/ray_train/")), "no checkpoint in S3"
-        version = summary["registered_version"]
+        assert main(["run", "pipeline.yaml", "--quiet", *[a for o in over for a in ("-s", o)]]) == 0
+        before = _objects("run/")
+        for key in ("shards/manifest.parquet", "shards/summary.json", "shards/train-000001.tar", "models/hmlstm/best.pt",
+                    "train-hmlstm.json", "summary.json", "report/report.html", "report/loss.png", "run.log"):
+            assert f"run/{key}" in before, f"no {key} in the bucket"
+        assert any(k.startswith("run/ray_train/") and k.endswith("/model.pt") for k in before), "no checkpoint in S3"
+        summary = json.loads(storage.location("s3://bucket/run/summary.json").read_text())
+        assert summary["evaluate"]["n_images"] == 8 and summary["evaluate"]["epoch"] == 0
+        assert summary["paths"]["best model"] == "s3://bucket/run/models/hmlstm/best.pt"
+        assert summary["paths"]["log"] == "s3://bucket/run/run.log"
+        assert summary["report"] == "s3://bucket/run/report/report.html"
+        log = storage.location("s3://bucket/run/run.log").read_text()
+        assert log.startswith("\n==== ") and '"step": "preprocess"' in log and '"step": "train"' in log  # the verb's
+        version = summary["train"]["registered_version"]
         assert version
-        client = MlflowClient(uri)
-        mv = client.get_model_version(cfg.mlflow.registered_model, str(version))
-        assert mv.source
+        cfg = load_config(ROOT / "pipeline.yaml", over)
+        assert MlflowClient(uri).get_model_version(cfg.mlflow.registered_model, str(version)).source
         assert _objects("mlartifacts/"), "the registered model's artifacts are not in the bucket"
 
         victim = "run/shards/train-000001.stats.json"
-        storage.delete(f"s3://bucket/{victim}")
+        storage.location(f"s3://bucket/{victim}").unlink()
         preprocess(cfg, progress=False)
         after = _objects("run/shards/")
         for key in ("train-000000.tar", "train-000000.stats.json", "val-000000.tar"):
             assert after[f"run/shards/{key}"] == before[f"run/shards/{key}"], f"{key} was rewritten"
         assert victim in after
-        assert shards.read_stats("s3://bucket/run/shards", "train-000001")["n_planned"] > 0
+        assert shardset.read_stats("s3://bucket/run/shards", "train-000001")["n_planned"] > 0
     finally:
-        os.chdir(cwd)
         server.stop_server(proc)
         if ray.is_initialized():
             ray.shutdown()
@@ -197,25 +226,25 @@ def test_preprocess_a_dataset_in_s3(s3_server, stage_models, tmp_path, monkeypat
     import pyarrow.parquet as pq
 
     from densevse.pipeline.cli.main import main
-    from densevse.pipeline.training.data import iter_samples
+    from densevse.pipeline.shardset import iter_samples
     from tests.conftest import ROOT
 
     _dataset("flickr8k", tmp_path / "f8k")
-    fs, path = storage.filesystem("s3://bucket/f8k-data")
-    fs.put(str(tmp_path / "f8k") + "/", path, recursive=True)
+    data = storage.location("s3://bucket/f8k-data")
+    data.fs.put(str(tmp_path / "f8k") + "/", data.path, recursive=True)
     over = ["dataset.kind=flickr8k", "dataset.root=s3://bucket/f8k-data", "dataset.splits=[train]",
             "shards.dir=s3://bucket/f8k-run/shards", f"run.output_dir={tmp_path / 'out'}", "shards.samples_per_shard=2",
             "stages.regions.impl=gold_boxes", "stages.regions.params={}", "stages.features.params.input_size=96",
             f"stages.parse.params.model_dir={stage_models[1]}", "ray.num_cpus=2"]
     monkeypatch.chdir(ROOT)  # the stage model path is relative to the repo root
     assert main(["preprocess", "pipeline.yaml", "--quiet", *[a for o in over for a in ("-s", o)]]) == 0
-    with storage.open_file("s3://bucket/f8k-run/shards/" + shards.MANIFEST) as f:
+    with storage.location("s3://bucket/f8k-run/shards/" + shardset.MANIFEST).open("rb") as f:
         m = {r["source"]: r for r in pq.read_table(f).to_pylist()}
     assert sorted(m) == [f"s3://bucket/f8k-data/images/{n}.jpg" for n in ("a", "b", "gone")]
     assert m["s3://bucket/f8k-data/images/gone.jpg"]["reason"] == \
         "ingest: missing image file s3://bucket/f8k-data/images/gone.jpg"
     assert [m[f"s3://bucket/f8k-data/images/{n}.jpg"]["status"] for n in ("a", "b")] == ["ok", "ok"]
-    tars = shards.shard_paths("s3://bucket/f8k-run/shards", "train")
+    tars = shardset.shard_paths("s3://bucket/f8k-run/shards", "train")
     got = {s["meta"]["source"]: s["jpg"] for s in iter_samples(tars, with_image=True)}
     assert got == {f"s3://bucket/f8k-data/images/{n}.jpg": (tmp_path / "f8k" / "images" / f"{n}.jpg").read_bytes()
                    for n in ("a", "b")}  # original bytes, read from the bucket by the workers

@@ -79,8 +79,8 @@ def test_champion_alias_follows_the_best_score(tmp_path):
 
 def _test_sample(cfg):
     """A test-split sample from the shards, and its source image file."""
-    from densevse.pipeline.preprocess.shards import shard_paths
-    from densevse.pipeline.training.data import iter_samples
+    from densevse.pipeline.shardset import shard_paths
+    from densevse.pipeline.shardset import iter_samples
 
     s = next(iter_samples(shard_paths(cfg.shard_dir, "test")))
     return s, Path(s["meta"]["source"])

@@ -502,7 +502,7 @@ def test_preprocess_a_table_of_urls(server, stage_models, tmp_path, capsys, monk
 
     from conftest import ROOT
     from densevse.pipeline.cli.main import main
-    from densevse.pipeline.preprocess import shards
+    from densevse.pipeline import shardset
 
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "local.jpg").write_bytes(_jpeg(20))
@@ -526,7 +526,7 @@ def test_preprocess_a_table_of_urls(server, stage_models, tmp_path, capsys, monk
     sd = tmp_path / "out" / "shards"
 
     def manifest():
-        return {r["source"].removeprefix(server): r for r in pq.read_table(sd / shards.MANIFEST).to_pylist()}
+        return {r["source"].removeprefix(server): r for r in pq.read_table(sd / shardset.MANIFEST).to_pylist()}
 
     m = manifest()
     assert {s: r["reason"] for s, r in m.items() if r["status"] == "rejected"} == {
@@ -538,7 +538,7 @@ def test_preprocess_a_table_of_urls(server, stage_models, tmp_path, capsys, monk
     assert m["/img/10.jpg"]["n_captions"] == 2
     reasons = summary["splits"]["train"]
     assert reasons["n_rejected"] == 3 and reasons["reject: ingest: download failed: HTTP 404 Not Found"] == 1
-    samples = [s for tar in shards.shard_paths(sd, "train") for s in wds.WebDataset(str(tar), shardshuffle=False)]
+    samples = [s for tar in shardset.shard_paths(sd, "train") for s in wds.WebDataset(str(tar), shardshuffle=False)]
     assert len(samples) == 4
     first = next(json.loads(s["json"]) for s in samples if s["__key__"] == m["/img/10.jpg"]["key"])
     assert [c["text"].replace(" .", ".") for c in first["captions"]] == [rows[0][1], rows[2][1]]  # tokenized

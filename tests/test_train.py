@@ -41,8 +41,8 @@ def test_two_worker_train_crash_recovery_mlflow_registry_resume(tmp_path, mlflow
     from densevse.pipeline.evaluation.retrieval import evaluate
     from densevse.models.checkpoint import load_model
     from densevse.models.batch import collate
-    from densevse.pipeline.training.data import eval_items, iter_samples
-    from densevse.pipeline.preprocess.shards import shard_paths
+    from densevse.pipeline.shardset import eval_items, iter_samples
+    from densevse.pipeline.shardset import shard_paths
     from densevse.pipeline.tracking.runs import manifest_sha256
     from densevse.pipeline.tracking.server import wait_server
     from densevse.pipeline.raylocal import init_ray

@@ -156,8 +156,8 @@ def test_embedding_epoch_prefetched_or_inline_gives_the_same_training(tmp_path):
     import torch
 
     from densevse.pipeline.config import load_config
-    from densevse.pipeline.preprocess.shards import shard_paths
-    from densevse.pipeline.training.data import rank_shards
+    from densevse.pipeline.shardset import shard_paths
+    from densevse.pipeline.shardset import rank_shards
     from tests.shard_fixture import write_fixture_shards
 
     shards = tmp_path / "shards"

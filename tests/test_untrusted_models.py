@@ -80,8 +80,7 @@ def test_recorded_model_files_are_compared(detector_dir, tmp_path):
     fingerprint) warns when the caller's file is another one."""
     import warnings
 
-    from densevse.pipeline.preprocess.plan import fingerprint
-    from densevse.pipeline.serving.embedder import recorded_model_files
+    from densevse.pipeline.shardset import fingerprint, recorded_model_files
 
     cfg = load_config(None, ["stages.regions.impl=detectron2", f"stages.regions.params.config={detector_dir}"])
     mine, made_with = cfg.stages, recorded_model_files(fingerprint(cfg))["regions.config"]

@@ -5,7 +5,6 @@ import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 from densevse.pipeline.cli.args import common_args, load
 
@@ -28,7 +27,7 @@ def _console(args, cfg):
     """The verb's console (pipeline/console.py): progress, real warnings, the final table; the rest in run.log."""
     from densevse.pipeline.console import Console
 
-    return Console(Path(cfg.run.output_dir) / "run.log",
+    return Console(cfg.run.output_dir / "run.log",
                    "quiet" if args.quiet else "verbose" if args.verbose else "normal")
 
 
@@ -36,7 +35,7 @@ def _paths(cfg, summary: dict, summary_file: str) -> dict:
     """Where the outputs of a verb are, for the final table."""
     from densevse.pipeline.training.trained import best_path
 
-    out, tr = Path(cfg.run.output_dir), summary.get("train") or {}
+    out, tr = cfg.run.output_dir, summary.get("train") or {}
     best = best_path(out, cfg.train.model)
     from densevse.pipeline.config import redact_uri
 
@@ -50,13 +49,12 @@ def _paths(cfg, summary: dict, summary_file: str) -> dict:
 def _finish(con, args, cfg, verb: str, summary: dict) -> None:
     """The summary as JSON in <output_dir>/summary.json (`run`) or <verb>-summary.json, and for the person the
     table (--json: the JSON, as `== verb ==` + JSON, which scripts parse)."""
+    from densevse.pipeline import storage
     from densevse.pipeline.console import summary_table
 
     name = "summary.json" if verb == "run" else f"{verb}-summary.json"
     summary["paths"] = _paths(cfg, summary, name)
-    out = Path(cfg.run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / name).write_text(json.dumps(summary, indent=1, default=str))
+    storage.put_atomic(cfg.run.output_dir / name, json.dumps(summary, indent=1, default=str))
     con.print(f"\n== {verb} ==\n" + json.dumps(summary, indent=2, default=str) if args.json
               else summary_table(summary))
 
@@ -133,20 +131,15 @@ def cmd_run(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    import pyarrow.parquet as pq
-
-    from densevse.pipeline import storage
-    from densevse.pipeline.preprocess import shards
+    from densevse.pipeline import shardset, storage
 
     shard_dir = storage.location(args.shards) if args.shards else load(args).shard_dir
-    if not (storage.listdir(shard_dir, ".stats.json") if storage.is_uri(shard_dir) else Path(shard_dir).is_dir()):
+    if not shard_dir.is_dir():  # an object-store prefix is a dir once it holds an object
         print(f"densevse: no shard directory {shard_dir}", file=sys.stderr)
         return 2
-    summary = shards.summarize_shards(shard_dir)
+    summary = shardset.summarize_shards(shard_dir)
     if args.rejects:
-        with storage.open_file(storage.join(shard_dir, shards.MANIFEST)) as f:
-            t = pq.read_table(f).to_pylist()
-        summary["rejected"] = [{"key": r["key"], "reason": r["reason"]} for r in t if r["status"] == "rejected"]
+        summary["rejected"] = shardset.rejected_samples(shard_dir)
     _print_summary(f"inspect {shard_dir}", summary)
     return 0
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 from densevse.pipeline.cli.args import common_args, load
 
@@ -13,10 +12,11 @@ def _defaults(args):
     <output_dir>/index. The config's stages are where query stages take their model files from: a checkpoint's
     own config names none that is loaded (pipeline/serving/embedder.py: trusted_stages)."""
     cfg = load(args)
+    from densevse.pipeline import storage
     from densevse.pipeline.training.trained import best_path
 
-    shards = Path(args.shards) if getattr(args, "shards", None) else Path(cfg.shard_dir)
-    index = Path(args.index) if getattr(args, "index", None) else Path(cfg.run.output_dir) / "index"
+    shards = storage.location(getattr(args, "shards", None) or cfg.shard_dir)
+    index = storage.location(getattr(args, "index", None) or cfg.run.output_dir / "index")
     return cfg, shards, args.model or str(best_path(cfg.run.output_dir, cfg.train.model)), index
 
 

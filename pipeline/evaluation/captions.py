@@ -22,8 +22,8 @@ import numpy as np
 
 from densevse.models.captioner import dense_description
 from densevse.models.metrics import coco_scores, nearest_captions, object_precision, object_recall
-from densevse.pipeline.preprocess.shards import shard_paths
-from densevse.pipeline.training.data import iter_samples
+from densevse.pipeline import storage
+from densevse.pipeline.shardset import iter_samples, shard_paths
 from densevse.pipeline.training.trained import CAPTIONER, best_path, load_trained
 
 
@@ -74,7 +74,5 @@ def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | N
                   step=int(out["epoch"] or 0))
         MlflowClient(cfg.mlflow.tracking_uri).log_text(run_id, json.dumps(out, indent=1),
                                                        f"eval/captioner-{split}.json")
-    path = Path(cfg.run.output_dir) / f"captioner-eval-{split}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
+    storage.put_atomic(cfg.run.output_dir / f"captioner-eval-{split}.json", json.dumps(out, indent=1))
     return out

@@ -40,14 +40,6 @@ def shard_recall(shard_paths: Sequence[str | Path], iou: float = 0.5, top_k: int
             "proposal_recall_images": float(len(gold)), "proposal_recall_gold_boxes": float(sum(map(len, gold)))}
 
 
-def evaluate_recall(weights_dir: str | Path, images: Sequence, gold: Sequence, iou: float = 0.5,
-                    top_k: int = 19, **params) -> float:
-    """Proposal recall of a trained detector dir on `images` against `gold` (per image (G,4) xyxy boxes).
-    For `densevse evaluate`; `params` go to the regions stage (e.g. threads, device, score_thresh)."""
-    preds = predict_boxes(weights_dir, images, top_k=top_k, **params)
-    return proposal_recall(list(gold), preds, iou=iou, top_k=top_k)
-
-
 GRID_SCALES = (0.5, 0.25, 0.125)  # box side / sqrt(image area), coarse to fine
 GRID_RATIOS = (1.0, 0.5, 2.0)     # box height / width
 

@@ -5,6 +5,7 @@ this module embeds a split, scores it, and adds the shards' proposal recall wher
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ import torch
 
 from densevse.models.batch import collate
 from densevse.models.metrics import grounding_accuracy, paired_iou, recall_at_k
+from densevse.pipeline import storage
 from densevse.pipeline.evaluation.proposals import shard_recall
-from densevse.pipeline.preprocess.shards import shard_paths
-from densevse.pipeline.training.data import eval_items
+from densevse.pipeline.shardset import eval_items, shard_paths
 from densevse.pipeline.training.trained import EMBEDDING, best_path, load_trained
 
 
@@ -75,5 +76,6 @@ def evaluate(cfg, checkpoint: str | Path | None = None, split: str | None = None
         raise FileNotFoundError(f"no finished {split} shards in {cfg.shard_dir}")
     out = evaluate_model(model, vocab, labels, paths, cfg.eval.ks, cfg.eval.captions_per_image, device=device)
     out.update(split=split, model=ck["model_name"], epoch=ck.get("epoch"))
-    out.update(shard_recall(paths))  # proposal_recall_at_0.5 (top 19) where the shards hold gold boxes
+    with contextlib.ExitStack() as tars:  # shard_recall opens tars by local path: object-store ones are copied
+        out.update(shard_recall([tars.enter_context(storage.local(p)) for p in paths]))  # proposal_recall_at_0.5
     return out

@@ -59,8 +59,8 @@ def describe(rec: dict | None) -> str:
 class ShardDirLock:
     """`with ShardDirLock(shard_dir, run="default"):` (module docstring)."""
 
-    def __init__(self, shard_dir: storage.Location, run: str = "", ttl_s: float = TTL_S):
-        self.path = storage.join(shard_dir, LOCK_NAME)
+    def __init__(self, shard_dir, run: str = "", ttl_s: float = TTL_S):
+        self.path = storage.location(shard_dir) / LOCK_NAME
         self.run, self.ttl_s = run, ttl_s
         self._fd: int | None = None
         self._etag: str | None = None
@@ -79,6 +79,7 @@ class ShardDirLock:
     def _acquire_local(self) -> None:
         import fcntl
 
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -92,42 +93,27 @@ class ShardDirLock:
         self._fd = fd
 
     # ---- s3
-    def _s3(self):
-        fs, key = storage.filesystem(self.path)
-        bucket, _, name = key.partition("/")
-        return fs, bucket, name
-
-    def _put(self, rec: dict, **cond) -> str:
-        fs, bucket, key = self._s3()
-        out = fs.call_s3("put_object", Bucket=bucket, Key=key, Body=json.dumps(rec).encode(), **cond)
-        return out["ETag"]
+    def _put(self, rec: dict, etag: str | None) -> str:
+        """The lease record, written only if the lease is free (etag None) or still the version `etag`."""
+        return storage.put_if(self.path, json.dumps(rec).encode(), etag)
 
     def _get(self) -> tuple[dict | None, str | None]:
-        fs, bucket, key = self._s3()
-        try:
-            etag = fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
-            data = fs.cat_file(f"{bucket}/{key}")
-        except FileNotFoundError:
-            return None, None
-        return _read_json(data), etag  # read after the ETag: a change in between fails the If-Match
+        data, etag = storage.read_versioned(self.path)
+        return (_read_json(data), etag) if data is not None else (None, None)
 
     def _acquire_s3(self) -> None:
         rec = _record(self.run, self.ttl_s)
         try:
-            self._etag = self._put(rec, IfNoneMatch="*")
-        except Exception as e:  # noqa: BLE001 - PreconditionFailed (412) only; anything else is raised
-            if not _precondition_failed(e):
-                raise
+            self._etag = self._put(rec, None)
+        except storage.PreconditionFailed:
             holder, etag = self._get()
             if holder is not None and holder.get("expires", 0) > time.time():
                 raise LockHeld(f"{self.path}: another preprocessing run holds this shard dir: {describe(holder)}. "
                                f"Wait for it to finish (a crashed run's lease expires), or use another "
                                f"shards.dir") from None
             try:  # expired (or unreadable): take it over, unless someone else just did
-                self._etag = self._put(rec, IfMatch=etag) if etag else self._put(rec, IfNoneMatch="*")
-            except Exception as e2:  # noqa: BLE001
-                if not _precondition_failed(e2):
-                    raise
+                self._etag = self._put(rec, etag)
+            except storage.PreconditionFailed:
                 raise LockHeld(f"{self.path}: another run took over the expired lease of "
                                f"{describe(holder)} at the same moment") from None
             log.warning("%s: took over the expired lease of %s", self.path, describe(holder))
@@ -144,20 +130,21 @@ class ShardDirLock:
         fails otherwise (the store briefly down) is logged and tried again at the next beat."""
         rec = {**self._rec, "expires": round(time.time() + self.ttl_s, 3)}
         try:
-            self._etag = self._put(rec, IfMatch=self._etag)
-        except Exception as e:  # noqa: BLE001
-            if _precondition_failed(e):
-                self._lost = (f"{self.path}: the lease was taken over by another run (this one stalled for over "
-                              f"{self.ttl_s:g} s)")
-                log.error(self._lost)
-                return False
+            self._etag = self._put(rec, self._etag)
+        except storage.PreconditionFailed:
+            self._lost = (f"{self.path}: the lease was taken over by another run (this one stalled for over "
+                          f"{self.ttl_s:g} s)")
+            log.error(self._lost)
+            return False
+        except Exception as e:  # noqa: BLE001 - the store briefly down: tried again at the next beat
             log.warning("%s: lease renewal failed (%s: %s); retrying", self.path, type(e).__name__, e)
         return True
 
     # ---- both
     def acquire(self) -> None:
+        """A flock on a local file, a lease with conditional PUTs on S3: the two kinds of storage lock differently."""
         sch = storage.scheme(self.path)
-        if not storage.is_uri(self.path):
+        if storage.is_local(self.path):
             self._acquire_local()
         elif sch == "s3":
             self._acquire_s3()
@@ -181,8 +168,7 @@ class ShardDirLock:
             if not self._lost:
                 holder, etag = self._get()
                 if etag == self._etag and holder and holder.get("token") == self._rec["token"]:
-                    fs, bucket, key = self._s3()
-                    fs.call_s3("delete_object", Bucket=bucket, Key=key)
+                    self.path.unlink(missing_ok=True)
 
 
 def _read_json(data: bytes) -> dict | None:
@@ -191,18 +177,3 @@ def _read_json(data: bytes) -> dict | None:
     except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     return rec if isinstance(rec, dict) else None
-
-
-def _precondition_failed(e: Exception) -> bool:
-    """S3's 412 for a conditional PUT (botocore ClientError code PreconditionFailed; s3fs may wrap it)."""
-    while e is not None:
-        resp = getattr(e, "response", None)
-        if isinstance(resp, dict):
-            code = str(resp.get("Error", {}).get("Code", ""))
-            status = resp.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("PreconditionFailed", "412") or status == 412:
-                return True
-        if "PreconditionFailed" in str(e) or "(412)" in str(e):
-            return True
-        e = e.__cause__ or e.__context__
-    return False

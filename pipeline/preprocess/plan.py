@@ -16,21 +16,17 @@ duplicates; besides that, one chunk or group of rows at a time and O(shards) inf
 chunk's rows to its group of whole shards (found by the groups' first keys), a third sorts each group (at most
 max(CHUNK_ROWS, N / MAX_GROUPS) rows) and writes it as one plan file. Spool and plan files: 2-3x the specs on disk.
 
-Also the config fingerprint each shard records (everything that shapes its bytes), and the resume check that
-compares it with the finished shards', so one shard set never mixes configurations (e.g. 1280-d and 256-d
-features): a finished shard is only skipped when it was made exactly as the current config would make it.
+Also the resume policy: which finished shards a run redoes (check_resume: those made with another config, whose
+fingerprint, shardset.fingerprint, differs; retry_shards: those holding rejected samples of a reason).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -41,7 +37,7 @@ from densevse.pipeline import storage
 from densevse.pipeline.config import PipelineConfig
 from densevse.pipeline.datasets import read_dataset
 from densevse.pipeline.errors import ConfigError, DatasetError
-from densevse.pipeline.preprocess import shards
+from densevse.pipeline.shardset import changed_keys, keys_sha256, shard_name
 from densevse.stages.base import empty_row
 
 PLAN_DIR = "plan"  # under the shard dir: on a cluster, where every node already reads and writes shards
@@ -53,42 +49,27 @@ PLAN_SCHEMA = pa.schema([("shard", pa.string()), ("split", pa.string()),
                          *((c, pa.list_(pa.string())) for c in LIST_COLUMNS)])
 
 
-def plan_dir(shard_dir: storage.Location) -> storage.Location:
-    return storage.join(shard_dir, PLAN_DIR)
+def plan_dir(shard_dir) -> storage.Location:
+    return storage.location(shard_dir) / PLAN_DIR
 
 
 def plan(cfg: PipelineConfig) -> list[dict]:
-    """Write the run's plan to <shard_dir>/plan/; returns one small dict per shard (see write_plan).
-
-    For an object-store shard dir the plan is built in a local temporary dir and its part files uploaded (the old
-    parts deleted first): the workers read it from there. Not atomic as a whole, but a plan is rewritten by every
-    run and only a shard's stats object marks it finished."""
-    specs, out = read_dataset(cfg.dataset, cfg.dataset_root), plan_dir(cfg.shard_dir)
-    if not storage.is_uri(out):
-        return write_plan(specs, cfg.shards.samples_per_shard, out)
-    with tempfile.TemporaryDirectory(prefix="densevse-plan-") as d:
-        local = Path(d) / PLAN_DIR
-        infos = write_plan(specs, cfg.shards.samples_per_shard, local)
-        for old in storage.listdir(out, ".parquet"):
-            storage.delete(old)
-        for f in sorted(local.glob("part-*.parquet")):
-            storage.upload(f, storage.join(out, f.name))
-    return infos
+    """Write the run's plan to <shard_dir>/plan/; returns one small dict per shard (see write_plan). The workers
+    read it from there (an object-store shard dir too: not atomic as a whole there, but a plan is rewritten by
+    every run and only a shard's stats object marks it finished)."""
+    return write_plan(read_dataset(cfg.dataset, cfg.dataset_root), cfg.shards.samples_per_shard, plan_dir(cfg.shard_dir))
 
 
-def write_plan(specs: Iterable[dict], samples_per_shard: int, out: Path, chunk_rows: int = CHUNK_ROWS) -> list[dict]:
-    """Plan the sample specs (pipeline/datasets) into shards and write the plan to `out` (replaced whole, via a
-    temporary dir); returns, in shard order, {"shard", "split", "n", "keys_sha256", "file", "row_group"} per
-    shard.
+def write_plan(specs: Iterable[dict], samples_per_shard: int, out, chunk_rows: int = CHUNK_ROWS) -> list[dict]:
+    """Plan the sample specs (pipeline/datasets) into shards and write the plan to `out` (a location, replaced
+    whole: built in a local temporary dir, storage.writing); returns, in shard order, {"shard", "split", "n",
+    "keys_sha256", "file", "row_group"} per shard.
 
     Duplicate keys (in any splits) are a DatasetError. The plan depends on the specs and `samples_per_shard`
     only, not on the specs' order or `chunk_rows` (which only sets how the shards are spread over files)."""
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    spool = tmp / "spool"
-    spool.mkdir(parents=True)
-    try:
+    with storage.writing(storage.location(out), is_dir=True) as tmp:
+        spool = tmp / "spool"
+        spool.mkdir()
         chunks, keys = _spool(specs, spool, chunk_rows)
         groups = _groups(keys, samples_per_shard, chunk_rows)
         del keys
@@ -98,14 +79,7 @@ def write_plan(specs: Iterable[dict], samples_per_shard: int, out: Path, chunk_r
             infos += _write_group(spool / f"group-{g:06d}.parquet", tmp / f"part-{g:06d}.parquet", split,
                                   first_shard, n_rows, samples_per_shard)
         shutil.rmtree(spool)
-        old = out.with_name(f".{out.name}.{os.getpid()}.old")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-        return infos
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return infos
 
 
 def _spool(specs: Iterable[dict], spool: Path, chunk_rows: int) -> tuple[list[Path], dict[str, pa.Array]]:
@@ -192,12 +166,12 @@ def _write_group(src: Path, dst: Path, split: str, first_shard: int, n_rows: int
     if len(t) != n_rows:  # cannot happen unless a spool file was lost: never write a plan short of samples
         raise RuntimeError(f"plan group {src.name}: {len(t)} rows, expected {n_rows}")
     offsets = pa.array(list(range(0, n_rows, n)) + [n_rows], pa.int32())
-    names = [shards.shard_name(split, first_shard + i) for i in range(len(offsets) - 1)]
+    names = [shard_name(split, first_shard + i) for i in range(len(offsets) - 1)]
     lists = {c: pa.ListArray.from_arrays(offsets, t[c].combine_chunks()) for c in LIST_COLUMNS}
     table = pa.table({"shard": pa.array(names, pa.string()), "split": pa.array([split] * len(names), pa.string()),
                       **lists}, schema=PLAN_SCHEMA)
     pq.write_table(table, dst, row_group_size=1)  # one shard per row group: a worker reads just its own
-    return [{"shard": name, "split": split, "n": len(ks), "keys_sha256": shards.keys_sha256(ks), "file": dst.name,
+    return [{"shard": name, "split": split, "n": len(ks), "keys_sha256": keys_sha256(ks), "file": dst.name,
              "row_group": i} for i, (name, ks) in enumerate(zip(names, lists["key"].to_pylist()))]
 
 
@@ -207,83 +181,13 @@ def shard_rows(plan_row: dict) -> list[dict]:
             for k, s, c, g, r in zip(*(plan_row[c] for c in LIST_COLUMNS))]
 
 
-def read_shard(path: str, row_group: int) -> dict:
-    """One shard's plan row, from its file and row group (see write_plan): on a worker."""
-    with storage.open_file(path) as f:
+def read_shard(path, row_group: int) -> dict:
+    """One shard's plan row, from its file (a location) and row group (see write_plan): on a worker."""
+    with storage.location(path).open("rb") as f:
         return pq.ParquetFile(f).read_row_group(row_group).to_pylist()[0]
 
 
-def plan_rows(out: Path) -> Iterator[dict]:
-    """Every planned sample's row, in plan order, from a written plan (for tests and small sets: no Ray)."""
-    for path in sorted(Path(out).glob("part-*.parquet")):
-        for r in pq.read_table(path).to_pylist():
-            yield from shard_rows(r)
-
-
-# Where and how fast a stage runs, not what it writes: left out of the fingerprint.
-# The download settings (stages/fetch.py) decide whether a URL is fetched, not what a fetched sample's bytes are
-# (a failed one is a rejection, redone by --retry-rejected).
-RUNTIME_PARAMS = frozenset({"threads", "num_threads", "device", "pos_batch_size", "constituency_batch_size",
-                            "timeout_s", "retries", "backoff_s", "max_redirects", "user_agent", "deny_private"})
-# Blocks of dataset options that only their own dataset.kind reads: hashed only for that kind, so adding a
-# kind never changes the fingerprint of shards made for another (they would be refused on resume).
-KIND_BLOCKS = ("table", "img2dataset")
-
-
-def dataset_key(ds) -> dict:
-    """The dataset spec as fingerprinted: without the option blocks of other kinds."""
-    return {k: v for k, v in ds.model_dump(mode="json").items() if k not in KIND_BLOCKS or k == ds.kind}
-
-
-def _digest(value) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def path_sha256(value: str) -> str:
-    """sha256 of the contents of a local model file, or of a dir (every file's relative path and sha256, sorted
-    by path): retrained weights under the same path change it. Anything else (a model-zoo name, a URL) is
-    hashed as the string."""
-    p = Path(value).expanduser()
-    if p.is_file():
-        return shards.file_sha256(p)
-    if p.is_dir():
-        files = sorted((f.relative_to(p).as_posix(), f) for f in p.rglob("*") if f.is_file())
-        return _digest([[rel, shards.file_sha256(f)] for rel, f in files])
-    return _digest(value)
-
-
-def fingerprint(cfg: PipelineConfig) -> dict:
-    """{"sha256": combined, "components": {config key: sha256}} of everything that shapes a shard's bytes: the
-    dataset spec, each stage's impl and typed params, the contents of the model files those params name
-    (`stages.<stage>.model_files.<param>`), and the shard size. Ray resources (num_cpus, batch_size,
-    concurrency) and runtime params (threads, device, download settings) are left out: they change how fast
-    shards are made, not what is in them. Components are kept so that a mismatch names the keys that changed."""
-    comp = {"dataset": _digest(dataset_key(cfg.dataset)),
-            "shards.samples_per_shard": _digest(cfg.shards.samples_per_shard)}
-    for name in type(cfg.stages).model_fields:
-        sc = getattr(cfg.stages, name)
-        params = {k: v for k, v in sc.params.model_dump(mode="json").items() if k not in RUNTIME_PARAMS}
-        comp[f"stages.{name}.impl"] = _digest(sc.impl)
-        comp[f"stages.{name}.params"] = _digest(params)
-        for field in getattr(sc.params, "model_paths", ()):  # the files a stage's Params say it loads
-            value = params.get(field)
-            if isinstance(value, str):
-                comp[f"stages.{name}.model_files.{field}"] = path_sha256(value)
-    return {"sha256": _digest(comp), "components": comp}
-
-
-def changed_keys(current: dict, recorded: dict | None) -> list[str]:
-    """The fingerprint components that differ (a key on one side only counts); ["fingerprint (none recorded)"]
-    for a shard written before fingerprints were kept (what made it is unknown)."""
-    if not recorded or "components" not in recorded:
-        return ["fingerprint (none recorded)"]
-    if recorded.get("sha256") == current["sha256"]:
-        return []
-    a, b = current["components"], recorded["components"]
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
-def check_resume(current: dict, finished: dict[str, dict], shard_dir: Path, force: bool = False) -> set[str]:
+def check_resume(current: dict, finished: dict[str, dict], shard_dir, force: bool = False) -> set[str]:
     """The finished shards (name -> stats) whose fingerprint differs from `current`, to be redone when `force`;
     without it, a ConfigError naming the changed keys and how many shards each concerns, raised before any
     work: skipping them would silently mix two configurations in one shard set."""

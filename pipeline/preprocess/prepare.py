@@ -1,7 +1,9 @@
 """The one orchestrator step before any preprocessing work: make sure every stage's model files exist.
 
-Where the config names the project's own default models (`.cache/detector-synthetic`, `.cache/parser/...`),
-they are trained here on first use (once; cached by spec hash). Any other model path is checked, and a missing
+Where the config names the project's own models, they are trained here on first use (once; cached by spec
+hash): the synthetic defaults (`.cache/detector-synthetic`, `.cache/parser/stanza-synthetic`) and the real-data
+ones of pipeline.real.yaml (`.cache/detector-coco`: the CPU recipe on ../shared/data's COCO photos;
+`.cache/parser/stanza-gum`: GUM), the latter only where ../shared/data holds their training data. Any other model path is checked, and a missing
 one fails here, naming its config key, rather than in every actor. Stages never import a trainer; validators
 do no file I/O. Each actor also resolves its paths when it loads the model, on the machine that runs it.
 
@@ -39,10 +41,10 @@ def _train_detector(config: str, spec) -> dict:
     return trainer.train(config, spec, quiet=True)
 
 
-def _train_parser(model_dir: str) -> dict:
+def _train_parser(model_dir: str, treebank: str | None = None) -> dict:
     from densevse.pipeline.stage_models import parser as trainer
 
-    return trainer.train(model_dir)
+    return trainer.train(model_dir, trainer.TrainSpec.for_treebank(treebank) if treebank else None)
 
 
 def run_trainings(jobs: list[Training]) -> None:
@@ -59,18 +61,33 @@ def run_trainings(jobs: list[Training]) -> None:
             j.done(f.result())
 
 
+def own_detector_spec(config: str | Path):
+    """The spec of the project's own detector dir `config` names (.cache/detector-synthetic; where
+    ../shared/data has the COCO photos, .cache/detector-coco: the cpu recipe, or -coco-large: the cuda recipe,
+    trained on the device it is named for), else None: a user's model, only checked."""
+    from densevse.pipeline.stage_models import detector as trainer
+
+    for spec in (trainer.DetectorSpec(), trainer.DetectorSpec(dataset="coco"),
+                 trainer.DetectorSpec(dataset="coco", device="cuda")):
+        if Path(config).resolve() == trainer.default_out(spec).resolve() and \
+                all(Path(r).is_dir() for r in spec.roots):
+            return spec
+    return None
+
+
 def ensure_detector(key: str, p, spec=None, jobs: list[Training] | None = None) -> None:
-    """The default detector dir trained once and cached (keyed by its spec hash; `spec` defaults to
-    DetectorSpec()); any other config/weights must exist, else ConfigError naming `key`. With `jobs`, a
-    needed training is added there (run_trainings) instead of run now."""
-    if p.weights is None and det.is_default_dir(p.config):
+    """The project's own detector dir (own_detector_spec) trained once and cached (keyed by its spec hash);
+    any other config/weights must exist, else ConfigError naming `key`. With `jobs`, a needed training is added
+    there (run_trainings) instead of run now."""
+    spec = spec or (own_detector_spec(p.config) if p.weights is None else None)
+    if spec is not None:
         from densevse.pipeline.stage_models import detector as trainer
 
-        spec = spec or trainer.DetectorSpec()
         if trainer.is_trained(Path(p.config), spec):
             return
-        log.warning("%s: default detector %s not trained yet (or its spec changed): training it now with "
-                    "Detectron2 (once, then cached; ~2 min on an idle 2-core machine)", key, p.config)
+        log.warning("%s: the project's detector %s not trained yet (or its spec changed): training it now with "
+                    "Detectron2 (once, then cached; synthetic ~2 min, coco ~40 min on an idle 2-core machine)",
+                    key, p.config)
 
         def done(r):
             log.warning("%s: detector trained in %.0f s; held-out proposal recall@0.5 (top 19) = %s",
@@ -103,20 +120,39 @@ def ensure_efficientnet(key: str, p, jobs=None) -> None:
         raise ConfigError(f"{key}.weights: weights file not found: {p.weights}")
 
 
+GUM = Path("../shared/data/gum")  # the treebank of pipeline.real.yaml's parser, relative to the repo root
+
+
+def own_parser_treebank(model_dir) -> str | None | bool:
+    """What the project's own parser dir `model_dir` is trained on: None for the synthetic default, the GUM
+    treebank path for .cache/parser/stanza-gum (when ../shared/data has it); False for a user's model dir."""
+    from densevse.pipeline.stage_models import parser as trainer
+
+    d = Path(model_dir).expanduser().resolve()
+    if d == stanza_models.DEFAULT_DIR.resolve():
+        return None
+    if GUM.is_dir() and d == trainer.treebank_dir(GUM).resolve():
+        return str(GUM)
+    return False
+
+
 def ensure_parser(key: str, p, jobs: list[Training] | None = None) -> None:
-    """The default parser dir trained once and cached; any other Stanza models must exist."""
-    own = p.model_dir is not None and Path(p.model_dir).expanduser().resolve() == stanza_models.DEFAULT_DIR.resolve()
-    if own and not stanza_models.explicit_paths(p):
+    """The project's own parser dir (own_parser_treebank) trained once and cached; any other Stanza models must
+    exist."""
+    bank = own_parser_treebank(p.model_dir) if p.model_dir is not None else False
+    if bank is not False and not stanza_models.explicit_paths(p):
         from densevse.pipeline.stage_models import parser as trainer
 
-        if trainer.cached_manifest(p.model_dir) is None:
-            log.info("%s: training the default Stanza parser into %s (once, ~1 min; cached afterwards; "
-                     "`densevse parser train` does the same)", key, p.model_dir)
+        spec = trainer.TrainSpec.for_treebank(bank) if bank else trainer.TrainSpec()
+        if trainer.cached_manifest(p.model_dir, spec) is None:
+            log.info("%s: training the project's Stanza parser into %s on %s (once: synthetic ~1 min, GUM ~20 min; "
+                     "cached afterwards; `densevse parser train` does the same)", key, p.model_dir,
+                     bank or "the synthetic grammar")
 
             def done(m):
                 log.info("%s: parser trained in %ss, held-out bracket F1 %.4f", key, m["train_seconds"]["total_s"],
                          m["bracket_f1"])
-            _run_or_add(Training(functools.partial(_train_parser, str(p.model_dir)), done), jobs)
+            _run_or_add(Training(functools.partial(_train_parser, str(p.model_dir), bank), done), jobs)
         return
     missing = stanza_models.missing_models(p)
     if missing:

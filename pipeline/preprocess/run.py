@@ -21,14 +21,13 @@ import sys
 import tempfile
 import time
 
-from densevse.pipeline import storage
+from densevse.pipeline import shardset, storage
 from densevse.pipeline.config import PipelineConfig, StageConfig
 from densevse.pipeline.console import emit
-from densevse.pipeline.preprocess import ship, shards
+from densevse.pipeline.preprocess import ship
 from densevse.pipeline.preprocess.cost import Clock, add_cost, summarize_costs
 from densevse.pipeline.preprocess.lock import ShardDirLock
-from densevse.pipeline.preprocess.plan import (check_resume, fingerprint, plan, plan_dir, read_shard, retry_shards,
-                                     shard_rows)
+from densevse.pipeline.preprocess.plan import check_resume, plan, plan_dir, read_shard, retry_shards, shard_rows
 from densevse.pipeline.preprocess.prepare import prepare_stage_models
 from densevse.pipeline.raylocal import init_ray, node_resources
 from densevse.stages.base import STEPS, check_shard_rejections, is_transient
@@ -144,7 +143,10 @@ def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], nodes: float | list) ->
     a node with C CPUs is blocked by floor((C - task) / a) + 1 actors of the largest size a, and the pools
     together stay one actor short of blocking every node. Memory (`memory_mb`, requested so that Ray sizes
     and places workers by it) bounds the pools too: no more actors of the largest request than the nodes hold
-    with a task's memory left on each. A stage's `concurrency` is honoured within the bound (capped, with a
+    with a task's memory left on each. On a cluster of several nodes the bound also holds after the loss of its
+    largest node (Ray restarts the lost node's actors on the others: seen with 2+2+2 actors on two 2-CPU nodes,
+    where the survivor held all six and no ingest task could ever run again), unless the pools cannot be that
+    small (one actor per stage), which is logged. A stage's `concurrency` is honoured within the bound (capped, with a
     warning, beyond it); the stages without one share the rest, one more actor each to the earlier stages
     while the rest does not divide (the detector, first, is the costliest in the defaults).
     """
@@ -156,10 +158,21 @@ def actor_pool_sizes(stage_cfgs: dict[str, StageConfig], nodes: float | list) ->
     if not model:
         return {}
     a = max(sc.num_cpus for sc in model.values())  # num_cpus > 0 (validated)
-    room = sum(math.floor((c - task) / a + 1e-9) + 1 for c, _ in nodes if c >= task) - 1  # actors that stay safe
     a_mb = max(sc.memory_mb or 0 for sc in model.values())
-    if a_mb:
-        room = min(room, sum(math.floor((m - task_mb) / a_mb) for _, m in nodes if m >= task_mb))
+
+    def safe(ns) -> int:  # actors that leave some node of `ns` room for a task
+        room = sum(math.floor((c - task) / a + 1e-9) + 1 for c, _ in ns if c >= task) - 1
+        return min(room, sum(math.floor((m - task_mb) / a_mb) for _, m in ns if m >= task_mb)) if a_mb else room
+
+    room = safe(nodes)
+    workers = sorted((i for i, n in enumerate(nodes) if n[0] > 0), key=lambda i: nodes[i], reverse=True)
+    if len(workers) > 1:  # several nodes actors can run on: lose the largest
+        after_loss = safe(nodes[:workers[0]] + nodes[workers[0] + 1:])
+        if after_loss < len(model):
+            log.warning("the model stages' actor pools cannot survive the loss of a node of %s: they need %d "
+                        "actors, and the other nodes hold %d with room left for a task", nodes, len(model),
+                        after_loss)
+        room = min(room, max(after_loss, len(model)))
     if room < len(model):
         raise ValueError(f"stages.{next(iter(model))}: {len(model)} model stage(s) need actors of up to {a} CPU"
                          f"{f' and {a_mb} MiB' if a_mb else ''}, the task stages {task} CPU on one node, but the "
@@ -196,7 +209,7 @@ def _add_stage(ds, step: str, sc: StageConfig, actors: int | None, models=None):
     return ds.map_batches(_StageOnShards(**args, load=False), concurrency=sc.concurrency, **common, **TASK_RETRIES)
 
 
-def _write(batch, shard_dir: str, fingerprint: dict | None = None):
+def _write(batch, shard_dir: storage.Location, fingerprint: dict | None = None):
     """Write each shard of the batch. Before it, the outage guard: a shard whose rejections are mostly of one
     kind that says the network or the store failed, not the inputs (stages.base.check_shard_rejections), stops
     the run naming the reason, instead of being finished with every sample rejected."""
@@ -206,8 +219,8 @@ def _write(batch, shard_dir: str, fingerprint: dict | None = None):
         check_shard_rejections(rows)
         if os.environ.get(KILL_WRITE) == s:
             os.kill(os.getpid(), signal.SIGKILL)
-        stats.append(retry_transient(lambda: shards.write_shard(rows, storage.location(shard_dir), s, fingerprint,
-                                                                json.loads(c)), f"write: shard {s}"))
+        stats.append(retry_transient(lambda: shardset.write_shard(rows, shard_dir, s, fingerprint, json.loads(c)),
+                                     f"write: shard {s}"))
     return {"shard": [st["shard"] for st in stats], "n_ok": [st["n_ok"] for st in stats],
             "n_rejected": [st["n_rejected"] for st in stats], "cost": [json.dumps(st["cost"]) for st in stats]}
 
@@ -228,7 +241,7 @@ def _shard_items(batch):
 def shard_dataset(ray, plan_path: storage.Location, infos: list[dict], skip: set[str] = frozenset()):
     """The Ray Dataset of the planned shards not in `skip`, one shard per block (so every actor gets work): the
     driver's items are (plan file, row group) pairs, O(shards); the rows are read and built on the workers."""
-    items = [{"file": str(storage.join(plan_path, i["file"])), "row_group": i["row_group"]}
+    items = [{"file": str(plan_path / i["file"]), "row_group": i["row_group"]}
              for i in infos if i["shard"] not in skip]
     ds = ray.data.from_items(items, override_num_blocks=max(1, len(items)))
     return ds.map_batches(_shard_items, batch_size=1, batch_format="numpy", **TASK_RETRIES)
@@ -245,9 +258,8 @@ def preprocess(cfg: PipelineConfig, progress: bool = True, force: bool = False,
     shards holding samples rejected with such a reason (plan.retry_shards), and only those. A finished shard is
     trusted by its tar's size and mtime / ETag; `verify` hashes every tar. Stage models are prepared first
     (trained on first use) so that the fingerprint hashes the model files the run will use."""
-    storage.makedirs(cfg.shard_dir)
     with ShardDirLock(cfg.shard_dir, run=cfg.run.name) as lock:
-        swept = shards.sweep_temp(cfg.shard_dir)
+        swept = storage.sweep_temp(cfg.shard_dir)
         if swept:
             log.warning("removed %d temporary file(s) that an earlier run left in %s: %s", len(swept),
                         cfg.shard_dir, [p.name for p in swept[:5]])
@@ -261,11 +273,11 @@ def _preprocess(cfg: PipelineConfig, lock: ShardDirLock, progress: bool, force: 
     infos = plan(cfg)
     planned = {i["shard"]: i["keys_sha256"] for i in infos}
     n_samples = sum(i["n"] for i in infos)
-    done = shards.finished_shards(shard_dir, planned, verify=verify)
+    done = shardset.finished_shards(shard_dir, planned, verify=verify)
     t_plan = time.time()
     prepare_stage_models(cfg)
     t_prep = time.time()
-    fp = fingerprint(cfg)
+    fp = shardset.fingerprint(cfg)
     redo = check_resume(fp, done, shard_dir, force)
     done = {s: st for s, st in done.items() if s not in redo}
     retry = {}
@@ -293,7 +305,7 @@ def _preprocess(cfg: PipelineConfig, lock: ShardDirLock, progress: bool, force: 
             ds = _add_stage(ds, name, sc, actors.get(name), ray.put(packed) if packed else None)
         todo, n, written = sum(i["n"] for i in infos if i["shard"] not in done), 0, []
         t_run = time.time()
-        for w in ds.map_batches(_write, fn_kwargs={"shard_dir": str(shard_dir), "fingerprint": fp}, batch_size=1,
+        for w in ds.map_batches(_write, fn_kwargs={"shard_dir": shard_dir, "fingerprint": fp}, batch_size=1,
                                 batch_format="numpy", **TASK_RETRIES).iter_rows():
             written.append(w)  # one row per shard written: the console's samples/s and ETA
             n += int(w["n_ok"]) + int(w["n_rejected"])
@@ -309,20 +321,20 @@ def _preprocess(cfg: PipelineConfig, lock: ShardDirLock, progress: bool, force: 
                     ray_start_s=round(t_run - t_prep, 1),  # and the dataset's set-up; actors start within run_s
                     first_shard_s=round(t_first - t_run, 1),  # actors loading their models, the pipeline filling
                     steady_samples_per_s=round((n - n_first) / (time.time() - t_first), 2) if n > n_first else None)
-    stale = sorted(n for n in map(shards.shard_of, storage.listdir(shard_dir, ".tar")) if n not in planned)
+    stale = sorted(n for n in map(shardset.shard_of, shard_dir.glob("*.tar")) if n not in planned)
     if stale:
         log.warning("%d shard(s) in %s are not in this run's plan: left out of the manifest, so never read: %s",
                     len(stale), shard_dir, stale[:5])
     lock.check()  # never write the manifest of a run whose lease another run took over
-    manifest = shards.write_manifest(shard_dir, sorted(planned))
+    manifest = shardset.write_manifest(shard_dir, sorted(planned))
     summary = {"samples": n_samples, "shards": len(planned), "shards_skipped": len(done),
                "shards_written": len(planned) - len(done), "shards_redone_config_changed": len(redo),
                "seconds": round(time.time() - t0, 1), "manifest": str(manifest),
-               "fingerprint": fp["sha256"], "splits": shards.summarize_shards(shard_dir, sorted(planned))}
+               "fingerprint": fp["sha256"], "splits": shardset.summarize_shards(shard_dir, sorted(planned))}
     if cost:
         summary["cost"] = cost
     if retry_rejected is not None:
         summary["retry_rejected"] = {"prefix": retry_rejected, "shards_redone": len(retry),
                                      "samples_retried": sum(retry.values()), "shards": list(retry)}
-    shards.write_atomic(storage.join(shard_dir, "summary.json"), json.dumps(summary, indent=1))
+    storage.put_atomic(shard_dir / shardset.SUMMARY, json.dumps(summary, indent=1))
     return summary

@@ -15,7 +15,9 @@ Layout (clip-retrieval's, plus the two dense levels):
 
 The vectors come from the shards' stored features and trees (Embedder.encode_images/encode_captions), so
 building needs no detector or parser; queries (query.py) run them on the new input. An image's JPEG stays in
-its shard: metadata holds its byte range in the (uncompressed) tar, so a hit is drawn without a copy.
+its shard: metadata holds its byte range in the (uncompressed) tar, so a hit is drawn without a copy (a ranged
+read for a shard in object storage). The index dir is a location too: in object storage it is built in a local
+temporary dir and uploaded.
 """
 from __future__ import annotations
 
@@ -28,31 +30,31 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from densevse.pipeline import storage
 from densevse.pipeline.search import vectors
 
 KINDS = {"image": "img_emb", "text": "text_emb", "region": "region_emb", "phrase": "phrase_emb"}
 INDEX_JSON = "index.json"
 
 
-def jpeg_ranges(tar_path: Path) -> dict[str, tuple[int, int]]:
-    """key -> (byte offset, size) of each sample's .jpg inside a tar."""
-    with tarfile.open(tar_path) as t:
+def jpeg_ranges(tar_path) -> dict[str, tuple[int, int]]:
+    """key -> (byte offset, size) of each sample's .jpg inside a tar (a location)."""
+    with storage.location(tar_path).open("rb") as f, tarfile.open(fileobj=f) as t:
         return {m.name[:-4]: (m.offset_data, m.size) for m in t if m.name.endswith(".jpg")}
 
 
-def read_jpeg(shard: str | Path, offset: int, size: int) -> bytes:
-    with open(shard, "rb") as f:
+def read_jpeg(shard, offset: int, size: int) -> bytes:
+    with storage.location(shard).open("rb") as f:
         f.seek(offset)
         return f.read(size)
 
 
-def build(shard_dir: str | Path, embedder, out: str | Path, splits=("train", "val", "test"),
-          exact_below: int = vectors.EXACT_BELOW, batch_images: int = 64, log=print) -> dict:
+def build(shard_dir, embedder, out, splits=("train", "val", "test"), exact_below: int = vectors.EXACT_BELOW,
+          batch_images: int = 64, log=print) -> dict:
     """Embed every sample of `splits` and write the index to `out` (layout above). Returns index.json's dict."""
-    from densevse.pipeline.preprocess.shards import shard_paths
-    from densevse.pipeline.training.data import iter_samples
+    from densevse.pipeline.shardset import iter_samples, shard_paths
 
-    t0, shard_dir, out = time.time(), Path(shard_dir), Path(out)
+    t0, shard_dir = time.time(), storage.location(shard_dir)
     tables = {k: [] for k in ("metadata", "captions", "regions", "phrases")}
     embs = {k: [] for k in KINDS}
     shards = [(split, p) for split in splits for p in shard_paths(shard_dir, split)]
@@ -90,10 +92,19 @@ def build(shard_dir: str | Path, embedder, out: str | Path, splits=("train", "va
             flush(batch)
         log(f"indexed {tar.name}: {len(tables['metadata'])} images, {len(tables['captions'])} captions so far")
 
+    info = {"model": embedder.identity, "shard_dir": str(shard_dir.resolve()), "splits": list(splits)}
+    with storage.local(storage.location(out), download=False, upload=True) as d:
+        info["counts"] = _save(d, tables, embs, embedder.dim, exact_below)
+        info.update(seconds=round(time.time() - t0, 2), built=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        (d / INDEX_JSON).write_text(json.dumps(info, indent=1))  # last: an index without it is not opened
+    return info
+
+
+def _save(out: Path, tables: dict, embs: dict, dim: int, exact_below: int) -> dict:
+    """The vectors, FAISS indexes and tables under the local dir `out`; returns the counts."""
     out.mkdir(parents=True, exist_ok=True)
     counts = {}
     for kind, folder in KINDS.items():
-        dim = embedder.dim
         mat = np.concatenate(embs[kind]).astype(np.float32) if embs[kind] else np.zeros((0, dim), np.float32)
         (out / folder).mkdir(exist_ok=True)
         np.save(out / folder / f"{folder}_0.npy", mat)
@@ -106,10 +117,7 @@ def build(shard_dir: str | Path, embedder, out: str | Path, splits=("train", "va
     pq.write_table(pa.Table.from_pylist(tables["metadata"]), out / "metadata" / "metadata_0.parquet")
     for name in ("captions", "regions", "phrases"):
         pq.write_table(_table(tables[name], name), out / f"{name}.parquet")
-    info = {"model": embedder.identity, "shard_dir": str(shard_dir.resolve()), "splits": list(splits),
-            "counts": counts, "seconds": round(time.time() - t0, 2), "built": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    (out / INDEX_JSON).write_text(json.dumps(info, indent=1))
-    return info
+    return counts
 
 
 _EMPTY = {"captions": {"image": pa.int64(), "key": pa.string(), "caption": pa.int64(), "text": pa.string()},

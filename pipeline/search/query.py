@@ -25,30 +25,32 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from densevse.pipeline import storage
 from densevse.pipeline.errors import ModelMismatch
 from densevse.pipeline.search import vectors
 from densevse.pipeline.search.index import INDEX_JSON, KINDS, read_jpeg
 
 
 class Index:
-    def __init__(self, root: Path, info: dict, embedder):
+    def __init__(self, root: storage.Location, info: dict, embedder):
         self.root, self.info, self.embedder = root, info, embedder
-        self.meta = pq.read_table(root / "metadata" / "metadata_0.parquet").to_pylist()
-        self.captions_t = pq.read_table(root / "captions.parquet").to_pylist()
-        self.regions_t = pq.read_table(root / "regions.parquet").to_pylist()
+        self.meta = _table(root / "metadata" / "metadata_0.parquet")
+        self.captions_t = _table(root / "captions.parquet")
+        self.regions_t = _table(root / "regions.parquet")
         self.image_captions: dict[int, list[str]] = {}
         for c in self.captions_t:
             self.image_captions.setdefault(c["image"], []).append(c["text"])
         self._faiss: dict = {}
 
     @classmethod
-    def open(cls, root: str | Path, model: str | None = None, embedder=None, stages=None) -> Index:
-        """Open the index at `root` with its own checkpoint, or `model` (a checkpoint path or an MLflow URI the
-        user gave) / `embedder`, which must be the same model: ModelMismatch otherwise. `stages`: the caller's
-        stage config, where query stages take their model files from."""
+    def open(cls, root, model: str | None = None, embedder=None, stages=None) -> Index:
+        """Open the index at `root` (a location: local or in object storage) with its own checkpoint, or `model`
+        (a checkpoint path or an MLflow URI the user gave) / `embedder`, which must be the same model:
+        ModelMismatch otherwise. `stages`: the caller's stage config, where query stages take their model files
+        from."""
         from densevse.pipeline.serving import embedder as emb
 
-        root = Path(root)
+        root = storage.location(root)
         if not (root / INDEX_JSON).is_file():
             raise FileNotFoundError(f"no index at {root} (no {INDEX_JSON}; build one with `densevse index`)")
         info = json.loads((root / INDEX_JSON).read_text())
@@ -114,26 +116,32 @@ class Index:
         return read_jpeg(m["shard"], m["jpg_offset"], m["jpg_size"])
 
 
-def own_model(built: dict, root: Path, stages=None):
+def own_model(built: dict, root, stages=None):
     """The Embedder of the checkpoint index.json records, loaded weights-only once its bytes match the recorded
     sha256; an MLflow URI (or a path without a sha256) is never loaded from an index's own file."""
     from densevse.models.checkpoint import ChecksumMismatch
-    from densevse.pipeline.serving.embedder import Embedder
+    from densevse.pipeline.serving.embedder import Embedder, checkpoint_location
 
     path = built.get("checkpoint") or built.get("source")  # "source": index.json written before checkpoint/sha256
-    if not path or "://" in path or path.startswith(("models:", "runs:")):
+    file = checkpoint_location(path) if path else None  # a file, local or in object storage: data, not code
+    if file is None:
         raise ModelMismatch(f"the index at {root} was built with {path or 'an unnamed model'}; an index does not "
                             f"load models by itself: search it with --model <that model> if you trust it")
     if not built.get("sha256"):
         raise ModelMismatch(f"the index at {root} records {path} without its sha256: search it with --model "
                             f"{path} if you trust that file, or rebuild the index")
-    if not Path(path).is_file():
+    if not file.is_file():
         raise FileNotFoundError(f"the index at {root} was built with {path}, which is gone: pass --model")
     try:
-        return Embedder.from_checkpoint(path, stages=stages, sha256=built["sha256"])
+        return Embedder.from_checkpoint(file, stages=stages, sha256=built["sha256"])
     except ChecksumMismatch as e:
         raise ModelMismatch(f"the index at {root} was built with another {path}: {e}; rebuild the index, or "
                             f"search it with --model") from None
+
+
+def _table(path: storage.Location) -> list[dict]:
+    with path.open("rb") as f:
+        return pq.read_table(f).to_pylist()
 
 
 def _name(identity: dict) -> str:

@@ -17,6 +17,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from densevse.pipeline import storage
+
 EXACT_BELOW = 100_000  # below this an exact scan costs a few ms per query: not worth an approximation
 KINDS = ("auto", "flat", "ivf", "hnsw")
 CHUNK = 65_536  # rows converted/checked/added at a time: 64 MiB of float32 at D=256
@@ -116,11 +118,13 @@ def save(index: faiss.Index, path: str | Path) -> None:
     faiss.write_index(index, str(path))
 
 
-def load(path: str | Path) -> faiss.Index:
-    """The index saved at `path`. FAISS's own error for a missing file is a RuntimeError with a C++ trace."""
-    if not Path(path).is_file():
+def load(path) -> faiss.Index:
+    """The index saved at `path` (a location: read as bytes, so one in object storage too). FAISS's own error
+    for a missing file is a RuntimeError with a C++ trace."""
+    path = storage.location(path)
+    if not path.is_file():
         raise FileNotFoundError(f"no index file at {path}")
-    return faiss.read_index(str(path))
+    return faiss.deserialize_index(np.frombuffer(path.read_bytes(), dtype=np.uint8))
 
 
 def describe(index: faiss.Index) -> dict:

@@ -31,8 +31,9 @@ import numpy as np
 import torch
 
 from densevse.models.batch import collate
+from densevse.pipeline import storage
 from densevse.pipeline.errors import BadInput, ConfigError
-from densevse.pipeline.preprocess.shards import file_sha256
+from densevse.pipeline.shardset import file_sha256, path_sha256
 
 STAGE_ORDER = ("ingest", "regions", "features", "parse")
 
@@ -127,8 +128,6 @@ def check_model_files(name: str, params, recorded: dict | None) -> None:
     shards'. Nothing is recorded: nothing to compare."""
     if not recorded:
         return
-    from densevse.pipeline.preprocess.plan import path_sha256
-
     for field in getattr(params, "model_paths", ()):
         want, value = recorded.get(f"{name}.{field}"), getattr(params, field, None)
         if want and isinstance(value, str) and "://" not in value and Path(value).expanduser().exists():
@@ -139,32 +138,34 @@ def check_model_files(name: str, params, recorded: dict | None) -> None:
                               f"shards'", stacklevel=3)
 
 
-def recorded_model_files(fingerprint: dict | None) -> dict[str, str]:
-    """{"<stage>.<field>": sha256} of the model files a shard was made with, from its config fingerprint
-    (plan.fingerprint's "stages.<stage>.model_files.<field>" components): what a checkpoint records as
-    "model_files" for check_model_files."""
-    comp = (fingerprint or {}).get("components") or {}
-    return {k[len("stages."):].replace(".model_files.", "."): v for k, v in comp.items()
-            if k.startswith("stages.") and ".model_files." in k}
-
-
-def load(source: str | Path, stages=None) -> Embedder:
-    """An Embedder from a checkpoint file (best.pt, loaded weights-only; model files from `stages`, see
-    `trusted_stages`) or an MLflow model URI (models:/densevse-hmlstm@champion, runs:/...: the stage models
-    bundled with it, then `stages`). Only call this with a URI the user gave: loading one runs its code."""
+def checkpoint_location(source) -> storage.Location | None:
+    """The checkpoint file `source` names (a local path, or an object such as s3://bucket/run/models/hmlstm/
+    best.pt), or None for an MLflow model URI (models:/, runs:/, a model dir in an artifact store, http...)."""
     s = str(source)
-    if "://" in s or s.startswith("models:/") or s.startswith("runs:/"):
+    if s.startswith(("models:", "runs:")) or storage.scheme(s) not in (None, *storage.SCHEMES):
+        return None
+    loc = storage.location(s)
+    return loc if storage.scheme(s) is None or loc.is_file() else None  # a URI's model dir is MLflow's
+
+
+def load(source, stages=None) -> Embedder:
+    """An Embedder from a checkpoint file (best.pt, local or in object storage, loaded weights-only; model files
+    from `stages`, see `trusted_stages`) or an MLflow model URI (models:/densevse-hmlstm@champion, runs:/...: the
+    stage models bundled with it, then `stages`). Only call this with a URI the user gave: loading one runs its
+    code."""
+    file = checkpoint_location(source)
+    if file is None:
         import mlflow.pyfunc
 
-        py = mlflow.pyfunc.load_model(s).unwrap_python_model()
+        py = mlflow.pyfunc.load_model(str(source)).unwrap_python_model()
         if not hasattr(py, "embedder"):
-            raise ValueError(f"{s} is not a DenseVSE embedding model ({type(py).__name__})")
+            raise ValueError(f"{source} is not a DenseVSE embedding model ({type(py).__name__})")
         e = py.make_embedder(stages) if stages is not None else py.embedder
-        e.identity.update(source=s, sha256=file_sha256(py.checkpoint_path))
+        e.identity.update(source=str(source), sha256=file_sha256(py.checkpoint_path))
         return e
-    if not Path(s).is_file():
-        raise FileNotFoundError(f"no model checkpoint at {s}")
-    return Embedder.from_checkpoint(s, stages=stages)
+    if not file.is_file():
+        raise FileNotFoundError(f"no model checkpoint at {source}")
+    return Embedder.from_checkpoint(file, stages=stages)
 
 
 class Embedder:
@@ -187,14 +188,16 @@ class Embedder:
         return cls(model, vocab, labels, stages, identity, untrusted, ck.get("model_files"))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, stages=None, sha256: str | None = None) -> Embedder:
-        """The checkpoint at `path` (weights-only; `sha256`: refused unless its bytes have it), model files from
-        `stages`, the caller's own stage config (`trusted_stages`)."""
+    def from_checkpoint(cls, path, stages=None, sha256: str | None = None) -> Embedder:
+        """The checkpoint at `path` (a location; weights-only; `sha256`: refused unless its bytes have it), model
+        files from `stages`, the caller's own stage config (`trusted_stages`)."""
         from densevse.models.checkpoint import load_model
 
-        model, vocab, labels, ck = load_model(path, sha256=sha256)
-        identity = {"model": ck["model_name"], "checkpoint": str(Path(path).resolve()),
-                    "sha256": sha256 or file_sha256(path)}
+        path = storage.location(path)
+        with storage.local(path) as local:
+            model, vocab, labels, ck = load_model(local, sha256=sha256)
+            identity = {"model": ck["model_name"], "checkpoint": str(path.resolve()),
+                        "sha256": sha256 or file_sha256(local)}
         return cls.from_loaded(model, vocab, labels, ck, identity, given=stages)
 
     def _stage(self, name: str):

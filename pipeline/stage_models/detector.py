@@ -128,11 +128,19 @@ NEW_FIELDS = ("dataset", "roots", "holdout", "classes", "backbone", "input_size"
 RUNTIME_FIELDS = {"threads", "device", "workers"}
 
 
+def recipe_of(spec: DetectorSpec) -> str | None:
+    """The name of the coco recipe the spec follows ("cpu" or "cuda", COCO_RECIPES), or None."""
+    return next((name for name, r in COCO_RECIPES.items()
+                 if spec.dataset == "coco" and all(getattr(spec, k) == v for k, v in r.items())), None)
+
+
 def default_out(spec: DetectorSpec) -> Path:
-    """Where `regions train` writes by default: .cache/detector-synthetic, -coco, -coco-lite2, ..."""
+    """Where `regions train` writes by default: .cache/detector-synthetic, -coco (the cpu recipe, trained on
+    either device), -coco-large (the cuda recipe), -coco-lite2 ...: one dir per model, never per device."""
     if spec.dataset == "synthetic" and spec.backbone == "efficientnet-lite0":
         return DEFAULT_DIR
     tail = "" if spec.backbone == "efficientnet-lite0" else "-" + spec.backbone.removeprefix("efficientnet-")
+    tail += "-large" if recipe_of(spec) == "cuda" else ""
     return DEFAULT_DIR.with_name(f"detector-{spec.dataset}{tail}")
 
 

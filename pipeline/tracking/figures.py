@@ -110,8 +110,7 @@ def _region_figure(jpeg: bytes, boxes, regions: list[tuple[int, str]], title: st
 def alignment_figure(model, vocab, labels, shard_dir, split: str = "val"):
     """best_phrase_figures of the first image of `split` (else test, else train) with its first caption; None
     without shards."""
-    from densevse.pipeline.preprocess.shards import shard_paths
-    from densevse.pipeline.training.data import eval_items
+    from densevse.pipeline.shardset import eval_items, shard_paths
 
     paths = shard_paths(shard_dir, split) or shard_paths(shard_dir, "test") or shard_paths(shard_dir, "train")
     items = next(eval_items(paths[:1], 1, 1, with_image=True), None)

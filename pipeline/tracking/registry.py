@@ -11,10 +11,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from densevse.pipeline import code
+from densevse.pipeline import code, storage
 
 
-def finish_run(cfg, run_id: str, history: list[dict], best_path: Path, score: float | None = None) -> int | None:
+def finish_run(cfg, run_id: str, history: list[dict], best_path, score: float | None = None) -> int | None:
     """Curves, alignment figure, and the best embedding model logged + registered with the stage models it
     needs for raw input (pipeline/serving/pyfunc.py); the version becomes `champion` when its validation
     `score` beats the current champion's. Returns the version."""
@@ -45,14 +45,13 @@ def finish_run(cfg, run_id: str, history: list[dict], best_path: Path, score: fl
                       input_example=example_input(cfg.shard_dir), score=score)
 
 
-def example_input(shard_dir: Path):
+def example_input(shard_dir):
     """One image (base64 JPEG) and one caption of the first val (else train) sample: the logged input_example."""
     import base64
 
     import pandas as pd
 
-    from densevse.pipeline.preprocess.shards import shard_paths
-    from densevse.pipeline.training.data import iter_samples
+    from densevse.pipeline.shardset import iter_samples, shard_paths
 
     for split in ("val", "train"):
         for s in iter_samples(shard_paths(shard_dir, split)[:1], with_image=True):
@@ -61,7 +60,7 @@ def example_input(shard_dir: Path):
     return None
 
 
-def register_captioner(cfg, run_id: str, history: list[dict], best_path: Path) -> int | None:
+def register_captioner(cfg, run_id: str, history: list[dict], best_path) -> int | None:
     """Loss curve + the best checkpoint as a pyfunc model registered as cfg.captioner.registered_model."""
     from densevse.pipeline.serving.pyfunc import pyfunc_signature
 
@@ -74,13 +73,14 @@ REQUIREMENTS = ["torch", "torchvision", "numpy", "pandas", "pyarrow", "pydantic"
                 "stanza", "webdataset", "efficientnet-lite-pytorch"]  # + Detectron2: cluster/install_detectron2.py
 
 
-def _log_model(uri: str, run_id: str, history: list[dict], best_path: Path, code_model: str, signature, name: str,
+def _log_model(uri: str, run_id: str, history: list[dict], best_path, code_model: str, signature, name: str,
                figures=None, extra_artifacts: dict | None = None, input_example=None,
                score: float | None = None) -> int | None:
-    """The run's curves (+ `figures(client)`), then the checkpoint (+ `extra_artifacts`) as an mlflow.pyfunc
-    model registered as `name`, shipping the project's library code so the model loads where the project is
-    not installed; then `promote` it. `code_model`: a models-from-code file of pipeline/serving (MLflow runs it
-    to load the model; a pickled PythonModel would be unpickled instead)."""
+    """The run's curves (+ `figures(client)`), then the checkpoint `best_path` (a location; MLflow logs a local
+    copy of one in object storage) (+ `extra_artifacts`) as an mlflow.pyfunc model registered as `name`,
+    shipping the project's library code so the model loads where the project is not installed; then `promote`
+    it. `code_model`: a models-from-code file of pipeline/serving (MLflow runs it to load the model; a pickled
+    PythonModel would be unpickled instead)."""
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -93,11 +93,12 @@ def _log_model(uri: str, run_id: str, history: list[dict], best_path: Path, code
     if figures is not None:
         figures(client)
     model_file = code.ROOT / "pipeline" / "serving" / code_model
-    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="densevse-code-") as tmp:
+    with mlflow.start_run(run_id=run_id), tempfile.TemporaryDirectory(prefix="densevse-code-") as tmp, \
+            storage.local(best_path) as checkpoint:
         shipped = code.ship([code.module_name(model_file)], Path(tmp))  # only what loading the model imports
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(model_file),
-            artifacts={"checkpoint": str(best_path), **(extra_artifacts or {})},
+            artifacts={"checkpoint": str(checkpoint), **(extra_artifacts or {})},
             signature=signature, registered_model_name=name, input_example=input_example,
             code_paths=[str(shipped)], pip_requirements=REQUIREMENTS)
         mlflow.set_tag("best_model", str(best_path))

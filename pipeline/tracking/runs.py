@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -22,11 +21,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def manifest_sha256(shard_dir: Path) -> str | None:
+def manifest_sha256(shard_dir) -> str | None:
     """The hash of the data a run trains on, logged as `dataset.manifest_sha256` (name kept so runs logged
     before stay comparable): shards.dataset_sha256, over each manifest shard's tar sha256 and config
     fingerprint, since a hash of manifest.parquet alone stays the same when only the features change."""
-    from densevse.pipeline.preprocess.shards import dataset_sha256
+    from densevse.pipeline.shardset import dataset_sha256
 
     return dataset_sha256(shard_dir)
 

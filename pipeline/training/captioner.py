@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,7 +30,7 @@ from densevse.models.captioner import MODEL_NAME, new_mrnn, pad_images
 from densevse.models.metrics import box_iou
 from densevse.models.mrnn import MRNN, PHRASE, SENTENCE, SPECIALS
 from densevse.models.vocab import Vocab, normalize
-from densevse.pipeline.training.data import iter_samples
+from densevse.pipeline.shardset import iter_samples
 from densevse.pipeline.training.loop import Task
 from densevse.pipeline.training.trained import CAPTIONER
 
@@ -147,7 +146,7 @@ class CaptionerTask(Task):
     def __init__(self, cfg):
         self.epochs, self.lr = cfg.captioner.epochs, cfg.captioner.lr
 
-    def prepare(self, cfg, paths: list[Path], state: dict | None) -> dict:
+    def prepare(self, cfg, paths: list, state: dict | None) -> dict:
         c = cfg.captioner
         if state is not None:
             self.words = state["vocab"]
@@ -158,7 +157,7 @@ class CaptionerTask(Task):
         self.feat_dim = next(iter_samples(paths[:1]))["feats"].shape[1]
         return {"vocab": len(self.words)}
 
-    def setup(self, cfg, train_paths: list, val_paths: list[Path], device) -> None:
+    def setup(self, cfg, train_paths: list, val_paths: list, device) -> None:
         c = cfg.captioner
         self.cfg, self.device, self.vocab = cfg, device, Vocab(self.words)
         self.train = Pairs(train_paths, self.vocab, c.region_phrases, c.max_len)
@@ -191,7 +190,7 @@ class CaptionerTask(Task):
     def best_score(self, entry: dict) -> float:
         return -entry.get("val_loss", entry["train_loss"])
 
-    def register(self, cfg, run_id: str, history: list[dict], best: Path) -> int | None:
+    def register(self, cfg, run_id: str, history: list[dict], best) -> int | None:
         from densevse.pipeline.tracking import registry
 
         return registry.register_captioner(cfg, run_id, history, best)

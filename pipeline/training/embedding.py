@@ -5,7 +5,7 @@
 
 The driver builds the vocabularies (GloVe-initialised word vectors) from the train shards once (a resumed run
 keeps its checkpoint's). pipeline/training/loop.py runs the workers (DDP, restarts, checkpoints, MLflow); each
-rank streams its own shards' pairs (pipeline.training.data.rank_shards), so every training pair is seen exactly
+rank streams its own shards' pairs (pipeline.shardset.rank_shards), so every training pair is seen exactly
 once per epoch by exactly one rank; bf16 autocast on GPU only. `train.batch_size` is per worker: it is also the
 pool of in-batch negatives of the ranking loss. Rank 0 evaluates retrieval on the val split each epoch; the best
 epoch (by val rsum, else the lowest train loss) goes to best.pt (trained.best_path) and is registered in
@@ -15,7 +15,6 @@ collated on a prefetch thread while the model trains (train.prefetch; compute_sh
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import torch
 
@@ -37,10 +36,10 @@ class EmbeddingTask(Task):
         self.epochs, self.lr = cfg.train.epochs, cfg.train.lr
         self.patience, self.prefetch_depth = cfg.train.patience, cfg.train.prefetch
 
-    def prepare(self, cfg, paths: list[Path], state: dict | None) -> dict:
+    def prepare(self, cfg, paths: list, state: dict | None) -> dict:
         from densevse.models.vocab import glove_init
-        from densevse.pipeline.preprocess.shards import load_stats, shard_of
-        from densevse.pipeline.training.data import build_vocabs, iter_samples
+        from densevse.pipeline.shardset import iter_samples, load_stats, shard_of
+        from densevse.pipeline.training.data import build_vocabs
 
         stats = load_stats(cfg.shard_dir, [shard_of(p) for p in paths])
         n_samples, n_captions = sum(st["n_ok"] for st in stats), sum(st["n_captions"] for st in stats)
@@ -56,7 +55,7 @@ class EmbeddingTask(Task):
         self.feat_dim = next(iter_samples(paths[:1]))["feats"].shape[1]
         return {"vocab": len(self.words)}
 
-    def setup(self, cfg, train_paths: list, val_paths: list[Path], device) -> None:
+    def setup(self, cfg, train_paths: list, val_paths: list, device) -> None:
         from densevse.models.vocab import Vocab
 
         self.tc, self.eval_cfg, self.device = cfg.train, cfg.eval, device
@@ -115,7 +114,7 @@ class EmbeddingTask(Task):
     def best_score(self, entry: dict) -> float:
         return entry.get("val_rsum", -entry["train_loss"])
 
-    def register(self, cfg, run_id: str, history: list[dict], best: Path) -> int | None:
+    def register(self, cfg, run_id: str, history: list[dict], best) -> int | None:
         from densevse.pipeline.tracking import registry
 
         return registry.finish_run(cfg, run_id, history, best, score=max(map(self.best_score, history)))

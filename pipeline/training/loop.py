@@ -22,10 +22,10 @@ The config travels to the workers as the validated PipelineConfig object, the ta
 that `Task.prepare` filled in on the driver. Checkpoints hold plain values only (the config as its JSON dump):
 they are read with models.checkpoint.load_checkpoint (weights_only).
 
-Paths: <storage>/<run.name>-<task.name>-<stamp>/checkpoint_*/model.pt (one per epoch; storage is
-train.storage_path, a local path or URI, default <output_dir>/ray_train); best.pt and the summary where
-pipeline/training/trained.py says (best_path, summary_path: <output_dir>/models/<task.name>/best.pt,
-<output_dir>/train-<task.name>.json).
+Paths (locations, pipeline/storage.py: local or object storage alike): <storage>/<run.name>-<task.name>-<stamp>/
+checkpoint_*/model.pt (one per epoch; storage is train.storage_path, default <output_dir>/ray_train); best.pt
+and the summary where pipeline/training/trained.py says (best_path, summary_path:
+<output_dir>/models/<task.name>/best.pt, <output_dir>/train-<task.name>.json), each written whole (put_atomic).
 
 MLflow outages: the checkpoint (which holds the whole history) is reported before MLflow is called, and that
 call is bounded (pipeline.tracking.runs.bounded: about 2 s when the server is down, at most 17 s when it hangs)
@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 
 from densevse.models.checkpoint import is_complete, load_checkpoint
+from densevse.pipeline import shardset
 from densevse.pipeline import storage as store
 from densevse.pipeline.config import public_config, redact_uri
 from densevse.pipeline.console import emit
@@ -86,13 +87,13 @@ class Task:
     # checkpoint records them, so a user's model file for embedding new input is checked against them
     model_files: dict[str, str] = {}
 
-    def prepare(self, cfg, paths: list[Path], state: dict | None) -> dict:
+    def prepare(self, cfg, paths: list[Location], state: dict | None) -> dict:
         """Driver, once: check the train shards, build what every worker needs (vocabularies...), from `state`
         (the checkpoint being resumed) when given. Returns entries for the summary."""
         raise NotImplementedError
 
-    def setup(self, cfg, train_paths: list, val_paths: list[Path], device) -> None:
-        """Worker: load this rank's train data (reads from densevse.pipeline.training.data.rank_shards); val_paths are
+    def setup(self, cfg, train_paths: list, val_paths: list[Location], device) -> None:
+        """Worker: load this rank's train data (reads from densevse.pipeline.shardset.rank_shards); val_paths are
         the val shards on rank 0 (which evaluates) and [] elsewhere."""
         raise NotImplementedError
 
@@ -125,7 +126,7 @@ class Task:
         """Which epoch is best: the highest score over the history entries."""
         raise NotImplementedError
 
-    def register(self, cfg, run_id: str, history: list[dict], best: Path) -> int | None:
+    def register(self, cfg, run_id: str, history: list[dict], best: Location) -> int | None:
         """Log best.pt (`best`) to the MLflow run as a model and register it; returns the version."""
         raise NotImplementedError
 
@@ -135,33 +136,28 @@ class Task:
 
 def storage(cfg) -> Location:
     """Ray Train's storage_path: train.storage_path (a local path or a URI), default <run.output_dir>/ray_train."""
-    loc = cfg.train.storage_path or store.join(cfg.run.output_dir, "ray_train")
-    return loc if store.is_uri(loc) else Path(loc).resolve()
+    return (cfg.train.storage_path or cfg.run.output_dir / "ray_train").resolve()
 
 
 def latest_checkpoint(cfg, name: str | None = None) -> Location | None:
     """The newest complete checkpoint dir reported by any earlier run of task `name` (default: cfg.train.model,
-    the embedding model) under this output dir. A partial copy (a worker killed while its checkpoint was being
-    persisted) is passed over: resuming from it would fail, and the epoch before it is whole."""
+    the embedding model) under this output dir: the last by name, as run names carry their start time and
+    checkpoint names the epoch (an object store has no mtimes). A partial copy (a worker killed while its
+    checkpoint was being persisted) is passed over: resuming from it would fail, and the epoch before it is whole."""
     pattern = f"{cfg.run.name}-{name or cfg.train.model}-*/checkpoint_*/model.pt"
-    if store.is_uri(storage(cfg)):  # no mtimes: run names carry their start time, checkpoint names the epoch
-        found = [p for p in store.glob(storage(cfg), pattern) if _complete_object(p)]
-        return found[-1].rsplit("/", 1)[0] if found else None
-    found = sorted(storage(cfg).glob(pattern), key=lambda p: p.stat().st_mtime)
-    found = [p for p in found if is_complete(p)]
+    found = [p for p in sorted(storage(cfg).glob(pattern)) if _complete(p)]
     return found[-1].parent if found else None
 
 
-def _complete_object(loc: str) -> bool:
-    with store.open_file(loc) as f:
+def _complete(model_pt: Location) -> bool:
+    with model_pt.open("rb") as f:
         return is_complete(f)
 
 
-def load_dir(d: Location) -> dict:
-    """The model.pt of a checkpoint dir, local or in an object store."""
-    if not store.is_uri(d):
-        return load_checkpoint(Path(d) / "model.pt")
-    return load_checkpoint(io.BytesIO(store.read_bytes(store.join(d, "model.pt"))))
+def load_dir(d) -> dict:
+    """The model.pt of a checkpoint dir (a location: local or in an object store)."""
+    with store.local(store.location(d) / "model.pt") as f:
+        return load_checkpoint(f)
 
 
 def for_workers(cfg):
@@ -170,8 +166,8 @@ def for_workers(cfg):
     from densevse.pipeline.tracking.server import absolute_uri
 
     cfg = cfg.model_copy(deep=True)
-    cfg.shards.dir = cfg.shard_dir if store.is_uri(cfg.shard_dir) else Path(cfg.shard_dir).resolve()
-    cfg.run.output_dir = Path(cfg.run.output_dir).resolve()  # always local (config.RunConfig refuses a URI)
+    cfg.shards.dir = cfg.shard_dir.resolve()
+    cfg.run.output_dir = cfg.run.output_dir.resolve()
     cfg.mlflow.tracking_uri = absolute_uri(cfg.mlflow.tracking_uri)
     return cfg
 
@@ -179,11 +175,9 @@ def for_workers(cfg):
 def fit(cfg, task: Task, resume: bool = False) -> dict:
     """Train `task` on cfg's train shards; `resume`: continue from its latest checkpoint (and MLflow run).
     Returns the summary, also written to <output_dir>/train-<task.name>.json."""
-    from densevse.pipeline.preprocess.shards import shard_paths
-
     t0 = time.time()
     cfg = for_workers(cfg)
-    paths = shard_paths(cfg.shard_dir, "train")
+    paths = shardset.shard_paths(cfg.shard_dir, "train")
     if not paths:
         raise FileNotFoundError(f"no finished train shards in {cfg.shard_dir}; run `densevse preprocess` first")
     resume_from = latest_checkpoint(cfg, task.name) if resume else None
@@ -204,7 +198,7 @@ def fit(cfg, task: Task, resume: bool = False) -> dict:
         if run_id:  # a failed job shows as FAILED in MLflow (with why), not as a run forever RUNNING
             _mark_failed(cfg.mlflow.tracking_uri, run_id, e)
         raise
-    summary_path(cfg.run.output_dir, task.name).write_text(json.dumps(summary, indent=1, default=str))
+    store.put_atomic(summary_path(cfg.run.output_dir, task.name), json.dumps(summary, indent=1, default=str))
     return summary
 
 
@@ -220,10 +214,8 @@ def _summary(cfg, task: Task, result, info: dict) -> dict:
 
 def _model_files(shard_dir, tar) -> dict[str, str]:
     """The stage model files' sha256 recorded in a train shard's config fingerprint (the set holds one config)."""
-    from densevse.pipeline.preprocess.shards import read_stats, shard_of
-    from densevse.pipeline.serving.embedder import recorded_model_files
-
-    return recorded_model_files((read_stats(shard_dir, shard_of(tar)) or {}).get("fingerprint"))
+    st = shardset.read_stats(shard_dir, shardset.shard_of(tar)) or {}
+    return shardset.recorded_model_files(st.get("fingerprint"))
 
 
 def _fail_env() -> dict:
@@ -341,35 +333,29 @@ def _trainer(cfg, task: Task, run_id: str | None, resume_from: Location | None, 
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"GPU": 1, "CPU": cpus} if use_gpu else {"CPU": cpus}),
         run_config=RunConfig(name=f"{cfg.run.name}-{task.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                             **_storage_args(storage(cfg)),
+                             **store.ray_storage(storage(cfg)),
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=None),
                              worker_runtime_env={"env_vars": env}),
     )
 
 
-def _storage_args(loc: Location) -> dict:
-    """RunConfig's storage_path, plus for a URI a pyarrow filesystem built from fsspec's (same endpoint env)."""
-    if not store.is_uri(loc):
-        return {"storage_path": str(loc)}
-    fs, path = store.arrow_filesystem(loc)
-    return {"storage_path": path, "storage_filesystem": fs}
-
-
-def save_best(result, dest: Path, score) -> tuple[list[dict], int]:
-    """Copy the best epoch's checkpoint (highest `score(history entry)`), without optimizer state, to dest.
+def save_best(result, dest: Location, score) -> tuple[list[dict], int]:
+    """Copy the best epoch's checkpoint (highest `score(history entry)`), without optimizer state, to dest
+    (written whole: storage.put_atomic).
 
     The history comes from the last checkpoint, which carries every epoch's metrics (resumed runs included)."""
     with result.checkpoint.as_directory() as d:
         history = load_checkpoint(Path(d) / "model.pt")["history"]
     best_epoch = max(history, key=score)["epoch"]
-    dest.parent.mkdir(parents=True, exist_ok=True)
     for ckpt, _ in result.best_checkpoints:
         with ckpt.as_directory() as d:
             ck = load_checkpoint(Path(d) / "model.pt")
         if ck["epoch"] == best_epoch:
             ck.pop("optimizer", None)
-            torch.save(ck, dest)
+            buf = io.BytesIO()
+            torch.save(ck, buf)
+            store.put_atomic(dest, buf.getvalue())
     return history, best_epoch
 
 
@@ -479,13 +465,11 @@ def _restore(resume_from: str | None) -> tuple[dict | None, bool]:
 
 def _setup_data(cfg, task: Task, rank: int, world: int, device) -> None:
     """Every task shards the same way: rank r gets its reads of the train shards; rank 0 the val shards."""
-    from densevse.pipeline.preprocess.shards import shard_paths
-    from densevse.pipeline.training.data import rank_shards
-
-    train = shard_paths(cfg.shard_dir, "train")
+    train = shardset.shard_paths(cfg.shard_dir, "train")
     if not train:
         raise FileNotFoundError(f"worker {rank}: no train shards in {cfg.shard_dir}")
-    task.setup(cfg, rank_shards(train, rank, world), shard_paths(cfg.shard_dir, "val") if rank == 0 else [], device)
+    task.setup(cfg, shardset.rank_shards(train, rank, world),
+               shardset.shard_paths(cfg.shard_dir, "val") if rank == 0 else [], device)
 
 
 def _build(task: Task, state: dict | None, world: int, device):
