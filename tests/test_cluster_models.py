@@ -4,7 +4,7 @@ A head (0 CPUs: the job driver) and two worker nodes from cluster/local.sh, each
 so each unpacks the job into a working dir of its own: nothing is shared by accident. The job runs the
 Detectron2 + EfficientNet-Lite0 + Stanza stages on models trained here (conftest's stage_models: small, under
 the git-ignored .cache/, named by relative path as the defaults are): `submit` ships them with the job, the
-job's driver checks them, and every actor gets them through Ray's object store (pipeline/preprocess/ship.py).
+job's driver checks them, and every actor gets them through Ray's object store (pipeline/ship.py).
 """
 from __future__ import annotations
 

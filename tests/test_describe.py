@@ -187,7 +187,7 @@ def test_one_loader_builds_what_the_checkpoint_holds(tiny, tmp_path, capsys):
     from densevse.models import new_embedding_model
     from densevse.pipeline.config import TrainConfig
     from densevse.pipeline.errors import ModelMismatch
-    from densevse.pipeline.training.trained import CAPTIONER, EMBEDDING, best_path, load_trained
+    from densevse.pipeline.trained import CAPTIONER, EMBEDDING, best_path, load_trained
 
     ck, _, _ = tiny
     out, ckdir = tmp_path / "run", tmp_path / "checkpoint_000001"

@@ -60,6 +60,28 @@ def test_no_import_cycles():
     assert not found, "import cycles: " + "; ".join(" <-> ".join(c) for c in found)
 
 
+def folder(module: str) -> str:
+    """A module's step: its folder under pipeline/ (pipeline.training, pipeline.search, ...); pipeline's own
+    files (config, storage, trained, ship, ...) and the other packages stand as themselves."""
+    parts = module.split(".")
+    return ".".join(parts[:3]) if parts[1] == "pipeline" and len(parts) > 3 else module
+
+
+def test_no_cycles_between_steps():
+    """No two steps of pipeline/ import each other, directly or round a loop: a step's folder is one unit
+    (training/ once imported evaluation/ and tracking/, which read its best models back from it; the serving
+    model imported preprocess/'s model shipping: both helpers now stand in pipeline/ itself)."""
+    g: dict[str, set[str]] = {}
+    for name, deps in graph().items():
+        g.setdefault(folder(name), set()).update(folder(d) for d in deps if folder(d) != folder(name))
+    for deps in list(g.values()):
+        for d in deps:
+            g.setdefault(d, set())
+    assert {"densevse.pipeline.training", "densevse.pipeline.evaluation"} <= set(g)
+    found = cycles(g)
+    assert not found, "steps importing each other: " + "; ".join(" <-> ".join(c) for c in found)
+
+
 def test_layers_import_downwards_only():
     """models/ imports nothing of the project's above it, stages/ nothing of pipeline/ or cluster/, pipeline/
     nothing of cluster/ (the README's "layers import downwards only")."""
@@ -78,6 +100,8 @@ def test_the_checks_fail_on_an_upward_import_and_a_cycle(tmp_path):
     assert imports_of(mod, "densevse.pipeline.cli.x", known) == {"densevse.cluster.local"}
     assert layer("densevse.cluster.local") > layer("densevse.pipeline.cli.x")
     assert cycles({"a": {"b"}, "b": {"a"}}) == [["a", "b"]]
+    assert folder("densevse.pipeline.training.loop") == "densevse.pipeline.training"
+    assert folder("densevse.pipeline.trained") == "densevse.pipeline.trained"
 
 
 def test_every_package_is_installed_under_the_namespace():

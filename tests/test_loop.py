@@ -73,7 +73,7 @@ def test_resume_finds_its_own_tasks_checkpoint(tmp_path):
     """Each task resumes from its own runs only; a resume with nothing to resume from fails before Ray starts."""
     from densevse.pipeline.training.captioner import CaptionerTask
     from densevse.pipeline.training.loop import fit, latest_checkpoint, storage
-    from densevse.pipeline.training.trained import best_path
+    from densevse.pipeline.trained import best_path
 
     import os
 

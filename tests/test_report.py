@@ -104,7 +104,7 @@ def _r1_by_hand(cfg) -> tuple[float, float]:
 
     from densevse.models.batch import collate
     from densevse.pipeline.shardset import eval_items, shard_paths
-    from densevse.pipeline.training.trained import EMBEDDING, best_path, load_trained
+    from densevse.pipeline.trained import EMBEDDING, best_path, load_trained
 
     model, vocab, labels, _ = load_trained(best_path(cfg.run.output_dir, cfg.train.model), EMBEDDING)
     items = [it for chunk in eval_items(shard_paths(cfg.shard_dir, "test"), cfg.eval.captions_per_image, 100)

@@ -1,4 +1,4 @@
-"""Stage model files travel with a run: packed on the driver, unpacked by each actor (pipeline/preprocess/ship.py),
+"""Stage model files travel with a run: packed on the driver, unpacked by each actor (pipeline/ship.py),
 and shipped with a submitted job (pipeline/jobs.py)."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from densevse.pipeline import jobs
 from densevse.pipeline.config import load_config
-from densevse.pipeline.preprocess import ship
+from densevse.pipeline import ship
 from densevse.stages.parse import StanzaParse
 from densevse.stages.regions import RegionParams
 

@@ -13,7 +13,7 @@ def cmd_describe(args) -> int:
     """Describe images: whole-image caption, region phrases, dense description (JSON on stdout)."""
     from densevse.pipeline.errors import ModelMismatch
     from densevse.pipeline.serving.describe import Describer, draw, region_proposer
-    from densevse.pipeline.training.trained import CAPTIONER, best_path, load_trained
+    from densevse.pipeline.trained import CAPTIONER, best_path, load_trained
     from densevse.stages.base import Reject
 
     if args.images and is_config(args.images[0]):  # `densevse describe CONFIG IMAGE...`
@@ -52,7 +52,7 @@ def cmd_describe(args) -> int:
 def cmd_train(args) -> int:
     """Train the m-RNN captioner on the run's train shards (Ray Train; MLflow when configured)."""
     from densevse.pipeline.training.tasks import train
-    from densevse.pipeline.training.trained import CAPTIONER
+    from densevse.pipeline.trained import CAPTIONER
 
     print(json.dumps(train(load(args), CAPTIONER, resume=args.resume), indent=1, default=str))
     return 0

@@ -33,7 +33,7 @@ def _console(args, cfg):
 
 def _paths(cfg, summary: dict, summary_file: str) -> dict:
     """Where the outputs of a verb are, for the final table."""
-    from densevse.pipeline.training.trained import best_path
+    from densevse.pipeline.trained import best_path
 
     out, tr = cfg.run.output_dir, summary.get("train") or {}
     best = best_path(out, cfg.train.model)

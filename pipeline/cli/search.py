@@ -13,7 +13,7 @@ def _defaults(args):
     own config names none that is loaded (pipeline/serving/embedder.py: trusted_stages)."""
     cfg = load(args)
     from densevse.pipeline import storage
-    from densevse.pipeline.training.trained import best_path
+    from densevse.pipeline.trained import best_path
 
     shards = storage.location(getattr(args, "shards", None) or cfg.shard_dir)
     index = storage.location(getattr(args, "index", None) or cfg.run.output_dir / "index")

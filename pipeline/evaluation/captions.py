@@ -24,7 +24,7 @@ from densevse.models.captioner import dense_description
 from densevse.models.metrics import coco_scores, nearest_captions, object_precision, object_recall
 from densevse.pipeline import storage
 from densevse.pipeline.shardset import iter_samples, shard_paths
-from densevse.pipeline.training.trained import CAPTIONER, best_path, load_trained
+from densevse.pipeline.trained import CAPTIONER, best_path, load_trained
 
 
 def evaluate_captioner(cfg, checkpoint: str | Path | None = None, split: str | None = None) -> dict:

@@ -16,7 +16,7 @@ from densevse.models.metrics import grounding_accuracy, paired_iou, recall_at_k
 from densevse.pipeline import storage
 from densevse.pipeline.evaluation.proposals import shard_recall
 from densevse.pipeline.shardset import eval_items, shard_paths
-from densevse.pipeline.training.trained import EMBEDDING, best_path, load_trained
+from densevse.pipeline.trained import EMBEDDING, best_path, load_trained
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ import time
 from densevse.pipeline import shardset, storage
 from densevse.pipeline.config import PipelineConfig, StageConfig
 from densevse.pipeline.console import emit
-from densevse.pipeline.preprocess import ship
+from densevse.pipeline import ship
 from densevse.pipeline.preprocess.cost import Clock, add_cost, summarize_costs
 from densevse.pipeline.preprocess.lock import ShardDirLock
 from densevse.pipeline.preprocess.plan import check_resume, plan, plan_dir, read_shard, retry_shards, shard_rows

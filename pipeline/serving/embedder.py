@@ -67,7 +67,7 @@ def bundled_paths(stages: dict[str, tuple[str, Any]]) -> dict[str, Path]:
     model must carry to run them elsewhere. The default ImageNet weights of the features stage (or of the
     combined regions stage's head) are included."""
     from densevse.models.efficientnet import default_weights
-    from densevse.pipeline.preprocess.ship import local_model_paths
+    from densevse.pipeline.ship import local_model_paths
 
     out = {}
     for name, (_, params) in stages.items():

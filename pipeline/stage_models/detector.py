@@ -44,7 +44,7 @@ from densevse.stages.regions import predict_boxes
 DEFAULT_DIR = default_detector_dir()
 TRAIN_SETS = {"synthetic": "densevse_synthetic_det_train", "coco": "densevse_coco_det_train"}
 SHARED = Path("../shared/data")  # the real data, relative to the repo root (as the CLI is run)
-# What a coco spec changes from the defaults: real photos, and a recipe per device (bench/bench_detector.py and
+# What a coco spec changes from the defaults: real photos, and a recipe per device (`densevse regions train` and
 # the README's detector table measured them on the 128 held-out photos).
 COCO_DEFAULTS = {"roots": [str(SHARED / "coco-det"), str(SHARED / "coco-mini")], "num_images": None}
 COCO_RECIPES = {

@@ -21,7 +21,7 @@ def finish_run(cfg, run_id: str, history: list[dict], best_path, score: float | 
     from densevse.pipeline.serving.embedder import bundled_paths, is_pickle_file
     from densevse.pipeline.serving.pyfunc import signature
     from densevse.pipeline.tracking.figures import alignment_figure
-    from densevse.pipeline.training.trained import EMBEDDING, load_trained
+    from densevse.pipeline.trained import EMBEDDING, load_trained
 
     stages = {name: (sc.impl, sc.params) for name, sc in cfg.stages}
     paths = bundled_paths(stages)

@@ -32,7 +32,7 @@ from densevse.models.mrnn import MRNN, PHRASE, SENTENCE, SPECIALS
 from densevse.models.vocab import Vocab, normalize
 from densevse.pipeline.shardset import iter_samples
 from densevse.pipeline.training.loop import Task
-from densevse.pipeline.training.trained import CAPTIONER
+from densevse.pipeline.trained import CAPTIONER
 
 # ---------------------------------------------------------------- training pairs
 

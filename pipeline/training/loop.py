@@ -24,7 +24,7 @@ they are read with models.checkpoint.load_checkpoint (weights_only).
 
 Paths (locations, pipeline/storage.py: local or object storage alike): <storage>/<run.name>-<task.name>-<stamp>/
 checkpoint_*/model.pt (one per epoch; storage is train.storage_path, default <output_dir>/ray_train); best.pt
-and the summary where pipeline/training/trained.py says (best_path, summary_path:
+and the summary where pipeline/trained.py says (best_path, summary_path:
 <output_dir>/models/<task.name>/best.pt, <output_dir>/train-<task.name>.json), each written whole (put_atomic).
 
 MLflow outages: the checkpoint (which holds the whole history) is reported before MLflow is called, and that
@@ -63,7 +63,7 @@ from densevse.pipeline.storage import Location
 from densevse.pipeline.raylocal import cpus_per_worker, init_ray, node_resources
 from densevse.pipeline.training.prefetch import StepTimer, prefetch
 from densevse.pipeline.training.stopping import early_stop
-from densevse.pipeline.training.trained import best_path, summary_path
+from densevse.pipeline.trained import best_path, summary_path
 
 FAIL_AT_EPOCH = "DENSEVSE_FAIL_AT_EPOCH"
 EPOCH_BARRIER = "DENSEVSE_EPOCH_BARRIER"

@@ -3,7 +3,7 @@
     summary = train(cfg)                           # `densevse train`: the task named train.model
     summary = train(cfg, "captioner", resume=True) # `densevse captioner train --resume`
 
-A task's name names its outputs (pipeline/training/trained.py): its best.pt, its summary, its Ray Train and
+A task's name names its outputs (pipeline/trained.py): its best.pt, its summary, its Ray Train and
 MLflow run names. Every embedding model (models.MODELS: hmlstm, vse, dvsa) is one embedding task, which trains
 train.model with the train: section; "captioner" is the m-RNN with the captioner: section.
 """
