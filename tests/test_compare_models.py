@@ -50,7 +50,7 @@ def test_compare_models_seeds_mlflow_parent_and_resume(tmp_path, monkeypatch, ca
     shards = tmp_path / "shards"
     write_fixture_shards(shards, n_train=24, n_val=6, n_test=6, feat_dim=16, per_shard=12)
     db = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--models", "hmlstm", "vse", "--seeds", "2",
+    args = [str(REPO / "pipeline.yaml"), "--models", "hmlstm", "vse", "--seeds", "2",
             "-s", f"run.output_dir={tmp_path / 'run'}", "-s", f"shards.dir={shards}", "-s", "ray.num_cpus=2",
             "-s", "train.word_vectors=random", "-s", "train.epochs=1", "-s", f"mlflow.tracking_uri={db}"]
     cm = _bench()
