@@ -136,3 +136,21 @@ def summarize(results: list[tuple[bool, float]], n_phrases: int) -> dict:
     return {"silver_grounding_acc": 100.0 * float(np.mean([h for h, _ in results])) if n else float("nan"),
             "silver_grounding_chance": 100.0 * float(np.mean([c for _, c in results])) if n else float("nan"),
             "silver_linked_phrases": n, "silver_noun_phrases": n_phrases}
+
+
+def silver_sample(sample: dict, captions: list[dict]) -> tuple[dict, int]:
+    """A sample whose gold has box labels but no phrase links (COCO), with silver links in its meta's gold
+    ("links": caption index -> [[node, box index], ...], every box of the linked category), as the batch
+    builder (models/batch.py) reads gold links; and how many base noun phrases its captions hold. Other
+    samples come back as they are (0 noun phrases counted): their own gold links are the exact ones."""
+    gold = sample["meta"].get("gold") or {}
+    if not gold.get("labels") or gold.get("links"):
+        return sample, 0
+    links, n_np = {}, 0
+    for c in captions:
+        n_np += len(base_noun_phrases(c["tree"]))
+        found = [[ln["node"], b] for ln in link(c["tree"], gold["labels"]) for b in ln["boxes"]]
+        if found:
+            links[str(c["index"])] = found
+    meta = {**sample["meta"], "gold": {**gold, "links": links, "silver": True}}
+    return {**sample, "meta": meta}, n_np

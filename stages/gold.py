@@ -35,6 +35,17 @@ class GoldBoxes(Stage):
         row["boxes"] = npy_bytes(np.asarray(boxes, dtype=np.float32).reshape(-1, 4))
 
 
+@REGIONS.register("whole_image")
+class WholeImage(Stage):
+    """Regions = the whole image only, whatever boxes the dataset has: the image side of a model trained
+    without regions (e.g. on Flickr8k, which has none), evaluated on a dataset with boxes (COCO)."""
+
+    name = "regions"
+
+    def process_row(self, row: dict) -> None:
+        row["boxes"] = npy_bytes(np.asarray([whole_image_box(row["width"], row["height"])], dtype=np.float32))
+
+
 @PARSE.register("gold_trees")
 class GoldTrees(Stage):
     """Trees from the dataset's gold PTB strings; a caption without one is rejected with that reason."""

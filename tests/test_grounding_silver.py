@@ -58,3 +58,58 @@ def test_1k_folds_average_and_5k_is_all_images():
     assert every["t2i_r1"] < folds["t2i_r1"]  # more images to confuse with: lower recall
     with pytest.raises(ValueError, match="do not split"):
         recall_folds(scores[:1500], cap_img[:7500], fold_images=1000)
+
+
+def _coco_sample(labels, boxes):
+    """A COCO-like shard sample: boxes with category labels and no links; regions = the whole image + the boxes."""
+    caps = [{"index": 0, "tree": TREE}, {"index": 1, "tree": trees.from_ptb("(S (NP (DT a) (NN cat)) (VP (VBZ sits)))")}]
+    regions = np.asarray([[0, 0, 100, 100]] + boxes, np.float32)
+    return {"key": "k", "feats": np.eye(len(regions), 4, dtype=np.float32), "boxes": regions,
+            "meta": {"captions": caps, "gold": {"boxes": boxes, "labels": labels}}}, caps
+
+
+def test_silver_sample_links_every_box_of_the_category_and_counts_noun_phrases():
+    s, caps = _coco_sample(["person", "horse", "person"], [[0, 0, 10, 10], [20, 20, 40, 40], [60, 60, 90, 90]])
+    linked, n_np = G.silver_sample(s, caps)
+    assert n_np == 4  # "two men", "horses", "a dog"; "a cat"
+    men, horses, _dog = G.base_noun_phrases(TREE)
+    assert linked["meta"]["gold"]["links"] == {"0": [[men, 0], [men, 2], [horses, 1]]}  # no cat box: no "1"
+    assert linked["meta"]["gold"]["silver"] and "links" not in s["meta"]["gold"]  # the input is not changed
+    exact = {**s, "meta": {**s["meta"], "gold": {**s["meta"]["gold"], "links": {"0": [[5, 0]]}}}}
+    assert G.silver_sample(exact, caps) == (exact, 0)  # exact links win: nothing silver about them
+
+
+def test_silver_grounding_scores_the_best_candidate_against_any_box_of_the_category():
+    """Through the batch builder: "two men" (boxes 0 and 2) and "horses" (box 1). Scores put "two men" on
+    region 3 (box 2: a hit, though box 0 is the first person box) and "horses" on region 3 too (a miss)."""
+    import torch
+
+    from densevse.models.batch import collate
+    from densevse.models.vocab import Vocab
+    from densevse.pipeline.evaluation.retrieval import _silver_grounded
+
+    boxes = [[0, 0, 10, 10], [20, 20, 40, 40], [60, 60, 90, 90]]
+    s, caps = _coco_sample(["person", "horse", "person"], boxes)
+    linked, _ = G.silver_sample(s, caps)
+    b = collate([(linked, caps)], Vocab(["<pad>", "<unk>"]), Vocab(["<pad>", "<unk>"]))
+    ps = torch.zeros(len(b.phrase_text), 1, 4)
+    ps[:, 0, 3] = 1.0  # every phrase's best region: row 3 = box 2 (rows: whole image, boxes 0, 1, 2)
+    out = dict(zip((b.phrase_text[p] for p, _ in dict.fromkeys((p, 0) for p, _ in b.gold)),
+                   _silver_grounded(ps, b)))
+    assert out == {"two men": (True, pytest.approx(2 / 3)), "horses": (False, pytest.approx(1 / 3))}
+    assert G.summarize(list(out.values()), 4) == {"silver_grounding_acc": 50.0,
+                                                   "silver_grounding_chance": pytest.approx(50.0),
+                                                   "silver_linked_phrases": 2, "silver_noun_phrases": 4}
+
+
+def test_whole_image_regions_ignore_the_datasets_boxes():
+    import io
+    import json
+
+    from densevse.stages.base import REGIONS
+
+    row = {"width": 64, "height": 48, "gold": json.dumps({"boxes": [[1, 2, 3, 4]], "labels": ["dog"]})}
+    for impl, want in (("whole_image", [[0, 0, 64, 48]]), ("gold_boxes", [[0, 0, 64, 48], [1, 2, 3, 4]])):
+        r = dict(row)
+        REGIONS.get(impl)().process_row(r)
+        assert np.load(io.BytesIO(r["boxes"])).tolist() == want, impl
