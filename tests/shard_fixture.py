@@ -62,7 +62,8 @@ def _object_nodes(tree: dict) -> list[int]:
                    and tree["tokens"][tree["spans"][i][1] - 1] in SHAPES), key=lambda i: tree["spans"][i][0])
 
 
-def make_row(index: int, split: str, shard: str, feat_dim: int, size: int, seed: int, codes: dict) -> dict:
+def make_row(index: int, split: str, shard: str, feat_dim: int, size: int, seed: int, codes: dict,
+             whole_image_only: bool = False) -> dict:
     rng = random.Random(seed * 7919 + index)
     objs = []
     for c, s in rng.sample([(c, s) for c in COLORS for s in SHAPES], rng.randint(2, 3)):
@@ -90,14 +91,18 @@ def make_row(index: int, split: str, shard: str, feat_dim: int, size: int, seed:
     # gold boxes are the regions (rows 1..) in image order
     gold = {"boxes": boxes[1:], "labels": [f"{c} {s}" for c, s, _ in objs],
             "links": {k: [[nd, b - 1] for nd, b in v] for k, v in links.items()}}
+    if whole_image_only:
+        boxes, feats, gold = boxes[:1], feats[:1], {}
     return empty_row(key=f"fx{index:06d}", split=split, shard=shard, source=f"fixture://{index}",
                      image=buf.getvalue(), width=size, height=size, captions=json.dumps(caps),
                      gold=json.dumps(gold), boxes=npy_bytes(np.asarray(boxes, np.float32)), feats=npy_bytes(feats))
 
 
 def write_fixture_shards(shard_dir: Path, n_train: int = 40, n_val: int = 10, n_test: int = 10,
-                         feat_dim: int = 32, per_shard: int = 10, size: int = 64, seed: int = 0) -> Path:
-    """Writes {split}-{i:06d}.tar + .stats.json + manifest.parquet; returns shard_dir."""
+                         feat_dim: int = 32, per_shard: int = 10, size: int = 64, seed: int = 0,
+                         whole_image_only: bool = False) -> Path:
+    """Writes {split}-{i:06d}.tar + .stats.json + manifest.parquet; returns shard_dir. whole_image_only: one
+    region per image and no gold (as Flickr8k without a detector)."""
     shard_dir = storage.location(shard_dir)  # a local path or an s3:// URI (tests/test_s3.py)
     crng = np.random.default_rng(seed + 1)
     codes = {w: crng.normal(size=feat_dim) for w in (*COLORS, *SHAPES)}
@@ -105,7 +110,8 @@ def write_fixture_shards(shard_dir: Path, n_train: int = 40, n_val: int = 10, n_
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         for si, start in enumerate(range(0, n, per_shard)):
             name = shardset.shard_name(split, si)
-            rows = [make_row(index + i, split, name, feat_dim, size, seed, codes) for i in range(min(per_shard, n - start))]
+            rows = [make_row(index + i, split, name, feat_dim, size, seed, codes, whole_image_only)
+                    for i in range(min(per_shard, n - start))]
             index += len(rows)
             shardset.write_shard(rows, shard_dir, name)
             names.append(name)

@@ -127,3 +127,19 @@ def test_failed_job_marks_its_mlflow_run_failed(tmp_path, mlflow_server, ray_loc
     (run,) = client.search_runs([client.get_experiment_by_name("densevse").experiment_id],
                                 "tags.mlflow.runName = 'failing-hmlstm'")
     assert run.info.status == "FAILED"
+
+
+def test_two_workers_train_on_whole_image_only_shards(tmp_path, ray_local):
+    """One region per image (Flickr8k without a detector): HM-LSTM's region tree gets no gradient there, which
+    DDP refused ("parameters that were not used in producing loss") and Ray Train retried until the job
+    failed; seen on the whole Flickr8k set. Now two workers train it."""
+    from densevse.pipeline.training.tasks import train
+
+    shards = write_fixture_shards(tmp_path / "shards", n_train=24, n_val=6, n_test=0, per_shard=6,
+                                  whole_image_only=True)
+    cfg = parse_config({"run": {"output_dir": str(tmp_path / "run")}, "shards": {"dir": str(shards)},
+                        "ray": {"num_cpus": 2},
+                        "train": {"epochs": 1, "batch_size": 8, "hidden_dim": 8, "embed_dim": 8, "num_workers": 2,
+                                  "word_vectors": "random", "max_failures": 0}})
+    s = train(cfg)
+    assert s["model"] == "hmlstm" and [h["epoch"] for h in s["history"]] == [0]  # (max_failures 0: no retry hid it)

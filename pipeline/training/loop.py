@@ -480,7 +480,11 @@ def _build(task: Task, state: dict | None, world: int, device):
     if state:
         core.load_state_dict(state["state_dict"])
     core.to(device)
-    model = ray.train.torch.prepare_model(core, move_to_device=device) if world > 1 else core
+    # Which parameters get a gradient depends on the data: with one region per image (the whole image only,
+    # e.g. Flickr8k without a detector) HM-LSTM's region tree never runs its child gates, and DDP would fail.
+    model = ray.train.torch.prepare_model(core, move_to_device=device,
+                                          parallel_strategy_kwargs={"find_unused_parameters": True}) \
+        if world > 1 else core
     opt = torch.optim.Adam(core.parameters(), lr=task.lr)
     if state:
         opt.load_state_dict(state["optimizer"])
