@@ -92,9 +92,11 @@ def _padded(rows: list[list[int]], fill: int = 0) -> torch.Tensor:
     return out
 
 
-def collate(items: list[tuple[dict, list[dict]]], vocab: Vocab, labels: Vocab) -> Batch:
+def collate(items: list[tuple[dict, list[dict]]], vocab: Vocab, labels: Vocab, text_tree: str = "parse") -> Batch:
     """Items (sample, [its captions]) -> one Batch: every tree's nodes in one global list (offsets per
-    caption), its phrases (trees.phrases plus any gold-linked node), and gold (phrase, box) pairs."""
+    caption), its phrases (trees.phrases plus any gold-linked node), and gold (phrase, box) pairs. `text_tree`
+    other than "parse" replaces each caption's tree by a branching one over its words (trees.restructure;
+    gold links, which name parse nodes, are then dropped)."""
     feats, boxes, valid, cand = _regions(items)
     cap_img, cap_idx, toks, node_word, node_label, parent, height, root = [], [], [], [], [], [], [], []
     ph_node, ph_cap, ph_toks, ph_text, gold, word_nodes, ph_span = [], [], [], [], [], [], []
@@ -102,7 +104,7 @@ def collate(items: list[tuple[dict, list[dict]]], vocab: Vocab, labels: Vocab) -
     for b, (s, caps) in enumerate(items):
         gboxes = (s["meta"].get("gold") or {}).get("boxes", [])
         for c in caps:
-            t, tree = len(cap_img), c["tree"]
+            t, tree = len(cap_img), trees.restructure(c["tree"], text_tree)
             n, m = len(tree["tokens"]), len(tree["labels"])
             ids = [vocab(normalize(w)) for w in tree["tokens"]]
             cap_img.append(b)
@@ -114,8 +116,9 @@ def collate(items: list[tuple[dict, list[dict]]], vocab: Vocab, labels: Vocab) -
             parent += [p + offset if p >= 0 else -1 for p in tree["parents"]]
             height += trees.heights(tree)
             root.append(offset + m - 1)
-            links = gold_nodes(c, s["meta"].get("gold"))
-            nodes = [p["node"] for p in c.get("phrases") or trees.phrases(tree)]
+            links = gold_nodes(c, s["meta"].get("gold")) if text_tree == "parse" else []
+            nodes = [p["node"] for p in (c.get("phrases") or trees.phrases(tree) if text_tree == "parse"
+                                         else trees.phrases(tree, frozenset({trees.BRANCH_LABEL})))]
             nodes += [nd for nd, _ in links if nd not in nodes]
             where = {}
             for nd in nodes:

@@ -119,15 +119,21 @@ class HMLSTM(EmbeddingModel):
     label_dim = 16
 
     def __init__(self, vocab_size: int, n_labels: int, feat_dim: int, hidden: int = 256, embed: int = 256,
-                 word_init=None, naive: bool = False):
-        super().__init__(vocab_size=vocab_size, n_labels=n_labels, feat_dim=feat_dim, hidden=hidden, embed=embed)
+                 word_init=None, naive: bool = False, text_tree: str = "parse"):
+        super().__init__(vocab_size=vocab_size, n_labels=n_labels, feat_dim=feat_dim, hidden=hidden, embed=embed,
+                         text_tree=text_tree)
         self.naive = naive  # benchmark switch: recursive instead of level-batched tree-LSTM
+        self.caption_tree = text_tree  # the captions' tree (trees.restructure): collate builds batches with it
         self.words = word_embedding(vocab_size, word_init)
         self.labels = nn.Embedding(n_labels, self.label_dim)  # POS tag / phrase label of each node
         self.text_tree = ChildSumTreeLSTM(self.words.embedding_dim + self.label_dim, hidden)
         self.text_out = nn.Linear(hidden, embed)
         self.image_tree = ChildSumTreeLSTM(feat_dim + 5, hidden)  # + where the region is (see geometry)
         self.image_out = nn.Linear(hidden, embed)
+
+    @classmethod
+    def from_config(cls, train_cfg, **dims):
+        return cls(hidden=train_cfg.hidden_dim, embed=train_cfg.embed_dim, text_tree=train_cfg.text_tree, **dims)
 
     def _tree(self, cell, x, parent, height):
         return (cell.forward_naive if self.naive else cell)(x, parent, height)[0]

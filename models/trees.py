@@ -168,6 +168,37 @@ def phrases(tree: dict, labels: frozenset[str] = PHRASE_LABELS) -> list[dict]:
     return out
 
 
+TEXT_TREES = ("parse", "left_branching", "right_branching")
+BRANCH_LABEL = "XP"  # the inner nodes of a branching tree: no phrase type, every one is a phrase
+
+
+def restructure(tree: dict, kind: str = "parse") -> dict:
+    """The same words and POS tags under another tree, for the ablation "does the parse help?" (train.text_tree).
+
+    parse: the tree itself. left_branching: ((w0 w1) w2) ...: the tree-LSTM then reads the words left to right,
+    a sequential (flat) encoder; its phrases are the prefixes. right_branching: w0 (w1 (w2 ...)): the suffixes.
+    Inner nodes are labelled BRANCH_LABEL; one-word captions keep a root over their word."""
+    if kind == "parse":
+        return tree
+    if kind not in TEXT_TREES:
+        raise TreeError(f"unknown text tree {kind!r}; known: {TEXT_TREES}")
+    n = len(tree["tokens"])
+    labels, spans, parents = list(tree["labels"][:n]), [[i, i + 1] for i in range(n)], [-1] * n
+    left = kind == "left_branching"
+    order = range(1, n) if left else range(n - 2, -1, -1)  # the word each new inner node adds
+    prev = 0 if left else n - 1                             # the subtree it adds it to
+    for w in (order if n > 1 else [0]):
+        node = len(labels)
+        span = [0, w + 1] if left else [w, n]
+        for child in ({prev, w} if n > 1 else {w}):
+            parents[child] = node
+        labels.append(BRANCH_LABEL)
+        spans.append(span)
+        parents.append(-1)
+        prev = node
+    return {"tokens": list(tree["tokens"]), "labels": labels, "spans": spans, "parents": parents}
+
+
 def brackets(tree: dict) -> set[tuple[str, int, int]]:
     """Labelled spans of the phrase nodes (evalb-style, pre-terminals excluded), for bracket F1."""
     n = len(tree["tokens"])

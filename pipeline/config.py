@@ -165,6 +165,8 @@ class MlflowConfig(Strict):
 class TrainConfig(Strict):
     model: Literal["hmlstm", "vse", "dvsa"] = "hmlstm"
     vse_text: Literal["gru", "mean"] = "gru"  # the vse baseline's sentence encoder
+    # HM-LSTM's caption trees: the parser's, or a branching tree over the same words (ablation; models/trees.py)
+    text_tree: Literal["parse", "left_branching", "right_branching"] = "parse"
     epochs: int = Field(10, ge=1)
     patience: int | None = Field(None, ge=0)  # stop after this many epochs without a better val rsum (None/0: off)
     prefetch: int = Field(2, ge=0)  # batches prepared ahead by a background thread (0: inline)

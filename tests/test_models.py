@@ -205,3 +205,35 @@ def test_train_refuses_shards_without_pairs(tmp_path):
     cfg = parse_config({"run": {"output_dir": str(tmp_path / "run")}, "shards": {"dir": str(tmp_path)}})
     with pytest.raises(ValueError, match="0 captions"):
         train(cfg)
+
+
+def test_branching_trees_keep_the_words_and_read_them_in_order():
+    t = trees.from_ptb("(S (NP (DT a) (NN dog)) (VP (VBZ runs) (PP (IN on) (NP (NN grass)))))")
+    left, right = trees.restructure(t, "left_branching"), trees.restructure(t, "right_branching")
+    for r in (left, right):
+        trees.validate(r)
+        assert r["tokens"] == t["tokens"] and r["labels"][:5] == t["labels"][:5]  # the words and their POS tags
+    assert trees.to_ptb(left) == "(XP (XP (XP (XP (DT a) (NN dog)) (VBZ runs)) (IN on)) (NN grass))"
+    assert trees.to_ptb(right) == "(XP (DT a) (XP (NN dog) (XP (VBZ runs) (XP (IN on) (NN grass)))))"
+    assert trees.restructure(t, "parse") is t
+    assert trees.to_ptb(trees.restructure(trees.from_ptb("(NP (NN dog))"), "left_branching")) == "(XP (NN dog))"
+    with pytest.raises(trees.TreeError, match="unknown text tree"):
+        trees.restructure(t, "balanced")
+
+
+def test_hmlstm_text_tree_is_a_checkpointed_setting_that_changes_batches(shards):
+    from densevse.models import rebuild
+
+    vocab, labels = build_vocabs(shard_paths(shards, "train"))
+    items = next(eval_items(shard_paths(shards, "val"), 5, 6))
+    parse, left = collate(items, vocab, labels), collate(items, vocab, labels, "left_branching")
+    assert torch.equal(parse.tokens, left.tokens) and not torch.equal(parse.parent, left.parent)
+    n_words = int(left.lengths.sum())
+    assert len(left.parent) == 2 * n_words - int((left.lengths > 1).sum())  # n words + n-1 inner nodes each
+    assert not left.gold  # gold links name parse nodes
+    m = new_embedding_model("hmlstm", TrainConfig(hidden_dim=16, embed_dim=8, text_tree="left_branching"),
+                            vocab_size=len(vocab), n_labels=len(labels), feat_dim=left.feats.shape[2])
+    assert m.caption_tree == "left_branching"
+    assert rebuild("hmlstm", m.hparams).caption_tree == "left_branching"  # evaluation and serving rebuild it
+    img, txt = m(left)
+    assert txt["sentence"].shape[0] == len(left.caption_image) and torch.isfinite(txt["phrases"]).all()

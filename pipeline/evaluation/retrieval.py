@@ -35,7 +35,7 @@ def evaluate_model(model, vocab, labels, paths, ks=(1, 5, 10), captions_per_imag
         linked = [grounding.silver_sample(s, caps) for s, caps in items]
         n_np += sum(n for _, n in linked)
         items = [(s, caps) for (s, _), (_, caps) in zip(linked, items)]
-        b = collate(items, vocab, labels).to(device)
+        b = collate(items, vocab, labels, getattr(model, "caption_tree", "parse")).to(device)
         img, txt = model(b)
         imgs.append(img)
         txts.append(txt)

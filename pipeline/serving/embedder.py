@@ -241,7 +241,7 @@ class Embedder:
     @torch.no_grad()
     def encode_images(self, items: list[tuple[dict, list]]) -> list[dict]:
         """Samples as read from shards ({"feats", "boxes"} with row 0 the whole image) -> their vectors."""
-        b = collate(items, self.vocab, self.labels)
+        b = collate(items, self.vocab, self.labels, getattr(self.model, "caption_tree", "parse"))
         e = self.model.encode_images(b)
         out = []
         for j, (s, _) in enumerate(items):
@@ -289,7 +289,7 @@ class Embedder:
         dim = self.model.hparams["feat_dim"]
         dummy = {"key": "text", "feats": np.zeros((1, dim), np.float32), "boxes": np.zeros((1, 4), np.float32),
                  "meta": {}}
-        b = collate([(dummy, caps)], self.vocab, self.labels)
+        b = collate([(dummy, caps)], self.vocab, self.labels, getattr(self.model, "caption_tree", "parse"))
         e = self.model.encode_texts(b)
         out = []
         for k, c in enumerate(caps):

@@ -81,7 +81,7 @@ def best_phrase_figures(model, vocab, labels, items: list) -> list:
 
     from densevse.models.batch import collate
 
-    b = collate(items, vocab, labels)
+    b = collate(items, vocab, labels, getattr(model, "caption_tree", "parse"))
     with torch.no_grad():
         img, txt = model(b)
         ps = model.phrase_scores(img, txt).float().cpu().numpy()

@@ -79,7 +79,8 @@ class EmbeddingTask(Task):
         tc = self.tc
         sums, pairs = {"loss": 0.0, "loss_sentence": 0.0, "loss_phrase": 0.0}, 0
         pairs_it = iter_pairs(self.train_paths, epoch, tc.seed, tc.max_tokens)
-        batches = (collate(items, self.vocab, self.labels)  # on the prefetch thread, while the model trains
+        tree = getattr(core, "caption_tree", "parse")
+        batches = (collate(items, self.vocab, self.labels, tree)  # on the prefetch thread, while the model trains
                    for items in batched_pairs(pairs_it, tc.batch_size))
         for b in self.batches(batches):
             b = b.to(self.device)
