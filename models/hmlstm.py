@@ -119,10 +119,11 @@ class HMLSTM(EmbeddingModel):
     label_dim = 16
 
     def __init__(self, vocab_size: int, n_labels: int, feat_dim: int, hidden: int = 256, embed: int = 256,
-                 word_init=None, naive: bool = False, text_tree: str = "parse"):
+                 word_init=None, naive: bool = False, text_tree: str = "parse", phrase_score: bool = True):
         super().__init__(vocab_size=vocab_size, n_labels=n_labels, feat_dim=feat_dim, hidden=hidden, embed=embed,
-                         text_tree=text_tree)
+                         text_tree=text_tree, phrase_score=phrase_score)
         self.naive = naive  # benchmark switch: recursive instead of level-batched tree-LSTM
+        self.phrase_score = phrase_score  # the sentence-image score adds the phrases' best region match (ablation: off)
         self.caption_tree = text_tree  # the captions' tree (trees.restructure): collate builds batches with it
         self.words = word_embedding(vocab_size, word_init)
         self.labels = nn.Embedding(n_labels, self.label_dim)  # POS tag / phrase label of each node
@@ -133,7 +134,8 @@ class HMLSTM(EmbeddingModel):
 
     @classmethod
     def from_config(cls, train_cfg, **dims):
-        return cls(hidden=train_cfg.hidden_dim, embed=train_cfg.embed_dim, text_tree=train_cfg.text_tree, **dims)
+        return cls(hidden=train_cfg.hidden_dim, embed=train_cfg.embed_dim, text_tree=train_cfg.text_tree,
+                   phrase_score=train_cfg.phrase_score, **dims)
 
     def _tree(self, cell, x, parent, height):
         return (cell.forward_naive if self.naive else cell)(x, parent, height)[0]
@@ -153,6 +155,8 @@ class HMLSTM(EmbeddingModel):
         glob = img["image"] @ txt["sentence"].T                      # (B, T)
         T = glob.shape[1]
         best = self.phrase_scores(img, txt).amax(-1)                 # (P, B)
+        if not self.phrase_score:
+            return glob, best
         per_cap = best.new_zeros(T, best.shape[1]).index_add(0, txt["phrase_caption"], best)
         count = torch.bincount(txt["phrase_caption"], minlength=T).clamp(min=1).to(best.dtype)
         return glob + (per_cap / count[:, None]).T, best

@@ -176,6 +176,12 @@ class TrainConfig(Strict):
     hidden_dim: int = Field(256, ge=8)
     margin: float = Field(0.2, ge=0)
     hardest_negative: bool = False
+    # epochs of the summed hinge before hardest negatives take over: from a random start the hardest-negative loss
+    # collapses every embedding to one point (VSE++ starts from a trained model)
+    hardest_negative_warmup: int = Field(0, ge=0)
+    # HM-LSTM's sentence-image score adds the mean of each phrase's best region match (Niu et al.); off: the
+    # global match only (ablation)
+    phrase_score: bool = True
     phrase_loss_weight: float = Field(1.0, ge=0)
     grad_clip: float = Field(2.0, gt=0)
     num_workers: int = Field(1, ge=1)

@@ -237,3 +237,23 @@ def test_hmlstm_text_tree_is_a_checkpointed_setting_that_changes_batches(shards)
     assert rebuild("hmlstm", m.hparams).caption_tree == "left_branching"  # evaluation and serving rebuild it
     img, txt = m(left)
     assert txt["sentence"].shape[0] == len(left.caption_image) and torch.isfinite(txt["phrases"]).all()
+
+
+def test_hmlstm_phrase_score_switch_and_hardest_negative_warmup(batch):
+    from densevse.pipeline.training.embedding import hardest_negatives_at
+
+    batch, vocab, labels = batch
+    dims = dict(vocab_size=len(vocab), n_labels=len(labels), feat_dim=batch.feats.shape[2])
+    torch.manual_seed(0)
+    on = new_embedding_model("hmlstm", TrainConfig(hidden_dim=16, embed_dim=8), **dims)
+    off = new_embedding_model("hmlstm", TrainConfig(hidden_dim=16, embed_dim=8, phrase_score=False), **dims)
+    off.load_state_dict(on.state_dict())
+    with torch.no_grad():
+        img, txt = off(batch)
+        glob = img["image"] @ txt["sentence"].T
+        assert torch.allclose(off.scores(img, txt), glob)  # the global match only
+        assert not torch.allclose(on.scores(img, txt), glob)  # + the phrases' best region match
+    assert off.hparams["phrase_score"] is False
+    tc = TrainConfig(hardest_negative=True, hardest_negative_warmup=2)
+    assert [hardest_negatives_at(tc, e) for e in range(4)] == [False, False, True, True]
+    assert not any(hardest_negatives_at(TrainConfig(hardest_negative_warmup=2), e) for e in range(4))

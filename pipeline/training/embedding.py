@@ -22,6 +22,12 @@ from densevse.pipeline.errors import ConfigError
 from densevse.pipeline.training.loop import Task
 
 
+
+def hardest_negatives_at(tc, epoch: int) -> bool:
+    """Whether epoch `epoch` ranks against the hardest negative (VSE++) or sums over all: hardest ones only after
+    `train.hardest_negative_warmup` summed epochs, since from a random start they collapse every embedding."""
+    return tc.hardest_negative and epoch >= tc.hardest_negative_warmup
+
 class EmbeddingTask(Task):
     """The task of every embedding model: its name is the model's (train.model), which names its outputs."""
 
@@ -80,13 +86,14 @@ class EmbeddingTask(Task):
         sums, pairs = {"loss": 0.0, "loss_sentence": 0.0, "loss_phrase": 0.0}, 0
         pairs_it = iter_pairs(self.train_paths, epoch, tc.seed, tc.max_tokens)
         tree = getattr(core, "caption_tree", "parse")
+        hardest = hardest_negatives_at(tc, epoch)
         batches = (collate(items, self.vocab, self.labels, tree)  # on the prefetch thread, while the model trains
                    for items in batched_pairs(pairs_it, tc.batch_size))
         for b in self.batches(batches):
             b = b.to(self.device)
             with self.amp:
                 img, txt = model(b)
-                loss, parts = embedding_loss(core, _float32(img), _float32(txt), b, tc.margin, tc.hardest_negative,
+                loss, parts = embedding_loss(core, _float32(img), _float32(txt), b, tc.margin, hardest,
                                              tc.phrase_loss_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
