@@ -119,9 +119,10 @@ class HMLSTM(EmbeddingModel):
     label_dim = 16
 
     def __init__(self, vocab_size: int, n_labels: int, feat_dim: int, hidden: int = 256, embed: int = 256,
-                 word_init=None, naive: bool = False, text_tree: str = "parse", phrase_score: bool = True):
+                 word_init=None, naive: bool = False, text_tree: str = "parse", phrase_score: bool = True,
+                 region_tree: bool = True):
         super().__init__(vocab_size=vocab_size, n_labels=n_labels, feat_dim=feat_dim, hidden=hidden, embed=embed,
-                         text_tree=text_tree, phrase_score=phrase_score)
+                         text_tree=text_tree, phrase_score=phrase_score, region_tree=region_tree)
         self.naive = naive  # benchmark switch: recursive instead of level-batched tree-LSTM
         self.phrase_score = phrase_score  # the sentence-image score adds the phrases' best region match (ablation: off)
         self.caption_tree = text_tree  # the captions' tree (trees.restructure): collate builds batches with it
@@ -129,13 +130,14 @@ class HMLSTM(EmbeddingModel):
         self.labels = nn.Embedding(n_labels, self.label_dim)  # POS tag / phrase label of each node
         self.text_tree = ChildSumTreeLSTM(self.words.embedding_dim + self.label_dim, hidden)
         self.text_out = nn.Linear(hidden, embed)
-        self.image_tree = ChildSumTreeLSTM(feat_dim + 5, hidden)  # + where the region is (see geometry)
-        self.image_out = nn.Linear(hidden, embed)
+        # + where the region is (see geometry). Ablation (region_tree False): every row projected linearly, as VSE's image
+        self.image_tree = ChildSumTreeLSTM(feat_dim + 5, hidden) if region_tree else None
+        self.image_out = nn.Linear(hidden if region_tree else feat_dim + 5, embed)
 
     @classmethod
     def from_config(cls, train_cfg, **dims):
         return cls(hidden=train_cfg.hidden_dim, embed=train_cfg.embed_dim, text_tree=train_cfg.text_tree,
-                   phrase_score=train_cfg.phrase_score, **dims)
+                   phrase_score=train_cfg.phrase_score, region_tree=train_cfg.region_tree, **dims)
 
     def _tree(self, cell, x, parent, height):
         return (cell.forward_naive if self.naive else cell)(x, parent, height)[0]
@@ -171,7 +173,7 @@ class HMLSTM(EmbeddingModel):
         n_regions = b.valid.sum(1)
         height = torch.where(r_of == 0, (n_regions[rows // R] > 1).long(), 0)
         x = torch.cat([b.feats, geometry(b.boxes)], dim=2).reshape(B * R, -1)[rows]
-        h = self._tree(self.image_tree, x, parent, height)
+        h = self._tree(self.image_tree, x, parent, height) if self.image_tree is not None else x
         e = l2norm(self.image_out(h))
         regions = e.new_zeros(B * R, e.shape[1]).index_copy(0, rows, e).view(B, R, -1)
         return {"image": regions[:, 0], "regions": regions, "valid": b.valid, "cand": b.cand}

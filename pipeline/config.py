@@ -182,6 +182,8 @@ class TrainConfig(Strict):
     # HM-LSTM's sentence-image score adds the mean of each phrase's best region match (Niu et al.); off: the
     # global match only (ablation)
     phrase_score: bool = True
+    # HM-LSTM's image side: the regions -> image tree-LSTM (Niu et al.); off: each row projected linearly (ablation)
+    region_tree: bool = True
     phrase_loss_weight: float = Field(1.0, ge=0)
     grad_clip: float = Field(2.0, gt=0)
     num_workers: int = Field(1, ge=1)

@@ -1,6 +1,7 @@
 """Models, losses, metrics and the shard loader, without Ray."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import numpy as np
@@ -254,6 +255,14 @@ def test_hmlstm_phrase_score_switch_and_hardest_negative_warmup(batch):
         assert torch.allclose(off.scores(img, txt), glob)  # the global match only
         assert not torch.allclose(on.scores(img, txt), glob)  # + the phrases' best region match
     assert off.hparams["phrase_score"] is False
+    flat = new_embedding_model("hmlstm", TrainConfig(hidden_dim=16, embed_dim=8, region_tree=False), **dims)
+    img, _ = flat(batch)
+    assert flat.image_tree is None and img["regions"].shape[:2] == batch.feats.shape[:2]
+    with torch.no_grad():  # each row alone: the image row does not depend on its regions
+        one = batch.feats.clone()
+        one[:, 1:] += 1.0
+        moved = flat.encode_images(dataclasses.replace(batch, feats=one))
+    assert torch.allclose(moved["image"], img["image"].detach(), atol=1e-6)
     tc = TrainConfig(hardest_negative=True, hardest_negative_warmup=2)
     assert [hardest_negatives_at(tc, e) for e in range(4)] == [False, False, True, True]
     assert not any(hardest_negatives_at(TrainConfig(hardest_negative_warmup=2), e) for e in range(4))
