@@ -163,17 +163,24 @@ class HMLSTM(EmbeddingModel):
         count = torch.bincount(txt["phrase_caption"], minlength=T).clamp(min=1).to(best.dtype)
         return glob + (per_cap / count[:, None]).T, best
 
-    def encode_images(self, b) -> dict:
+    @staticmethod
+    def _region_links(b, rows):
+        """The image tree over the real rows `rows` (flat b*R + r): each row's parent (a region's is its image's
+        row 0, an image's -1) and height (an image's is 1 when it has regions)."""
         B, R, _ = b.feats.shape
-        rows = b.valid.reshape(-1).nonzero().squeeze(1)  # flat (b*R + r) index of every real row
         gidx = torch.full((B * R,), -1, dtype=torch.long, device=rows.device)
         gidx[rows] = torch.arange(len(rows), device=rows.device)
         r_of = rows % R
-        parent = torch.where(r_of > 0, gidx[rows - r_of], -1)  # region -> its image's row 0
-        n_regions = b.valid.sum(1)
-        height = torch.where(r_of == 0, (n_regions[rows // R] > 1).long(), 0)
-        x = torch.cat([b.feats, geometry(b.boxes)], dim=2).reshape(B * R, -1)[rows]
-        h = self._tree(self.image_tree, x, parent, height) if self.image_tree is not None else x
+        parent = torch.where(r_of > 0, gidx[rows - r_of], -1)
+        height = torch.where(r_of == 0, (b.valid.sum(1)[rows // R] > 1).long(), 0)
+        return parent, height
+
+    def encode_images(self, b) -> dict:
+        B, R, _ = b.feats.shape
+        rows = b.valid.reshape(-1).nonzero().squeeze(1)  # flat (b*R + r) index of every real row
+        h = torch.cat([b.feats, geometry(b.boxes)], dim=2).reshape(B * R, -1)[rows]
+        if self.image_tree is not None:  # without it (ablation) every row is projected alone
+            h = self._tree(self.image_tree, h, *self._region_links(b, rows))
         e = l2norm(self.image_out(h))
         regions = e.new_zeros(B * R, e.shape[1]).index_copy(0, rows, e).view(B, R, -1)
         return {"image": regions[:, 0], "regions": regions, "valid": b.valid, "cand": b.cand}

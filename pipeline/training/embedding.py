@@ -22,11 +22,11 @@ from densevse.pipeline.errors import ConfigError
 from densevse.pipeline.training.loop import Task
 
 
-
 def hardest_negatives_at(tc, epoch: int) -> bool:
     """Whether epoch `epoch` ranks against the hardest negative (VSE++) or sums over all: hardest ones only after
     `train.hardest_negative_warmup` summed epochs, since from a random start they collapse every embedding."""
     return tc.hardest_negative and epoch >= tc.hardest_negative_warmup
+
 
 class EmbeddingTask(Task):
     """The task of every embedding model: its name is the model's (train.model), which names its outputs."""
